@@ -226,9 +226,14 @@ def load_models(args, accelerator):
 
 
 def place(module, device, dtype):
+    from diffusers.utils import logging as diffusers_logging
+
     module.to(device)
-    if next(module.parameters()).dtype != dtype:  # diffusers warns on every dtype cast, even a no-op one
+    if next(module.parameters()).dtype != dtype:
+        level = diffusers_logging.get_verbosity()
+        diffusers_logging.set_verbosity_error()  # its "modules to keep in float32: []" notice on every cast
         module.to(dtype=dtype)
+        diffusers_logging.set_verbosity(level)
 
 
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
@@ -243,6 +248,24 @@ def add_lora(unet, args):
     for p in unet.parameters():
         if p.requires_grad:
             p.data = p.data.float()
+
+
+def build_pipeline(args, m, unet, for_saving=False):
+    """`unet` with the base model's other parts and inference scheduler, as a StableDiffusionXLPipeline.
+
+    For validation it reuses the loaded (possibly half-precision) frozen parts. For saving it reloads them as
+    stored, so a full fine-tune's output keeps the base model's precision everywhere but the trained UNet."""
+    from diffusers import AutoencoderKL, StableDiffusionXLPipeline
+
+    if for_saving:
+        parts = {}
+        if args.pretrained_vae_model_name_or_path:  # the output carries the VAE it was trained with
+            parts["vae"] = load_part(AutoencoderKL, args, "", path=args.pretrained_vae_model_name_or_path)
+    else:
+        parts = dict(vae=m.vae, text_encoder=m.text_encoders[0], text_encoder_2=m.text_encoders[1],
+                     tokenizer=m.tokenizers[0], tokenizer_2=m.tokenizers[1])
+    return StableDiffusionXLPipeline.from_pretrained(args.pretrained_model_name_or_path, unet=unet,
+                                                     revision=args.revision, variant=args.variant, **parts)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -598,24 +621,13 @@ def save_final(accelerator, args, m):
     if args.finetune == "lora":
         export_trained(unet, args, args.output_dir)
     else:
-        build_pipeline(args, m, unet).save_pretrained(args.output_dir, safe_serialization=True)
+        build_pipeline(args, m, unet, for_saving=True).save_pretrained(args.output_dir, safe_serialization=True)
     logger.info("saved the %s to %s", "LoRA" if args.finetune == "lora" else "pipeline", args.output_dir)
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # 8. observe
 # ----------------------------------------------------------------------------------------------------------------
-
-def build_pipeline(args, m, unet):
-    """The trained parts plus the base model's inference scheduler, as a StableDiffusionXLPipeline."""
-    from diffusers import StableDiffusionXLPipeline
-
-    te1, te2 = m.text_encoders
-    tok1, tok2 = m.tokenizers
-    return StableDiffusionXLPipeline.from_pretrained(
-        args.pretrained_model_name_or_path, unet=unet, vae=m.vae, text_encoder=te1, text_encoder_2=te2,
-        tokenizer=tok1, tokenizer_2=tok2, revision=args.revision, variant=args.variant)
-
 
 def run_validation(accelerator, args, m, step, trackers):
     """Images for --validation_prompt with a fixed seed, saved as PNGs and sent to the trackers."""

@@ -1,0 +1,143 @@
+"""End to end on the tiny fixtures: outputs load in diffusers and change the images; resume; user errors."""
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import run_trainer
+
+COMMON = ["--resolution", "64", "--train_batch_size", "2", "--logging_steps", "1", "--seed", "3"]
+
+
+def base_args(tiny_model, shapes, out, *extra):
+    return ["--pretrained_model_name_or_path", tiny_model, "--dataset", shapes, "--output_dir", out, *COMMON, *extra]
+
+
+def generate(pipe):
+    pipe.set_progress_bar_config(disable=True)
+    return pipe("a red circle on a blue background", num_inference_steps=3, height=64, width=64,
+                generator=torch.Generator().manual_seed(0), output_type="np").images[0]
+
+
+@pytest.fixture(scope="module")
+def base_image(tiny_model):
+    from diffusers import StableDiffusionXLPipeline
+    return generate(StableDiffusionXLPipeline.from_pretrained(tiny_model))
+
+
+def test_lora_run_outputs_load_in_diffusers_and_change_the_image(tiny_model, shapes, tmp_path, base_image):
+    from diffusers import StableDiffusionXLPipeline
+
+    out = str(tmp_path / "lora")
+    run_trainer(*base_args(tiny_model, shapes, out, "--max_train_steps", "6", "--learning_rate", "1e-2",
+                           "--checkpointing_steps", "3", "--validation_prompt", "a red circle",
+                           "--num_validation_images", "2", "--validation_steps", "3",
+                           "--validation_inference_steps", "2"))
+    assert os.path.exists(os.path.join(out, "pytorch_lora_weights.safetensors"))
+    assert sorted(os.listdir(os.path.join(out, "samples"))) == [
+        "step_000003_0.png", "step_000003_1.png", "step_000006_0.png", "step_000006_1.png"]
+    rows = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
+    assert all(np.isfinite(r["loss"]) and np.isfinite(r["mse"]) for r in rows)
+
+    pipe = StableDiffusionXLPipeline.from_pretrained(tiny_model)
+    pipe.load_lora_weights(out)
+    trained = generate(pipe)
+    assert np.abs(trained - base_image).mean() > 1e-3, "the LoRA did not change the generated image"
+    # a checkpoint's folder loads the same way
+    pipe.unload_lora_weights()
+    pipe.load_lora_weights(os.path.join(out, "checkpoint-3"))
+    assert np.abs(generate(pipe) - base_image).mean() > 1e-4
+
+
+def test_full_finetune_saves_a_pipeline_that_loads(tiny_model, shapes, tmp_path, base_image):
+    from diffusers import StableDiffusionXLPipeline
+
+    out = str(tmp_path / "full")
+    run_trainer(*base_args(tiny_model, shapes, out, "--finetune", "full", "--max_train_steps", "3",
+                           "--learning_rate", "1e-3", "--loss_weighting", "min_snr",
+                           "--gradient_checkpointing", "--center_crop"))
+    pipe = StableDiffusionXLPipeline.from_pretrained(out)
+    assert np.abs(generate(pipe) - base_image).mean() > 1e-3, "full fine-tune did not change the image"
+
+
+def lora_state(folder):
+    return load_file(os.path.join(folder, "pytorch_lora_weights.safetensors"))
+
+
+def rel_l1(a, b):
+    num = sum((a[k].float() - b[k].float()).abs().sum() for k in a)
+    return float(num / sum(a[k].float().abs().sum() for k in a))
+
+
+def test_resumed_run_equals_uninterrupted_run(tiny_model, shapes, tmp_path):
+    """Mid-epoch checkpoint, accumulation, random crop/flip, warmup + linear decay: the resumed run must end
+    with the weights of the run that was never stopped."""
+    extra = ["--max_train_steps", "8", "--gradient_accumulation_steps", "2", "--random_flip",
+             "--lr_scheduler", "linear", "--lr_warmup_steps", "2", "--learning_rate", "5e-3",
+             "--checkpointing_steps", "3", "--noise_offset", "0.05"]
+    full_run = str(tmp_path / "uninterrupted")
+    run_trainer(*base_args(tiny_model, shapes, full_run, *extra))
+    resumed = str(tmp_path / "resumed")
+    os.makedirs(resumed)
+    shutil.copytree(os.path.join(full_run, "checkpoint-3"), os.path.join(resumed, "checkpoint-3"))
+    proc = run_trainer(*base_args(tiny_model, shapes, resumed, *extra, "--resume_from_checkpoint", "latest"))
+    assert "resumed from" in proc.stderr
+    a, b = lora_state(full_run), lora_state(resumed)
+    assert a.keys() == b.keys()
+    assert rel_l1(a, b) < 1e-3
+    assert rel_l1(a, lora_state(os.path.join(full_run, "checkpoint-3"))) > 1e-2  # it did train after step 3
+    rows = [json.loads(line) for line in open(os.path.join(resumed, "metrics.jsonl"))]
+    assert [r["step"] for r in rows] == [4, 5, 6, 7, 8]
+
+
+def test_txt_caption_folder_trains(tiny_model, tmp_path):
+    """kohya layout: images with same-name .txt captions and no metadata file, via --train_data_dir."""
+    import subprocess
+    import sys
+    from conftest import ROOT
+
+    data = str(tmp_path / "kohya")
+    subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "make_shapes_dataset.py"), data,
+                    "--num_images", "4", "--layout", "txt"], check=True, capture_output=True)
+    out = str(tmp_path / "out")
+    proc = run_trainer("--pretrained_model_name_or_path", tiny_model, "--train_data_dir", data,
+                       "--output_dir", out, *COMMON, "--max_train_steps", "2")
+    assert "4 images" in proc.stderr
+    assert os.path.exists(os.path.join(out, "pytorch_lora_weights.safetensors"))
+
+
+USER_ERRORS = {
+    "no_data": ([], "no training data"),
+    "missing_dir": (["--train_data_dir", "/nonexistent/images"], "/nonexistent/images"),
+    "unknown_hub_dataset": (["--dataset", "nobody-xyz/no-such-dataset"], "nobody-xyz/no-such-dataset"),
+    "missing_column": (["--dataset", "{shapes}", "--caption_column", "prompt"], "its columns are: image, text"),
+    "full_with_rank": (["--dataset", "{shapes}", "--finetune", "full", "--rank", "8"], "--rank"),
+    "bad_resolution": (["--dataset", "{shapes}", "--resolution", "100"], "--resolution 100"),
+    "resume_missing": (["--dataset", "{shapes}", "--resume_from_checkpoint", "/nonexistent/ckpt"], "/nonexistent/ckpt"),
+    "bad_model": (["--dataset", "{shapes}", "--pretrained_model_name_or_path", "/nonexistent/model"],
+                  "/nonexistent/model"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(USER_ERRORS))
+def test_user_errors_end_in_one_clear_line(case, shapes, tmp_path):
+    argv, needle = USER_ERRORS[case]
+    argv = [a.format(shapes=shapes) for a in argv]
+    proc = run_trainer("--output_dir", str(tmp_path / "out"), "--resolution", "64", *argv, check=False)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and needle in last, last
+
+
+def test_existing_checkpoints_need_resume_or_overwrite(tiny_model, shapes, tmp_path):
+    out = str(tmp_path / "run")
+    run_trainer(*base_args(tiny_model, shapes, out, "--max_train_steps", "1", "--checkpointing_steps", "1"))
+    proc = run_trainer(*base_args(tiny_model, shapes, out, "--max_train_steps", "1"), check=False)
+    assert proc.returncode == 2 and "--resume_from_checkpoint latest" in proc.stderr.splitlines()[-1]
+    assert os.path.isdir(os.path.join(out, "checkpoint-1"))  # nothing lost
