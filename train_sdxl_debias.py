@@ -80,6 +80,9 @@ def parse_args(argv=None):
     a("--snr_gamma", type=float, default=5.0, help="γ of --loss_weighting min_snr.")
     a("--prediction_type", choices=debias_loss.PREDICTION_TYPES, default=None,
       help="Default: the scheduler's (epsilon for SDXL base).")
+    a("--normalize_loss_weights", action="store_true",
+      help="Divide the weights by their mean over the training timesteps, so the loss (and lr, clipping) keep "
+           "plain MSE's scale. SDXL's mean ε-debias weight is ≈ 3.0.")
     a("--noise_offset", type=float, default=0.0)
     # optimisation
     a("--train_batch_size", type=int, default=1, help="Per device.")
@@ -167,6 +170,7 @@ class Models:
     unet: torch.nn.Module
     noise_scheduler: object
     weight_dtype: torch.dtype
+    loss_scale: float = 1.0  # 1 / mean weight with --normalize_loss_weights (see loss.mean_weight)
 
 
 def load_part(cls, args, subfolder, path=None, **kw):
@@ -222,7 +226,11 @@ def load_models(args, accelerator):
         unet.requires_grad_(True)
     if args.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
-    return Models(tokenizers, text_encoders, vae, unet, noise_scheduler, weight_dtype)
+    loss_scale = 1.0
+    if args.normalize_loss_weights:
+        loss_scale = 1.0 / debias_loss.mean_weight(noise_scheduler.alphas_cumprod, args.loss_weighting,
+                                                   noise_scheduler.config.prediction_type, args.snr_gamma).item()
+    return Models(tokenizers, text_encoders, vae, unet, noise_scheduler, weight_dtype, loss_scale)
 
 
 def place(module, device, dtype):
@@ -469,6 +477,13 @@ def encode_prompt(text_encoders, tokenizers, captions):
     return torch.cat(hidden, dim=-1), pooled
 
 
+def encode_latents(vae, pixels, dtype):
+    """VAE latents, scaled for the UNet. The posterior's mean (its mode) rather than a sample: the SDXL VAE's
+    posterior std is tiny, and the mean is what a disk cache can store, so cached and uncached runs agree."""
+    latents = vae.encode(pixels.to(vae.dtype)).latent_dist.mode() * vae.config.scaling_factor
+    return latents.to(dtype)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # 5. cache — latents and text embeddings on disk (not built yet: every step encodes; see the README's roadmap)
 # ----------------------------------------------------------------------------------------------------------------
@@ -479,13 +494,22 @@ def encode_prompt(text_encoders, tokenizers, captions):
 # ----------------------------------------------------------------------------------------------------------------
 
 def training_step(batch, m, args, generator):
-    """One micro-batch: encode, noise, predict, weighted loss. Returns (loss, per-sample stats, detached)."""
+    """One micro-batch: encode (unless cached), noise, predict, weighted loss.
+
+    `batch` holds either pixel_values or cached `latents` (scaled, in weight_dtype), either captions or cached
+    `prompt_embeds` + `pooled_prompt_embeds`, and `time_ids`. Returns (loss, per-sample stats, detached)."""
     device = generator.device
     with torch.no_grad():
-        pixels = batch["pixel_values"].to(device, dtype=m.vae.dtype, non_blocking=True)
-        latents = m.vae.encode(pixels).latent_dist.sample(generator) * m.vae.config.scaling_factor
-        latents = latents.to(m.weight_dtype)
-        prompt_embeds, pooled = encode_prompt(m.text_encoders, m.tokenizers, batch["captions"])
+        if "latents" in batch:
+            latents = batch["latents"].to(device, non_blocking=True)
+        else:
+            latents = encode_latents(m.vae, batch["pixel_values"].to(device, non_blocking=True), m.weight_dtype)
+        if "prompt_embeds" in batch:
+            prompt_embeds = batch["prompt_embeds"].to(device, non_blocking=True)
+            pooled = batch["pooled_prompt_embeds"].to(device, non_blocking=True)
+        else:
+            prompt_embeds, pooled = encode_prompt(m.text_encoders, m.tokenizers, batch["captions"])
+    latents = latents.float()  # noise, targets and the loss in fp32; autocast casts the UNet's inputs
     bsz = latents.shape[0]
     noise = torch.randn(latents.shape, generator=generator, device=device, dtype=latents.dtype)
     if args.noise_offset:
@@ -502,6 +526,7 @@ def training_step(batch, m, args, generator):
     pred = m.unet(noisy, timesteps, prompt_embeds, added_cond_kwargs=added, return_dict=False)[0]
     per_sample = debias_loss.diffusion_loss(pred, target, timesteps, sched.alphas_cumprod, args.loss_weighting,
                                             prediction_type, args.snr_gamma, reduction="none")
+    per_sample = per_sample * m.loss_scale
     stats = {"loss": per_sample.detach(), "mse": debias_loss.per_sample_mse(pred.detach(), target),
              "timesteps": timesteps}
     return per_sample.mean(), stats
