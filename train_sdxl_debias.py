@@ -71,6 +71,15 @@ def parse_args(argv=None):
     a("--center_crop", action="store_true", help="Center crop (default: random crop).")
     a("--random_flip", action="store_true")
     a("--dataloader_num_workers", type=int, default=0)
+    a("--caption_dropout", "--proportion_empty_prompts", dest="caption_dropout", type=float, default=0.0,
+      help="Probability of training on an empty prompt (for classifier-free guidance).")
+    a("--aspect_ratio_bucketing", action="store_true",
+      help="Batch images by aspect ratio (SDXL's ~1 MP buckets scaled to --resolution) instead of square crops.")
+    a("--cache_latents", action="store_true", help="VAE-encode every image (and flip) once, to --cache_dir.")
+    a("--no_text_cache", action="store_true",
+      help="Encode captions every step instead of caching their embeddings (e.g. millions of unique captions).")
+    a("--cache_dir", default=None, help="Latent/embedding cache folder (default: <output_dir>/cache).")
+    a("--cache_batch_size", type=int, default=8, help="Images per VAE call while building the cache.")
     # what to train
     a("--finetune", choices=("lora", "full"), default="lora")
     a("--rank", type=int, default=None, help="LoRA rank (default 4).")
@@ -145,12 +154,14 @@ def validate(args):
     if args.finetune == "full" and args.rank_given:
         raise UserError("--rank only applies to --finetune lora; drop it for a full fine-tune")
     for name in ("train_batch_size", "num_train_epochs", "gradient_accumulation_steps", "checkpointing_steps",
-                 "validation_steps", "logging_steps", "rank", "num_validation_images"):
+                 "validation_steps", "logging_steps", "rank", "num_validation_images", "cache_batch_size"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name} must be at least 1")
     for name in ("max_train_steps", "checkpoints_total_limit", "max_train_samples"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise UserError(f"--{name} must be at least 1")
+    if not 0 <= args.caption_dropout <= 1:
+        raise UserError("--caption_dropout must be between 0 and 1")
     if args.snr_gamma <= 0:
         raise UserError("--snr_gamma must be positive")
     resume = args.resume_from_checkpoint
@@ -393,67 +404,39 @@ def pick_column(columns, requested, candidates, kind):
 
 
 def open_image(value):
-    """PIL image from a datasets Image value ({'bytes', 'path'}), a path, or a PIL image; upright, RGB."""
+    """PIL image from a datasets Image value ({'bytes', 'path'}), a path, or a PIL image: upright (EXIF
+    orientation applied) and RGB. Transparency is composited on white, 16-bit greyscale scaled to 8 bits."""
     if isinstance(value, dict):
         value = io.BytesIO(value["bytes"]) if value.get("bytes") else value["path"]
     img = value if isinstance(value, Image.Image) else Image.open(value)
     img = ImageOps.exif_transpose(img)
-    if img.mode in ("RGBA", "LA") or (img.mode == "P" and "transparency" in img.info):
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
         img = img.convert("RGBA")  # transparent pixels become white, not black
-        background = Image.new("RGBA", img.size, (255, 255, 255, 255))
-        img = Image.alpha_composite(background, img)
-    elif img.mode in ("I;16", "I;16B", "I;16L", "I"):
-        img = Image.fromarray((np.asarray(img, dtype=np.float32) / 257.0).clip(0, 255).astype(np.uint8))
+        img = Image.alpha_composite(Image.new("RGBA", img.size, (255, 255, 255, 255)), img)
+    elif img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        arr = np.asarray(img, dtype=np.float32)
+        arr = arr / 257.0 if arr.max() > 255 else arr  # 16-bit range -> 8-bit
+        img = Image.fromarray(arr.clip(0, 255).astype(np.uint8))
     return img.convert("RGB")
 
 
-def transform_image(img, resolution, center_crop, random_flip, rng):
-    """Resize the short side to `resolution`, crop a square, maybe flip; returns pixels in [-1, 1] and the
-    SDXL size conditioning: original (h, w) and crop top-left (top, left) in the resized image."""
-    w, h = img.size
-    scale = resolution / min(w, h)
-    rw, rh = max(resolution, round(w * scale)), max(resolution, round(h * scale))
-    img = img.resize((rw, rh), Image.Resampling.LANCZOS)
-    if center_crop:
-        top, left = (rh - resolution) // 2, (rw - resolution) // 2
-    else:
-        top, left = rng.randint(0, rh - resolution), rng.randint(0, rw - resolution)
-    img = img.crop((left, top, left + resolution, top + resolution))
-    if random_flip and rng.random() < 0.5:
-        img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-        left = rw - left - resolution  # the crop's left edge, as seen in the flipped image
-    pixels = torch.from_numpy(np.asarray(img, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1)
-    return pixels, (h, w), (top, left)
+def read_size(value):
+    """(width, height) as displayed (after EXIF rotation), reading only the header."""
+    if isinstance(value, dict):
+        value = io.BytesIO(value["bytes"]) if value.get("bytes") else value["path"]
+    with Image.open(value) as img:
+        w, h = img.size
+        orientation = img.getexif().get(0x0112, 1)
+    return (h, w) if orientation in (5, 6, 7, 8) else (w, h)
 
 
-class ImageCaptionDataset(torch.utils.data.Dataset):
-    """Decodes and transforms one row. Indexed by (row, sample_seed) so random crop, flip and caption choice are
-    a pure function of (seed, epoch, row): identical across workers, processes and restarts."""
-
-    def __init__(self, table, args):
-        self.table, self.args = table, args
-
-    def __len__(self):
-        return len(self.table)
-
-    def __getitem__(self, key):
-        i, sample_seed = key
-        row = self.table[int(i)]
-        rng = random.Random(sample_seed)
-        try:
-            img = open_image(row["image"])
-            img.load()
-        except Exception as e:  # unreadable or truncated file: this sample is skipped, the run goes on
-            logger.warning("skipping unreadable image %s: %s", describe_image(row["image"]), first_line(e))
-            return None
-        pixels, original_size, crop = transform_image(img, self.args.resolution, self.args.center_crop,
-                                                      self.args.random_flip, rng)
-        caption = row["text"]
-        if isinstance(caption, (list, tuple)):
-            caption = rng.choice(caption) if caption else ""
-        return {"pixel_values": pixels, "caption": caption or "",
-                "time_ids": torch.tensor([*original_size, *crop, self.args.resolution, self.args.resolution],
-                                         dtype=torch.float32)}
+def image_identity(value):
+    """What determines an image's pixels, for cache keys: path + size + mtime, or a hash of embedded bytes."""
+    if isinstance(value, dict) and value.get("bytes"):
+        return "bytes:" + hashlib.blake2b(value["bytes"], digest_size=16).hexdigest()
+    path = value["path"] if isinstance(value, dict) else str(value)
+    st = os.stat(path)
+    return f"file:{os.path.abspath(path)}:{st.st_size}:{st.st_mtime_ns}"
 
 
 def describe_image(value):
@@ -462,40 +445,212 @@ def describe_image(value):
     return str(value)
 
 
+# SDXL's training buckets at 1024² (width, height): ~1 megapixel each, sides multiples of 64.
+SDXL_BUCKETS = ((1024, 1024), (1152, 896), (896, 1152), (1216, 832), (832, 1216), (1344, 768), (768, 1344),
+                (1536, 640), (640, 1536))
+
+
+def make_buckets(resolution):
+    """SDXL's buckets scaled to `resolution`: sides rounded to multiples of 64 (of resolution/8 below 512)."""
+    step = 64 if resolution >= 512 else max(8, resolution // 64 * 8)
+    buckets = []
+    for w, h in SDXL_BUCKETS:
+        size = (max(step, round(w * resolution / 1024 / step) * step),
+                max(step, round(h * resolution / 1024 / step) * step))
+        if size not in buckets:
+            buckets.append(size)
+    return buckets
+
+
+def nearest_bucket(size, buckets):
+    """Index of the bucket whose aspect ratio is nearest (in log space) to the image's."""
+    ratio = math.log(size[0] / size[1])
+    return min(range(len(buckets)), key=lambda b: abs(math.log(buckets[b][0] / buckets[b][1]) - ratio))
+
+
+def scan_images(table, show_progress=True):
+    """Read every image's header: its displayed size and identity. Rows whose file can't be opened are
+    returned separately (with the reason) so the run can name and skip them up front."""
+    from tqdm.auto import tqdm
+
+    sizes, idents, bad = [], [], []
+    rows = table.select_columns(["image"]).iter(batch_size=256)
+    with tqdm(total=len(table), desc="scanning images", disable=not show_progress) as bar:
+        for chunk in rows:
+            for value in chunk["image"]:
+                try:
+                    sizes.append(read_size(value))
+                    idents.append(image_identity(value))
+                except Exception as e:
+                    sizes.append(None)
+                    idents.append(None)
+                    bad.append((describe_image(value), first_line(e)))
+                bar.update(1)
+    return sizes, idents, bad
+
+
+def transform_image(img, target, center_crop, flip, rng, crop=None):
+    """Resize to cover `target` (w, h), crop to it, maybe flip; pixels in [-1, 1] plus SDXL's size
+    conditioning: the original (h, w) and the crop's top-left (top, left) as seen in the output image.
+    `crop` fixes the pre-flip crop offset (a cached random crop)."""
+    (w, h), (tw, th) = img.size, target
+    scale = max(tw / w, th / h)
+    rw, rh = max(tw, round(w * scale)), max(th, round(h * scale))
+    img = img.resize((rw, rh), Image.Resampling.LANCZOS)
+    if crop is not None:
+        top, left = crop
+    elif center_crop:
+        top, left = (rh - th) // 2, (rw - tw) // 2
+    else:
+        top, left = rng.randint(0, rh - th), rng.randint(0, rw - tw)
+    img = img.crop((left, top, left + tw, top + th))
+    if flip:
+        img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        left = rw - left - tw  # the crop's left edge, as seen in the flipped image
+    pixels = torch.from_numpy(np.asarray(img, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1)
+    return pixels, (h, w), (top, left)
+
+
+def time_ids(original_size, crop, target):
+    """SDXL's add_time_ids for one sample: original (h, w), crop (top, left), target (h, w)."""
+    return torch.tensor([*original_size, *crop, target[1], target[0]], dtype=torch.float32)
+
+
+@dataclass
+class DataPlan:
+    """What the loader needs besides the table: each row's target size, and the caches to read from."""
+    targets: list                 # (w, h) per row
+    idents: list = None           # image identities (for latent cache keys), when scanned
+    text_cache: object = None     # TensorCache of prompt embeddings, or None
+    latent_cache: object = None   # TensorCache of latents, or None
+    text_ns: str = ""
+    latent_ns: str = ""
+
+
+class ImageCaptionDataset(torch.utils.data.Dataset):
+    """One training sample per row. Indexed by (row, sample_seed), so random crop, flip, caption choice and
+    caption dropout are a pure function of (seed, epoch, row): identical across workers, processes, restarts.
+    Reads cached latents / embeddings when the plan has them, else decodes the image."""
+
+    def __init__(self, table, args, plan):
+        self.table, self.args, self.plan = table, args, plan
+
+    def __len__(self):
+        return len(self.table)
+
+    def __getitem__(self, key):
+        i, sample_seed = key
+        args, plan, row = self.args, self.plan, self.table[int(i)]
+        rng = random.Random(sample_seed)
+        caption = row["text"]
+        if isinstance(caption, (list, tuple)):
+            caption = rng.choice(caption) if caption else ""
+        caption = "" if caption is None or rng.random() < args.caption_dropout else str(caption)
+        sample = {"caption": caption}
+        if plan.text_cache is not None:
+            sample.update(plan.text_cache.get(text_key(plan.text_ns, caption)))
+        target = plan.targets[int(i)]
+        flip = args.random_flip and rng.random() < 0.5
+        if plan.latent_cache is not None:
+            key = latent_key(plan.latent_ns, plan.idents[int(i)], target, flip, args)
+            if key not in plan.latent_cache:  # its file failed to decode while the cache was built
+                return {"skipped": describe_image(row["image"])}
+            sample.update(plan.latent_cache.get(key))
+            return sample
+        try:
+            img = open_image(row["image"])
+            img.load()
+        except Exception as e:  # unreadable or truncated: this sample is skipped, the run goes on
+            logger.warning("skipping unreadable image %s: %s", describe_image(row["image"]), first_line(e))
+            return {"skipped": describe_image(row["image"])}
+        pixels, original, crop = transform_image(img, target, args.center_crop, flip, rng)
+        sample.update(pixel_values=pixels, time_ids=time_ids(original, crop, target))
+        if img.size[0] < target[0] or img.size[1] < target[1]:
+            sample["upscaled"] = describe_image(row["image"])
+        return sample
+
+
 def collate(samples):
-    """Stack a batch; samples that failed to decode (None) are dropped, an all-failed batch becomes None."""
-    samples = [s for s in samples if s is not None]
-    if not samples:
-        return None
-    return {"pixel_values": torch.stack([s["pixel_values"] for s in samples]),
-            "captions": [s["caption"] for s in samples],
-            "time_ids": torch.stack([s["time_ids"] for s in samples])}
+    """Stack a batch. Samples that failed to decode are dropped and named in `skipped`; an all-failed batch
+    has no tensors at all (the loop then skips the step's work)."""
+    good = [s for s in samples if "skipped" not in s]
+    batch = {"skipped": [s["skipped"] for s in samples if "skipped" in s],
+             "upscaled": [s["upscaled"] for s in good if s.get("upscaled")]}
+    if good:
+        batch["captions"] = [s["caption"] for s in good]
+        for name in ("pixel_values", "latents", "time_ids", "prompt_embeds", "pooled_prompt_embeds"):
+            if name in good[0]:
+                batch[name] = torch.stack([s[name] for s in good])
+    return batch
 
 
 class BatchSampler:
-    """Seeded, rank-aware, resumable batches. Each epoch: shuffle with (seed, epoch), cut into full batches,
-    deal them round-robin to the ranks, keep a whole number of optimizer steps per rank. `set_epoch(e, skip)`
-    starts epoch e after `skip` batches, without loading them."""
+    """Seeded, rank-aware, resumable batches drawn from one group (bucket) at a time. Each epoch: shuffle each
+    group with (seed, epoch), cut it into full batches, shuffle the batches, deal them round-robin to the
+    ranks, keep a whole number of optimizer steps per rank. `set_epoch(e, skip)` starts epoch e after `skip`
+    batches without loading them."""
 
-    def __init__(self, num_items, batch_size, seed, num_replicas=1, rank=0, multiple_of=1):
-        self.num_items, self.batch_size, self.seed = num_items, batch_size, seed
+    def __init__(self, groups, batch_size, seed, num_replicas=1, rank=0, multiple_of=1):
+        self.groups, self.batch_size, self.seed = list(groups), batch_size, seed
         self.num_replicas, self.rank, self.multiple_of = num_replicas, rank, multiple_of
         self.epoch, self.skip = 0, 0
+        sizes = {}
+        for g in self.groups:
+            sizes[g] = sizes.get(g, 0) + 1
+        total = sum(n // batch_size for n in sizes.values())
+        self.length = total // num_replicas // multiple_of * multiple_of
 
     def __len__(self):
-        per_rank = self.num_items // self.batch_size // self.num_replicas
-        return per_rank // self.multiple_of * self.multiple_of
+        return self.length
 
     def set_epoch(self, epoch, skip=0):
         self.epoch, self.skip = epoch, skip
 
+    def batches(self, epoch):
+        """Every rank's batches of `epoch`, dealt: this rank's are [rank::num_replicas]."""
+        g = torch.Generator().manual_seed(derive_seed(self.seed, "order", epoch))
+        order = torch.randperm(len(self.groups), generator=g).tolist()
+        members = {}
+        for i in order:  # each group's members, in shuffled order
+            members.setdefault(self.groups[i], []).append(i)
+        batches = [m[j:j + self.batch_size] for m in members.values()
+                   for j in range(0, len(m) - self.batch_size + 1, self.batch_size)]
+        perm = torch.randperm(len(batches), generator=g).tolist()
+        return [batches[p] for p in perm]
+
     def __iter__(self):
-        g = torch.Generator().manual_seed(derive_seed(self.seed, "order", self.epoch))
-        order = torch.randperm(self.num_items, generator=g).tolist()
-        batches = [order[i:i + self.batch_size] for i in range(0, len(order) - self.batch_size + 1, self.batch_size)]
-        mine = batches[self.rank::self.num_replicas][:len(self)]
+        mine = self.batches(self.epoch)[self.rank::self.num_replicas][:len(self)]
         for batch in mine[self.skip:]:
             yield [(i, derive_seed(self.seed, "sample", self.epoch, i)) for i in batch]
+
+
+def plan_data(args, table, show_progress=True):
+    """Drop unreadable rows (named), give every row a target size (its bucket, or the square), and the
+    groups the sampler batches by. Reads only image headers: decoding happens in the loader workers."""
+    start = time.perf_counter()
+    sizes, idents, bad = scan_images(table, show_progress)
+    if bad:
+        logger.warning("skipping %d unreadable image(s): %s", len(bad),
+                       "; ".join(f"{name} ({why})" for name, why in bad[:20]) + (" …" if len(bad) > 20 else ""))
+    keep = [i for i, s in enumerate(sizes) if s is not None]
+    if not keep:
+        raise UserError(f"none of the {len(table)} images could be read (first: {bad[0][0]}: {bad[0][1]})")
+    if len(keep) < len(table):
+        table, sizes, idents = table.select(keep), [sizes[i] for i in keep], [idents[i] for i in keep]
+    small = sum(1 for w, h in sizes if min(w, h) < args.resolution)
+    if small:
+        logger.info("%d of %d images are smaller than %d px on a side and will be upscaled", small, len(sizes),
+                    args.resolution)
+    if not args.aspect_ratio_bucketing:
+        targets, groups = [(args.resolution, args.resolution)] * len(sizes), [0] * len(sizes)
+    else:
+        buckets = make_buckets(args.resolution)
+        groups = [nearest_bucket(s, buckets) for s in sizes]
+        targets = [buckets[g] for g in groups]
+        histogram = ", ".join(f"{buckets[b][0]}x{buckets[b][1]}: {groups.count(b)}" for b in sorted(set(groups)))
+        logger.info("aspect-ratio buckets (w x h: images): %s", histogram)
+    logger.info("scanned %d images in %.1f s", len(table), time.perf_counter() - start)
+    return table, DataPlan(targets=targets, idents=idents), groups
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -523,8 +678,179 @@ def encode_latents(vae, pixels, dtype):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# 5. cache — latents and text embeddings on disk (not built yet: every step encodes; see the README's roadmap)
+# 5. cache — text embeddings (whenever the text encoders are frozen) and, with --cache_latents, VAE latents
 # ----------------------------------------------------------------------------------------------------------------
+# Entries live in safetensors shards under --cache_dir, keyed by a hash of everything that determines them
+# (model, revision, variant, dtype, caption / image file, target size, crop, flip). A second run with the same
+# settings finds every key and computes nothing; a changed setting computes only the entries it changes.
+# Old entries are never deleted by the trainer: delete the folder to reclaim the space.
+
+def cache_key(*parts):
+    return hashlib.blake2b(json.dumps(parts, default=str).encode(), digest_size=16).hexdigest()
+
+
+def text_key(namespace, caption):
+    return cache_key(namespace, caption)
+
+
+def latent_key(namespace, ident, target, flip, args):
+    """With a random crop the crop is drawn once per image (seeded) and cached with its coordinates: the run
+    then sees one crop per image instead of a new one each epoch, the price of never re-encoding."""
+    crop = "center" if args.center_crop else ("random", args.seed)
+    return cache_key(namespace, ident, target, crop, bool(flip))
+
+
+class TensorCache:
+    """key -> {name: tensor}, stored as "<key>.<name>" in safetensors shards. Shards are written to a temp
+    name and renamed when complete, so an interrupted build loses only the shard in progress."""
+
+    def __init__(self, folder, kind):
+        self.folder, self.kind, self.index = folder, kind, {}
+        os.makedirs(folder, exist_ok=True)
+        self.refresh()
+
+    def refresh(self):
+        from safetensors import safe_open
+
+        for name in sorted(os.listdir(self.folder)):
+            if name.startswith(self.kind + "-") and name.endswith(".safetensors"):
+                path = os.path.join(self.folder, name)
+                with safe_open(path, "pt") as f:
+                    for k in f.keys():
+                        self.index[k.split(".", 1)[0]] = path
+
+    def __contains__(self, key):
+        return key in self.index
+
+    def get(self, key):
+        from safetensors import safe_open
+
+        with safe_open(self.index[key], "pt") as f:
+            return {k.split(".", 1)[1]: f.get_tensor(k) for k in f.keys() if k.startswith(key + ".")}
+
+    def write(self, entries, tag):
+        from safetensors.torch import save_file
+
+        flat = {f"{key}.{name}": t.detach().cpu().contiguous() for key, d in entries.items() for name, t in d.items()}
+        path = os.path.join(self.folder, f"{self.kind}-{tag}-{os.getpid()}-{time.time_ns()}.safetensors")
+        save_file(flat, path + ".tmp")
+        os.replace(path + ".tmp", path)
+        for key in entries:
+            self.index[key] = path
+
+    def size_bytes(self):
+        return sum(os.path.getsize(p) for p in set(self.index.values()))
+
+
+def cache_namespaces(args, weight_dtype):
+    model = (args.pretrained_model_name_or_path, args.revision, args.variant, str(weight_dtype))
+    vae = args.pretrained_vae_model_name_or_path or "vae"
+    return cache_key("text", *model), cache_key("latents", *model, vae)
+
+
+def build_text_cache(args, m, table, cache, namespace, accelerator, chunk=64):
+    """Encode every distinct caption once ("" included, for dropout and empty captions), split over ranks."""
+    captions = {""}
+    for c in table["text"]:
+        captions.update(str(x) for x in (c if isinstance(c, (list, tuple)) else [c]) if x is not None)
+    todo = sorted(c for c in captions if text_key(namespace, c) not in cache)
+    mine = todo[accelerator.process_index::accelerator.num_processes]
+    with torch.no_grad():
+        for j in tqdm_range(len(mine), chunk, "caching text embeddings", accelerator):
+            part = mine[j:j + chunk]
+            embeds, pooled = encode_prompt(m.text_encoders, m.tokenizers, part)
+            cache.write({text_key(namespace, c): {"prompt_embeds": e, "pooled_prompt_embeds": p}
+                         for c, e, p in zip(part, embeds, pooled)}, f"r{accelerator.process_index}")
+    return len(todo)
+
+
+def build_latent_cache(args, m, table, plan, cache, accelerator):
+    """VAE-encode every (image, flip) variant a run can draw, split over ranks, in same-size batches."""
+    flips = (False, True) if args.random_flip else (False,)
+    jobs = [(i, f) for i in range(len(table)) for f in flips
+            if latent_key(plan.latent_ns, plan.idents[i], plan.targets[i], f, args) not in cache]
+    mine = jobs[accelerator.process_index::accelerator.num_processes]
+    by_size = {}
+    for job in mine:
+        by_size.setdefault(plan.targets[job[0]], []).append(job)
+    batches = [js[k:k + args.cache_batch_size] for js in by_size.values()
+               for k in range(0, len(js), args.cache_batch_size)]
+    loader = torch.utils.data.DataLoader(LatentJobs(table, args, plan, mine), batch_sampler=index_batches(batches, mine),
+                                         num_workers=args.dataloader_num_workers, collate_fn=list)
+    from tqdm.auto import tqdm
+    with torch.no_grad():
+        for batch in tqdm(loader, desc="caching latents", disable=not accelerator.is_local_main_process):
+            batch = [s for s in batch if s is not None]
+            if not batch:
+                continue
+            pixels = torch.stack([s["pixel_values"] for s in batch]).to(accelerator.device)
+            latents = encode_latents(m.vae, pixels, m.weight_dtype)
+            cache.write({s["key"]: {"latents": lat, "time_ids": s["time_ids"]} for s, lat in zip(batch, latents)},
+                        f"r{accelerator.process_index}")
+    return len(jobs)
+
+
+def index_batches(batches, jobs):
+    position = {job: n for n, job in enumerate(jobs)}
+    return [[position[job] for job in b] for b in batches]
+
+
+class LatentJobs(torch.utils.data.Dataset):
+    """(row, flip) -> pixels, time_ids and cache key, with the row's fixed crop (center, or seeded random)."""
+
+    def __init__(self, table, args, plan, jobs):
+        self.table, self.args, self.plan, self.jobs = table, args, plan, jobs
+
+    def __len__(self):
+        return len(self.jobs)
+
+    def __getitem__(self, n):
+        i, flip = self.jobs[n]
+        value, target = self.table[i]["image"], self.plan.targets[i]
+        try:
+            img = open_image(value)
+            img.load()
+        except Exception as e:
+            logger.warning("skipping unreadable image %s: %s", describe_image(value), first_line(e))
+            return None
+        rng = random.Random(derive_seed(self.args.seed, "crop", i))  # the crop is the same for both flips
+        pixels, original, crop = transform_image(img, target, self.args.center_crop, flip, rng)
+        return {"pixel_values": pixels, "time_ids": time_ids(original, crop, target),
+                "key": latent_key(self.plan.latent_ns, self.plan.idents[i], target, flip, self.args)}
+
+
+def tqdm_range(n, step, desc, accelerator):
+    from tqdm.auto import tqdm
+    return tqdm(range(0, n, step), desc=desc, disable=not accelerator.is_local_main_process)
+
+
+def build_caches(args, m, table, plan, accelerator):
+    """Fill the caches this run uses, then move the frozen models it no longer needs off the accelerator."""
+    text_ns, latent_ns = cache_namespaces(args, m.weight_dtype)
+    plan.text_ns, plan.latent_ns = text_ns, latent_ns
+    folder = args.cache_dir or os.path.join(args.output_dir, "cache")
+    start = time.perf_counter()
+    new_text = new_latents = 0
+    if not args.no_text_cache:
+        plan.text_cache = TensorCache(folder, "text")
+        new_text = build_text_cache(args, m, table, plan.text_cache, text_ns, accelerator)
+    if args.cache_latents:
+        plan.latent_cache = TensorCache(folder, "latents")
+        new_latents = build_latent_cache(args, m, table, plan, plan.latent_cache, accelerator)
+    accelerator.wait_for_everyone()
+    for cache in (plan.text_cache, plan.latent_cache):
+        if cache is not None:
+            cache.refresh()  # pick up the other ranks' shards
+    size = sum(c.size_bytes() for c in (plan.text_cache, plan.latent_cache) if c is not None)
+    logger.info("cache %s: %d new text entries, %d new latent entries in %.1f s; %.1f MB on disk", folder,
+                new_text, new_latents, time.perf_counter() - start, size / 1e6)
+    if not args.validation_prompt:  # validation needs the encoders; otherwise free the accelerator's memory
+        for te in m.text_encoders if plan.text_cache is not None else []:
+            te.to("cpu")
+        if args.cache_latents:
+            m.vae.to("cpu")
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -793,29 +1119,25 @@ def setup(args):
     return accelerator
 
 
-def train(args):
-    from diffusers.optimization import get_scheduler
-    from tqdm.auto import tqdm
-
-    accelerator = setup(args)
-    table, source = load_table(args)  # data errors surface before the (slow) model load
-    m = load_models(args, accelerator)
-    world, rank, accum = accelerator.num_processes, accelerator.process_index, args.gradient_accumulation_steps
-    sampler = BatchSampler(len(table), args.train_batch_size, args.seed, world, rank, multiple_of=accum)
+def make_loader(args, table, plan, groups, accelerator):
+    world, accum = accelerator.num_processes, args.gradient_accumulation_steps
+    sampler = BatchSampler(groups, args.train_batch_size, args.seed, world, accelerator.process_index, accum)
     if len(sampler) == 0:
-        raise UserError(f"the dataset has {len(table)} images, fewer than one optimizer step needs "
-                        f"(batch {args.train_batch_size} × accumulation {accum} × {world} processes)")
-    loader = torch.utils.data.DataLoader(
-        ImageCaptionDataset(table, args), batch_sampler=sampler, collate_fn=collate,
-        num_workers=args.dataloader_num_workers, pin_memory=torch.cuda.is_available(),
-        persistent_workers=False)
-    steps_per_epoch = len(sampler) // accum
-    max_steps = args.max_train_steps or args.num_train_epochs * steps_per_epoch
-    num_epochs = math.ceil(max_steps / steps_per_epoch)
+        raise UserError(f"the dataset has {len(table)} usable images, fewer than one optimizer step needs "
+                        f"(batch {args.train_batch_size} × accumulation {accum} × {world} processes"
+                        + (", per aspect-ratio bucket" if args.aspect_ratio_bucketing else "") + ")")
+    loader = torch.utils.data.DataLoader(ImageCaptionDataset(table, args, plan), batch_sampler=sampler,
+                                         collate_fn=collate, num_workers=args.dataloader_num_workers,
+                                         pin_memory=torch.cuda.is_available())
+    return loader, sampler
+
+
+def make_optimization(args, m, accelerator, max_steps):
+    from diffusers.optimization import get_scheduler
 
     params = [p for p in m.unet.parameters() if p.requires_grad]
     if args.scale_lr:
-        args.learning_rate *= args.train_batch_size * accum * world
+        args.learning_rate *= args.train_batch_size * args.gradient_accumulation_steps * accelerator.num_processes
     optimizer = build_optimizer(args, params, accelerator.device)
     # Not passed to accelerator.prepare: a prepared scheduler steps once per process, which shortens warmup and
     # decay with more GPUs. Here it steps once per optimizer step, whatever the process count or accumulation.
@@ -824,32 +1146,54 @@ def train(args):
     m.unet, optimizer = accelerator.prepare(m.unet, optimizer)
     accelerator.register_for_checkpointing(lr_scheduler)
     register_checkpoint_hooks(accelerator, args)
+    return params, optimizer, lr_scheduler
 
+
+def train(args):
+    from tqdm.auto import tqdm
+
+    accelerator = setup(args)
+    table, source = load_table(args)  # data errors surface before the (slow) model load
+    table, plan, groups = plan_data(args, table, accelerator.is_local_main_process)
+    m = load_models(args, accelerator)
+    if args.cache_latents or not args.no_text_cache:
+        build_caches(args, m, table, plan, accelerator)
+    loader, sampler = make_loader(args, table, plan, groups, accelerator)
+    world, rank, accum = accelerator.num_processes, accelerator.process_index, args.gradient_accumulation_steps
+    steps_per_epoch = len(sampler) // accum
+    max_steps = args.max_train_steps or args.num_train_epochs * steps_per_epoch
+    num_epochs = math.ceil(max_steps / steps_per_epoch)
+    params, optimizer, lr_scheduler = make_optimization(args, m, accelerator, max_steps)
     global_step = resume(accelerator, args) if args.resume_from_checkpoint else 0
     if accelerator.is_main_process:
         accelerator.init_trackers("train_sdxl_debias", config={k: v for k, v in vars(args).items()
                                                                if isinstance(v, (int, float, str, bool))})
-    effective = args.train_batch_size * world * accum
     what = f"LoRA rank {args.rank}" if args.finetune == "lora" else "full UNet"
     logger.info("training %s of %s with %s loss (%s) on %s: %d images, %d epochs, %d steps, effective batch "
                 "%d (%d per device × %d processes × %d accumulation)", what, args.pretrained_model_name_or_path,
                 args.loss_weighting, m.noise_scheduler.config.prediction_type, source, len(table), num_epochs,
-                max_steps, effective, args.train_batch_size, world, accum)
+                max_steps, args.train_batch_size * world * accum, args.train_batch_size, world, accum)
 
     metrics = MetricsLog(os.path.join(args.output_dir, "metrics.jsonl"))
     generator = torch.Generator(accelerator.device)
     progress = tqdm(total=max_steps, initial=global_step, desc="steps", disable=not accelerator.is_main_process)
+    skipped, told_upscale, grad_norm = set(), False, torch.zeros(())
     m.unet.train()
-    grad_norm = torch.zeros(())
     for epoch in range(global_step // steps_per_epoch, num_epochs):
-        sampler.set_epoch(epoch, skip=(global_step % steps_per_epoch) * accum if epoch == global_step // steps_per_epoch else 0)
+        resume_in_epoch = epoch == global_step // steps_per_epoch
+        sampler.set_epoch(epoch, skip=(global_step % steps_per_epoch) * accum if resume_in_epoch else 0)
+        seen = 0
         for i, batch in enumerate(loader):
-            micro = i % accum
-            last_micro = micro == accum - 1
+            micro, last_micro = i % accum, i % accum == accum - 1
+            skipped.update(batch["skipped"])
+            if batch["upscaled"] and not told_upscale:
+                logger.info("images smaller than the training size are upscaled (first: %s)", batch["upscaled"][0])
+                told_upscale = True
             # Noise and timesteps are a pure function of (seed, rank, step, micro-batch): a resumed run draws
             # exactly what the uninterrupted run drew.
             generator.manual_seed(derive_seed(args.seed, "noise", rank, global_step, micro))
-            if batch is not None:
+            if "captions" in batch:
+                seen += len(batch["captions"])
                 with nullcontext() if last_micro else accelerator.no_sync(m.unet):
                     loss, stats = training_step(batch, m, args, generator)
                     accelerator.backward(loss / accum)
@@ -863,26 +1207,36 @@ def train(args):
             optimizer.zero_grad(set_to_none=True)
             global_step += 1
             progress.update(1)
-            if global_step % args.logging_steps == 0 or global_step == max_steps:
-                row = metrics.flush(global_step, epoch, lr_scheduler.get_last_lr()[0], grad_norm, accelerator)
-                progress.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}")
-                accelerator.log({k: v for k, v in row.items() if k != "step"}, step=global_step)
-            if global_step % args.checkpointing_steps == 0 or global_step == max_steps:
-                save_checkpoint(accelerator, args, global_step, epoch)
-            if args.validation_prompt and accelerator.is_main_process and (
-                    global_step % args.validation_steps == 0 or global_step == max_steps):
-                run_validation(accelerator, args, m, global_step, accelerator.trackers)
+            after_step(accelerator, args, m, metrics, progress, global_step, max_steps, epoch, lr_scheduler, grad_norm)
             if global_step >= max_steps:
                 break
+        if seen == 0 and skipped:  # every file passed the header scan but none decodes
+            progress.close()
+            raise UserError(f"every image of the epoch failed to load ({len(skipped)} files, e.g. {min(skipped)})")
         if global_step >= max_steps:
             break
     progress.close()
+    if skipped:
+        logger.warning("skipped %d unreadable image(s) in all: %s", len(skipped), ", ".join(sorted(skipped)[:50]))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         save_final(accelerator, args, m)
         if args.push_to_hub:
             push_to_hub(args)
     accelerator.end_training()
+
+
+def after_step(accelerator, args, m, metrics, progress, global_step, max_steps, epoch, lr_scheduler, grad_norm):
+    """Log, checkpoint and validate on their cadences (and always at the last step)."""
+    last = global_step == max_steps
+    if global_step % args.logging_steps == 0 or last:
+        row = metrics.flush(global_step, epoch, lr_scheduler.get_last_lr()[0], grad_norm, accelerator)
+        progress.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}")
+        accelerator.log({k: v for k, v in row.items() if k != "step"}, step=global_step)
+    if global_step % args.checkpointing_steps == 0 or last:
+        save_checkpoint(accelerator, args, global_step, epoch)
+    if args.validation_prompt and accelerator.is_main_process and (global_step % args.validation_steps == 0 or last):
+        run_validation(accelerator, args, m, global_step, accelerator.trackers)
 
 
 def push_to_hub(args):

@@ -1,0 +1,199 @@
+"""The data path: messy images, captions, bucketing, the sampler, and the disk cache."""
+import io
+import json
+import os
+import random
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import train_sdxl_debias as T
+from conftest import run_trainer
+
+
+def save_jpeg_with_orientation(path, img, orientation):
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    img.save(path, exif=exif.tobytes())
+
+
+def make_messy_folder(folder):
+    """Every awkward case at once: image modes, EXIF rotation, tiny/wide/tall images, a corrupt file, a
+    truncated file, a list-of-captions column with an empty list, a missing caption."""
+    os.makedirs(folder, exist_ok=True)
+    rgba = Image.new("RGBA", (80, 64), (255, 0, 0, 0))
+    rgba.paste((0, 0, 255, 255), (20, 20, 40, 40))
+    rgba.save(os.path.join(folder, "rgba.png"))
+    Image.new("LA", (64, 80), (128, 0)).save(os.path.join(folder, "la.png"))
+    Image.new("P", (70, 70), 3).save(os.path.join(folder, "palette.png"))
+    Image.new("CMYK", (72, 64), (0, 255, 255, 0)).save(os.path.join(folder, "cmyk.jpg"))
+    Image.fromarray(np.full((64, 96), 40000, dtype=np.uint16)).save(os.path.join(folder, "grey16.png"))
+    save_jpeg_with_orientation(os.path.join(folder, "rotated.jpg"), Image.new("RGB", (96, 64), (0, 200, 0)), 6)
+    Image.new("RGB", (20, 16), (9, 9, 9)).save(os.path.join(folder, "tiny.png"))
+    Image.new("RGB", (400, 40), (200, 200, 0)).save(os.path.join(folder, "wide.png"))
+    Image.new("RGB", (40, 300), (0, 200, 200)).save(os.path.join(folder, "tall.png"))
+    with open(os.path.join(folder, "corrupt.png"), "wb") as f:
+        f.write(b"this is not an image at all")
+    buf = io.BytesIO()
+    Image.fromarray(np.random.RandomState(0).randint(0, 255, (64, 64, 3), dtype=np.uint8)).save(buf, "JPEG")
+    with open(os.path.join(folder, "truncated.jpg"), "wb") as f:
+        f.write(buf.getvalue()[: len(buf.getvalue()) // 2])
+    captions = {"rgba.png": ["a blue square", "a square on red"], "la.png": ["grey"], "palette.png": [],
+                "cmyk.jpg": ["red"], "grey16.png": [""], "rotated.jpg": ["green"], "tiny.png": ["tiny"],
+                "wide.png": ["a wide yellow bar"], "tall.png": ["a tall cyan bar"], "corrupt.png": ["broken"],
+                "truncated.jpg": ["half a file"]}
+    with open(os.path.join(folder, "metadata.jsonl"), "w") as f:
+        for name, caps in captions.items():
+            f.write(json.dumps({"file_name": name, "captions": caps}) + "\n")
+    return folder
+
+
+def test_image_modes_are_upright_rgb_and_transparency_is_white(tmp_path):
+    folder = make_messy_folder(str(tmp_path / "messy"))
+    rgba = T.open_image(os.path.join(folder, "rgba.png"))
+    assert rgba.mode == "RGB" and rgba.getpixel((0, 0)) == (255, 255, 255)  # transparent red -> white
+    assert rgba.getpixel((30, 30)) == (0, 0, 255)
+    assert T.open_image(os.path.join(folder, "la.png")).getpixel((0, 0)) == (255, 255, 255)
+    grey = T.open_image(os.path.join(folder, "grey16.png"))
+    assert grey.mode == "RGB" and abs(grey.getpixel((0, 0))[0] - 40000 / 257) <= 1
+    assert T.open_image(os.path.join(folder, "cmyk.jpg")).mode == "RGB"
+    assert T.open_image(os.path.join(folder, "palette.png")).mode == "RGB"
+    rotated = T.open_image(os.path.join(folder, "rotated.jpg"))
+    assert rotated.size == (64, 96)  # EXIF orientation 6: stored 96x64 landscape, shown portrait
+    assert T.read_size(os.path.join(folder, "rotated.jpg")) == (64, 96)
+    with pytest.raises(Exception):
+        T.open_image(os.path.join(folder, "truncated.jpg")).load()
+
+
+def test_transform_crop_flip_and_time_ids():
+    img = Image.new("RGB", (200, 100))
+    img.paste((255, 0, 0), (0, 0, 100, 100))  # left half red
+    rng = random.Random(0)
+    pixels, original, crop = T.transform_image(img, (64, 64), True, False, rng)
+    assert pixels.shape == (3, 64, 64) and original == (100, 200) and crop == (0, 32)
+    assert pixels.min() >= -1 and pixels.max() <= 1
+    flipped, _, crop_f = T.transform_image(img, (64, 64), True, True, rng)
+    assert crop_f == (0, 128 - 32 - 64)  # the crop's left edge measured in the flipped image
+    torch.testing.assert_close(flipped, pixels.flip(-1))
+    wide, original, crop = T.transform_image(img, (80, 48), False, False, random.Random(1))
+    assert wide.shape == (3, 48, 80)
+    ids = T.time_ids(original, crop, (80, 48))
+    assert ids.tolist() == [100, 200, crop[0], crop[1], 48, 80]
+
+
+def test_buckets():
+    assert T.make_buckets(1024) == list(T.SDXL_BUCKETS)
+    for res in (512, 768, 64, 256):
+        for w, h in T.make_buckets(res):
+            assert abs(w * h / res ** 2 - 1) < 0.25, (res, w, h)
+    buckets = T.make_buckets(1024)
+    assert buckets[T.nearest_bucket((4000, 1000), buckets)] == (1536, 640)
+    assert buckets[T.nearest_bucket((1000, 1500), buckets)] == (832, 1216)
+    assert buckets[T.nearest_bucket((500, 500), buckets)] == (1024, 1024)
+
+
+def test_sampler_seeded_rank_aware_resumable():
+    groups = [i % 3 for i in range(60)]  # three buckets of 20
+    ranks = [T.BatchSampler(groups, 4, seed=7, num_replicas=2, rank=r) for r in (0, 1)]
+    seen = [[i for batch in s for i, _ in batch] for s in ranks]
+    assert not set(seen[0]) & set(seen[1])  # distinct samples per rank
+    assert len(ranks[0]) == len(ranks[1]) == 7  # 15 batches dealt to 2 ranks: 7 each, one dropped
+    for batch in ranks[0]:
+        assert len({groups[i] for i, _ in batch}) == 1  # one bucket per batch
+    again = T.BatchSampler(groups, 4, seed=7, num_replicas=2, rank=0)
+    assert [b for b in again] == [b for b in ranks[0]]  # same seed, same order
+    again.set_epoch(0, skip=2)
+    assert list(again) == list(ranks[0])[2:]  # resume mid-epoch
+    again.set_epoch(1)
+    assert list(again) != list(ranks[0])  # a new order each epoch
+
+
+def test_bucketed_batches_have_one_shape_and_true_time_ids(shapes):
+    args = T.parse_args(["--dataset", shapes, "--resolution", "64", "--aspect_ratio_bucketing",
+                         "--train_batch_size", "2", "--random_flip"])
+    table, _ = T.load_table(args)
+    table, plan, groups = T.plan_data(args, table, show_progress=False)
+    loader, sampler = T.make_loader(args, table, plan, groups, _FakeAccelerator())
+    assert len(set(groups)) > 1
+    for batch in loader:
+        pixels, ids = batch["pixel_values"], batch["time_ids"]
+        h, w = pixels.shape[-2:]
+        assert (ids[:, 4] == h).all() and (ids[:, 5] == w).all()
+        assert (ids[:, :2] >= 96).all()  # shapes images are 96-160 px: the true original size, not the target
+        assert (ids[:, 2:4] >= 0).all()
+
+
+class _FakeAccelerator:
+    num_processes, process_index = 1, 0
+
+
+def test_captions_lists_empty_and_dropout(tmp_path):
+    import datasets
+    paths = [str(tmp_path / f"{i}.png") for i in range(3)]
+    for p in paths:
+        Image.new("RGB", (64, 64)).save(p)
+    table = datasets.Dataset.from_dict({"image": paths, "text": [["a", "b"], [], None]})
+    dropped = datasets.Dataset.from_dict({"image": paths[1:2], "text": ["a caption"]})
+    args = T.parse_args(["--dataset", "x", "--resolution", "64", "--caption_dropout", "0.0"])
+    plan = T.DataPlan(targets=[(64, 64)] * 3)
+    ds = T.ImageCaptionDataset(table, args, plan)
+    picks = {ds[(0, s)]["caption"] for s in range(20)}
+    assert picks == {"a", "b"}  # one of the list, chosen per sample seed
+    assert ds[(1, 0)]["caption"] == "" and ds[(2, 0)]["caption"] == ""  # trained unconditionally
+    os.remove(paths[0])
+    assert ds[(0, 0)] == {"skipped": paths[0]}  # a file gone since the scan: skipped, not a crash
+    args = T.parse_args(["--dataset", "x", "--proportion_empty_prompts", "1.0"])
+    assert args.caption_dropout == 1.0
+    assert {T.ImageCaptionDataset(dropped, args, plan)[(0, s)]["caption"] for s in range(5)} == {""}
+
+
+@pytest.mark.parametrize("extra", [[], ["--aspect_ratio_bucketing", "--cache_latents", "--random_flip"]])
+def test_messy_folder_trains_to_the_end_and_names_skipped_files(tiny_model, tmp_path, extra):
+    folder = make_messy_folder(str(tmp_path / "messy"))
+    out = str(tmp_path / "out")
+    proc = run_trainer("--pretrained_model_name_or_path", tiny_model, "--dataset", folder, "--output_dir", out,
+                       "--resolution", "64", "--train_batch_size", "1", "--num_train_epochs", "1",
+                       "--caption_column", "captions", "--dataloader_num_workers", "2", *extra)
+    assert os.path.exists(os.path.join(out, "pytorch_lora_weights.safetensors"))
+    assert "corrupt.png" in proc.stderr and "truncated.jpg" in proc.stderr
+    assert "upscaled" in proc.stderr
+    if extra:
+        assert "aspect-ratio buckets" in proc.stderr
+
+
+def test_every_image_unreadable_is_a_clear_error(tiny_model, tmp_path):
+    folder = str(tmp_path / "bad")
+    os.makedirs(folder)
+    for i in range(3):
+        with open(os.path.join(folder, f"{i}.png"), "wb") as f:
+            f.write(b"garbage")
+        with open(os.path.join(folder, f"{i}.txt"), "w") as f:
+            f.write("a caption")
+    for extra in ([], ["--aspect_ratio_bucketing"]):
+        proc = run_trainer("--pretrained_model_name_or_path", tiny_model, "--train_data_dir", folder,
+                           "--output_dir", str(tmp_path / "out"), "--resolution", "64", *extra, check=False)
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+        assert proc.stderr.strip().splitlines()[-1].startswith("error: ")
+        assert "0.png" in proc.stderr.strip().splitlines()[-1]
+
+
+def test_cache_gives_the_same_loss_and_is_reused(tiny_model, shapes, tmp_path):
+    common = ["--pretrained_model_name_or_path", tiny_model, "--dataset", shapes, "--resolution", "64",
+              "--train_batch_size", "2", "--max_train_steps", "3", "--logging_steps", "1", "--center_crop",
+              "--random_flip", "--seed", "5", "--cache_dir", str(tmp_path / "cache")]
+    plain = str(tmp_path / "plain")
+    run_trainer(*common, "--output_dir", plain, "--no_text_cache")
+    cached = str(tmp_path / "cached")
+    first = run_trainer(*common, "--output_dir", cached, "--cache_latents")
+    assert "24 new latent entries" not in first.stderr and "48 new latent entries" in first.stderr
+    rows = lambda d: [json.loads(x) for x in open(os.path.join(d, "metrics.jsonl"))]
+    for a, b in zip(rows(plain), rows(cached)):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-4) and a["mse"] == pytest.approx(b["mse"], rel=1e-4)
+    again = run_trainer(*common, "--output_dir", str(tmp_path / "again"), "--cache_latents")
+    assert "0 new text entries, 0 new latent entries" in again.stderr
+    # a changed setting rebuilds only what it changes: bucketing changes every target size, not the captions
+    changed = run_trainer(*common, "--output_dir", str(tmp_path / "changed"), "--cache_latents",
+                          "--aspect_ratio_bucketing")
+    assert "0 new text entries" in changed.stderr and "0 new latent entries" not in changed.stderr
