@@ -39,6 +39,10 @@ class UserError(Exception):
     """A problem the user can fix (a path, a column, a flag). Reported as one line, no traceback."""
 
 
+class TrainingStopped(UserError):
+    """Training cannot go on (e.g. the loss keeps diverging); reported like a UserError, exit code 3."""
+
+
 def derive_seed(*parts):
     """A 63-bit seed that is a pure function of `parts` (seed, epoch, step, ...): resumable, worker-independent."""
     digest = hashlib.blake2b("/".join(map(str, parts)).encode(), digest_size=8).digest()
@@ -108,6 +112,8 @@ def parse_args(argv=None):
     a("--adam_weight_decay", type=float, default=1e-2)
     a("--adam_epsilon", type=float, default=1e-8)
     a("--max_grad_norm", type=float, default=1.0)
+    a("--max_nonfinite_steps", type=int, default=5,
+      help="Stop after this many optimizer steps in a row with a NaN/Inf loss or gradient (each is skipped).")
     a("--mixed_precision", choices=("no", "fp16", "bf16"), default=None,
       help="Default: accelerate config's choice.")
     a("--optimizer", choices=("adamw", "adamw8bit", "adafactor", "prodigy"), default="adamw",
@@ -830,12 +836,13 @@ def build_caches(args, m, table, plan, accelerator):
     plan.text_ns, plan.latent_ns = text_ns, latent_ns
     folder = args.cache_dir or os.path.join(args.output_dir, "cache")
     start = time.perf_counter()
+    plan.text_cache = None if args.no_text_cache else TensorCache(folder, "text")
+    plan.latent_cache = TensorCache(folder, "latents") if args.cache_latents else None
+    accelerator.wait_for_everyone()  # every rank sees the same cached keys, so they split the same to-do list
     new_text = new_latents = 0
-    if not args.no_text_cache:
-        plan.text_cache = TensorCache(folder, "text")
+    if plan.text_cache is not None:
         new_text = build_text_cache(args, m, table, plan.text_cache, text_ns, accelerator)
-    if args.cache_latents:
-        plan.latent_cache = TensorCache(folder, "latents")
+    if plan.latent_cache is not None:
         new_latents = build_latent_cache(args, m, table, plan, plan.latent_cache, accelerator)
     accelerator.wait_for_everyone()
     for cache in (plan.text_cache, plan.latent_cache):
@@ -1000,17 +1007,36 @@ def resume(accelerator, args):
     accelerator.load_state(path)
     with open(os.path.join(path, STATE_FILE)) as f:
         step = json.load(f)["global_step"]
+    if accelerator.is_main_process:  # rows a killed run logged after this checkpoint will be logged again
+        truncate_metrics(os.path.join(args.output_dir, "metrics.jsonl"), step)
     logger.info("resumed from %s at step %d", path, step)
     return step
+
+
+def truncate_metrics(path, step):
+    if os.path.exists(path):
+        with open(path) as f:
+            rows = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
+        with open(path + ".tmp", "w") as f:
+            f.writelines(rows)
+        os.replace(path + ".tmp", path)
 
 
 def save_final(accelerator, args, m):
     """LoRA: output_dir/pytorch_lora_weights.safetensors. Full: output_dir is a complete SDXL pipeline."""
     unet = accelerator.unwrap_model(m.unet)
+    tmp = os.path.join(args.output_dir, ".tmp-export")
+    shutil.rmtree(tmp, ignore_errors=True)
     if args.finetune == "lora":
-        export_trained(unet, args, args.output_dir)
+        export_trained(unet, args, tmp)
     else:
-        build_pipeline(args, m, unet, for_saving=True).save_pretrained(args.output_dir, safe_serialization=True)
+        build_pipeline(args, m, unet, for_saving=True).save_pretrained(tmp, safe_serialization=True)
+    for name in os.listdir(tmp):  # each file or folder appears complete or not at all
+        final = os.path.join(args.output_dir, name)
+        if os.path.isdir(final):
+            shutil.rmtree(final)
+        os.replace(os.path.join(tmp, name), final)
+    os.rmdir(tmp)
     logger.info("saved the %s to %s", "LoRA" if args.finetune == "lora" else "pipeline", args.output_dir)
 
 
@@ -1063,29 +1089,89 @@ def resolve_trackers(args):
     return names
 
 
-class MetricsLog:
-    """Sums per-sample stats on the device between logs (no host sync per step); writes metrics.jsonl rows."""
+class NonFiniteGuard:
+    """Skip an update whose loss or gradient is NaN/Inf; stop after --max_nonfinite_steps in a row.
 
-    def __init__(self, path):
-        self.path, self.sums, self.count, self.t0 = path, {}, 0, time.perf_counter()
+    The gradient norm is global (after DDP's all-reduce), so every rank takes the same decision. Under fp16
+    inf gradients are routine while the grad scaler calibrates: there only a non-finite loss counts, and the
+    scaler's own skip handles the gradients. Costs one host sync per optimizer step (not per micro-batch)."""
+
+    def __init__(self, args, accelerator):
+        self.args, self.accelerator, self.in_a_row = args, accelerator, 0
+
+    def check(self, grad_norm, metrics, step):
+        loss = self.accelerator.reduce(metrics.window_loss().to(self.accelerator.device).float(), reduction="sum")
+        # DeepSpeed clips inside its engine and returns no norm; fp16's scaler handles inf gradients itself.
+        finite_grad = grad_norm is None or self.accelerator.mixed_precision == "fp16" or bool(torch.isfinite(grad_norm))
+        if bool(torch.isfinite(loss)) and finite_grad:
+            self.in_a_row = 0
+            return True
+        self.in_a_row += 1
+        logger.warning("step %d: non-finite loss or gradient (loss %s, grad norm %s) at timesteps %s; update "
+                       "skipped (%d in a row)", step + 1, float(loss), float(grad_norm), metrics.window_timesteps(),
+                       self.in_a_row)
+        if self.in_a_row >= self.args.max_nonfinite_steps:
+            found = list_checkpoints(self.args.output_dir)
+            last = found[-1][1] if found else "none yet"
+            raise TrainingStopped(f"the loss or gradients were NaN/Inf for {self.in_a_row} steps in a row (last "
+                                  f"at step {step + 1}); stopped. Last good checkpoint: {last}. Lower the "
+                                  "--learning_rate, keep --max_grad_norm, or prefer bf16 over fp16")
+        return False
+
+
+class MetricsLog:
+    """Per-timestep-bucket sums of the weighted loss and the plain MSE, kept on the device between logs (no host
+    sync per step), reduced over ranks when a metrics.jsonl row is written. Like minRF's per-t bins, the
+    buckets show what a weighting does: where in t the loss, and the error, sit.
+
+    Samples enter a per-step window first; a skipped (non-finite) step's window is dropped, not logged."""
+
+    def __init__(self, path, num_train_timesteps, bins=10):
+        self.path, self.T, self.bins = path, num_train_timesteps, bins
+        width = num_train_timesteps / bins
+        self.labels = [f"t_{round(b * width):03d}_{round((b + 1) * width) - 1:03d}" for b in range(bins)]
+        self.window, self.totals, self.t0 = None, None, time.perf_counter()
 
     def add(self, stats):
-        for k in ("loss", "mse"):
-            self.sums[k] = self.sums.get(k, 0) + stats[k].sum()
-        self.count += stats["loss"].numel()
+        t = stats["timesteps"]
+        if self.window is None:
+            self.window = {"loss": torch.zeros(self.bins, device=t.device), "mse": torch.zeros(self.bins, device=t.device),
+                           "n": torch.zeros(self.bins, device=t.device), "t": []}
+        b = (t * self.bins // self.T).clamp(max=self.bins - 1)
+        for k, v in (("loss", stats["loss"]), ("mse", stats["mse"]), ("n", torch.ones_like(stats["loss"]))):
+            self.window[k].index_add_(0, b, v.float())
+        self.window["t"].append(t)
+
+    def window_loss(self):
+        return self.window["loss"].sum() if self.window else torch.zeros(())
+
+    def window_timesteps(self):
+        return torch.cat(self.window["t"]).tolist() if self.window else []
+
+    def end_step(self, keep):
+        if keep and self.window is not None:
+            if self.totals is None:
+                self.totals = {k: torch.zeros_like(self.window[k]) for k in ("loss", "mse", "n")}
+            for k in self.totals:
+                self.totals[k] += self.window[k]
+        self.window = None
 
     def flush(self, step, epoch, lr, grad_norm, accelerator):
-        sums = torch.stack([self.sums.get("loss", torch.zeros(())), self.sums.get("mse", torch.zeros(())),
-                            torch.tensor(float(self.count))]).to(accelerator.device)
-        sums = accelerator.reduce(sums, reduction="sum")
-        elapsed = time.perf_counter() - self.t0
-        n = max(sums[2].item(), 1)
-        row = {"step": step, "epoch": epoch, "loss": sums[0].item() / n, "mse": sums[1].item() / n, "lr": lr,
-               "grad_norm": float(grad_norm), "samples_per_s": sums[2].item() / elapsed}
+        totals = self.totals or {k: torch.zeros(self.bins) for k in ("loss", "mse", "n")}
+        sums = accelerator.reduce(torch.stack([totals["loss"], totals["mse"], totals["n"]]).to(accelerator.device),
+                                  reduction="sum").cpu()
+        loss, mse, n = sums.tolist()
+        count = sum(n)
+        row = {"step": step, "epoch": epoch, "loss": sum(loss) / max(count, 1), "mse": sum(mse) / max(count, 1),
+               "lr": lr, "grad_norm": None if grad_norm is None else float(grad_norm),
+               "samples_per_s": count / (time.perf_counter() - self.t0)}
+        for label, lb, mb, nb in zip(self.labels, loss, mse, n):
+            row[f"loss_{label}"] = lb / nb if nb else None
+            row[f"mse_{label}"] = mb / nb if nb else None
         if accelerator.is_main_process:
             with open(self.path, "a") as f:
                 f.write(json.dumps(row) + "\n")
-        self.sums, self.count, self.t0 = {}, 0, time.perf_counter()
+        self.totals, self.t0 = None, time.perf_counter()
         return row
 
 
@@ -1112,9 +1198,14 @@ def setup(args):
         torch.backends.cudnn.allow_tf32 = True
     if accelerator.is_main_process:
         os.makedirs(args.output_dir, exist_ok=True)
+        for name in os.listdir(args.output_dir):  # what a killed run left half-written (only our own names)
+            if name.startswith((".tmp-checkpoint-", ".tmp-export")):
+                shutil.rmtree(os.path.join(args.output_dir, name), ignore_errors=True)
         if args.overwrite_output_dir and not args.resume_from_checkpoint:
             for _, old in list_checkpoints(args.output_dir):
                 shutil.rmtree(old)
+            if os.path.exists(os.path.join(args.output_dir, "metrics.jsonl")):
+                os.remove(os.path.join(args.output_dir, "metrics.jsonl"))
     accelerator.wait_for_everyone()
     return accelerator
 
@@ -1174,48 +1265,51 @@ def train(args):
                 args.loss_weighting, m.noise_scheduler.config.prediction_type, source, len(table), num_epochs,
                 max_steps, args.train_batch_size * world * accum, args.train_batch_size, world, accum)
 
-    metrics = MetricsLog(os.path.join(args.output_dir, "metrics.jsonl"))
+    metrics = MetricsLog(os.path.join(args.output_dir, "metrics.jsonl"), m.noise_scheduler.config.num_train_timesteps)
     generator = torch.Generator(accelerator.device)
-    progress = tqdm(total=max_steps, initial=global_step, desc="steps", disable=not accelerator.is_main_process)
-    skipped, told_upscale, grad_norm = set(), False, torch.zeros(())
-    m.unet.train()
-    for epoch in range(global_step // steps_per_epoch, num_epochs):
-        resume_in_epoch = epoch == global_step // steps_per_epoch
-        sampler.set_epoch(epoch, skip=(global_step % steps_per_epoch) * accum if resume_in_epoch else 0)
-        seen = 0
-        for i, batch in enumerate(loader):
-            micro, last_micro = i % accum, i % accum == accum - 1
-            skipped.update(batch["skipped"])
-            if batch["upscaled"] and not told_upscale:
-                logger.info("images smaller than the training size are upscaled (first: %s)", batch["upscaled"][0])
-                told_upscale = True
-            # Noise and timesteps are a pure function of (seed, rank, step, micro-batch): a resumed run draws
-            # exactly what the uninterrupted run drew.
-            generator.manual_seed(derive_seed(args.seed, "noise", rank, global_step, micro))
-            if "captions" in batch:
-                seen += len(batch["captions"])
-                with nullcontext() if last_micro else accelerator.no_sync(m.unet):
-                    loss, stats = training_step(batch, m, args, generator)
-                    accelerator.backward(loss / accum)
-                metrics.add(stats)
-            if not last_micro:
-                continue
-            if accelerator.sync_gradients:
+    bar = tqdm(total=max_steps, initial=global_step, desc="steps", disable=not accelerator.is_main_process)
+    with bar as progress:  # closed even when an error ends the run, so the error is the last line
+        skipped, told_upscale, grad_norm = set(), False, torch.zeros(())
+        nonfinite = NonFiniteGuard(args, accelerator)
+        m.unet.train()
+        for epoch in range(global_step // steps_per_epoch, num_epochs):
+            resume_in_epoch = epoch == global_step // steps_per_epoch
+            sampler.set_epoch(epoch, skip=(global_step % steps_per_epoch) * accum if resume_in_epoch else 0)
+            seen = 0
+            for i, batch in enumerate(loader):
+                micro, last_micro = i % accum, i % accum == accum - 1
+                skipped.update(batch["skipped"])
+                if batch["upscaled"] and not told_upscale:
+                    logger.info("images smaller than the training size are upscaled (first: %s)", batch["upscaled"][0])
+                    told_upscale = True
+                # Noise and timesteps are a pure function of (seed, rank, step, micro-batch): a resumed run draws
+                # exactly what the uninterrupted run drew.
+                generator.manual_seed(derive_seed(args.seed, "noise", rank, global_step, micro))
+                if "captions" in batch:
+                    seen += len(batch["captions"])
+                    with nullcontext() if last_micro else accelerator.no_sync(m.unet):
+                        loss, stats = training_step(batch, m, args, generator)
+                        accelerator.backward(loss / accum)
+                    metrics.add(stats)
+                if not last_micro:
+                    continue
                 grad_norm = accelerator.clip_grad_norm_(params, args.max_grad_norm)
-            optimizer.step()
-            lr_scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            global_step += 1
-            progress.update(1)
-            after_step(accelerator, args, m, metrics, progress, global_step, max_steps, epoch, lr_scheduler, grad_norm)
+                update = nonfinite.check(grad_norm, metrics, global_step)
+                if update:
+                    optimizer.step()  # under fp16 the grad scaler itself skips steps with inf gradients
+                metrics.end_step(keep=update)
+                lr = lr_scheduler.get_last_lr()[0]  # the rate this step used (logged), before the schedule moves on
+                lr_scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                global_step += 1
+                progress.update(1)
+                after_step(accelerator, args, m, metrics, progress, global_step, max_steps, epoch, lr, grad_norm)
+                if global_step >= max_steps:
+                    break
+            if seen == 0 and skipped:  # every file passed the header scan but none decodes
+                raise UserError(f"every image of the epoch failed to load ({len(skipped)} files, e.g. {min(skipped)})")
             if global_step >= max_steps:
                 break
-        if seen == 0 and skipped:  # every file passed the header scan but none decodes
-            progress.close()
-            raise UserError(f"every image of the epoch failed to load ({len(skipped)} files, e.g. {min(skipped)})")
-        if global_step >= max_steps:
-            break
-    progress.close()
     if skipped:
         logger.warning("skipped %d unreadable image(s) in all: %s", len(skipped), ", ".join(sorted(skipped)[:50]))
     accelerator.wait_for_everyone()
@@ -1226,11 +1320,11 @@ def train(args):
     accelerator.end_training()
 
 
-def after_step(accelerator, args, m, metrics, progress, global_step, max_steps, epoch, lr_scheduler, grad_norm):
+def after_step(accelerator, args, m, metrics, progress, global_step, max_steps, epoch, lr, grad_norm):
     """Log, checkpoint and validate on their cadences (and always at the last step)."""
     last = global_step == max_steps
     if global_step % args.logging_steps == 0 or last:
-        row = metrics.flush(global_step, epoch, lr_scheduler.get_last_lr()[0], grad_norm, accelerator)
+        row = metrics.flush(global_step, epoch, lr, grad_norm, accelerator)
         progress.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}")
         accelerator.log({k: v for k, v in row.items() if k != "step"}, step=global_step)
     if global_step % args.checkpointing_steps == 0 or last:
@@ -1259,7 +1353,7 @@ def main(argv=None):
         train(args)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return 3 if isinstance(e, TrainingStopped) else 2
     return 0
 
 

@@ -75,9 +75,9 @@ def rel_l1(a, b):
 
 
 def test_resumed_run_equals_uninterrupted_run(tiny_model, shapes, tmp_path):
-    """Mid-epoch checkpoint, accumulation, random crop/flip, warmup + linear decay: the resumed run must end
-    with the weights of the run that was never stopped."""
-    extra = ["--max_train_steps", "8", "--gradient_accumulation_steps", "2", "--random_flip",
+    """Mid-epoch checkpoint, accumulation, bucketing, random crop/flip, warmup + linear decay: the resumed run
+    must end with the weights of the run that was never stopped."""
+    extra = ["--max_train_steps", "8", "--gradient_accumulation_steps", "2", "--random_flip", "--aspect_ratio_bucketing",
              "--lr_scheduler", "linear", "--lr_warmup_steps", "2", "--learning_rate", "5e-3",
              "--checkpointing_steps", "3", "--noise_offset", "0.05"]
     full_run = str(tmp_path / "uninterrupted")

@@ -1,0 +1,145 @@
+"""Runs killed mid-checkpoint, non-finite losses, and several processes."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import ROOT, run_trainer
+
+TRAINER = os.path.join(ROOT, "train_sdxl_debias.py")
+
+
+def args_for(tiny_model, shapes, out, *extra):
+    return ["--pretrained_model_name_or_path", tiny_model, "--dataset", shapes, "--output_dir", out,
+            "--resolution", "64", "--train_batch_size", "2", "--logging_steps", "1", "--seed", "1", *extra]
+
+
+def checkpoints(out):
+    return sorted((n for n in os.listdir(out) if n.startswith("checkpoint-")), key=lambda n: int(n.split("-")[1]))
+
+
+def metrics_steps(out):
+    return [json.loads(line)["step"] for line in open(os.path.join(out, "metrics.jsonl"))]
+
+
+def test_sigkill_while_checkpointing_then_resume_latest(tiny_model, shapes, tmp_path):
+    out = str(tmp_path / "run")
+    argv = args_for(tiny_model, shapes, out, "--max_train_steps", "24", "--checkpointing_steps", "1",
+                    "--checkpoints_total_limit", "3")
+    proc = subprocess.Popen([sys.executable, TRAINER, *argv], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            cwd=ROOT)
+    # Kill it while a checkpoint is being written: the moment a temporary checkpoint folder exists after step 3.
+    deadline, killed_during = time.time() + 300, None
+    while time.time() < deadline and proc.poll() is None:
+        names = os.listdir(out) if os.path.isdir(out) else []
+        tmp = [n for n in names if n.startswith(".tmp-checkpoint-") and int(n.rsplit("-", 1)[1]) >= 4]
+        if tmp:
+            proc.kill()
+            killed_during = tmp[0]
+            break
+        time.sleep(0.005)
+    proc.wait()
+    assert killed_during, "the run ended before it could be killed mid-checkpoint"
+    done = checkpoints(out)
+    assert done, "no complete checkpoint survived"
+    for name in done:  # every checkpoint-N is complete
+        for f in ("trainer_state.json", "pytorch_lora_weights.safetensors", "optimizer.bin"):
+            assert os.path.exists(os.path.join(out, name, f)), (name, f, killed_during)
+    # A folder the run did not create must survive pruning and never be taken for a checkpoint.
+    os.makedirs(os.path.join(out, "checkpoint-999"))
+    open(os.path.join(out, "checkpoint-999", "mine.txt"), "w").write("user data")
+    proc = run_trainer(*argv, "--resume_from_checkpoint", "latest")
+    assert f"resumed from {os.path.join(out, done[-1])}" in proc.stderr
+    assert os.path.exists(os.path.join(out, "checkpoint-999", "mine.txt"))
+    assert checkpoints(out)[-3:-1] == ["checkpoint-23", "checkpoint-24"] and len(checkpoints(out)) == 4
+    assert not [n for n in os.listdir(out) if n.startswith(".tmp")]
+    assert metrics_steps(out) == list(range(1, 25))  # no duplicated rows from the killed run
+    weights = load_file(os.path.join(out, "pytorch_lora_weights.safetensors"))
+    assert all(torch.isfinite(w).all() for w in weights.values())
+
+
+NAN_INJECTOR = """
+import sys
+sys.path.insert(0, {root!r})
+import train_sdxl_debias as T
+bad, real, calls = {bad!r}, T.training_step, [0]
+def training_step(batch, m, args, generator):
+    loss, stats = real(batch, m, args, generator)
+    calls[0] += 1
+    if calls[0] in bad:  # a micro-batch whose loss is NaN, as a diverging run or a bad sample gives
+        loss, stats["loss"] = loss * float("nan"), stats["loss"] * float("nan")
+    return loss, stats
+T.training_step = training_step
+sys.exit(T.main(sys.argv[1:]))
+"""
+
+
+def run_with_nans(bad_calls, argv):
+    code = NAN_INJECTOR.format(root=ROOT, bad=set(bad_calls))
+    return subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, cwd=ROOT,
+                          timeout=600)
+
+
+def test_a_nonfinite_step_is_skipped_and_training_goes_on(tiny_model, shapes, tmp_path):
+    out = str(tmp_path / "one_nan")
+    proc = run_with_nans({3}, args_for(tiny_model, shapes, out, "--max_train_steps", "5"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "step 3: non-finite loss" in proc.stderr and "update skipped (1 in a row)" in proc.stderr
+    rows = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5]
+    assert all(r["loss"] == r["loss"] for r in rows)  # the skipped step's NaN is not logged
+    weights = load_file(os.path.join(out, "pytorch_lora_weights.safetensors"))
+    assert all(torch.isfinite(w).all() for w in weights.values())
+
+
+def test_nonfinite_steps_in_a_row_stop_the_run_with_checkpoint_intact(tiny_model, shapes, tmp_path):
+    out = str(tmp_path / "diverged")
+    proc = run_with_nans(set(range(5, 1000)), args_for(tiny_model, shapes, out, "--max_train_steps", "10",
+                                                       "--checkpointing_steps", "4", "--max_nonfinite_steps", "3"))
+    assert proc.returncode == 3 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and "3 steps in a row" in last and "checkpoint-4" in last, last
+    weights = load_file(os.path.join(out, "checkpoint-4", "pytorch_lora_weights.safetensors"))
+    assert all(torch.isfinite(w).all() for w in weights.values())
+
+
+def torchrun(*argv):
+    env = dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           TRAINER, *argv], capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return proc
+
+
+def lora(out):
+    return load_file(os.path.join(out, "pytorch_lora_weights.safetensors"))
+
+
+def test_two_processes_train_resume_and_keep_the_lr_schedule(tiny_model, shapes, tmp_path):
+    extra = ["--max_train_steps", "6", "--lr_scheduler", "linear", "--lr_warmup_steps", "2",
+             "--learning_rate", "5e-3", "--checkpointing_steps", "3", "--random_flip"]
+    two = str(tmp_path / "two")
+    proc = torchrun(*args_for(tiny_model, shapes, two, *extra))
+    assert "2 processes" in proc.stderr
+    rows = [json.loads(line) for line in open(os.path.join(two, "metrics.jsonl"))]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]  # only the main process writes
+    # The LR schedule counts optimizer steps: the same with 1 process and accumulation 2.
+    one = str(tmp_path / "one")
+    run_trainer(*args_for(tiny_model, shapes, one, *extra, "--gradient_accumulation_steps", "2"))
+    lrs_one = [json.loads(line)["lr"] for line in open(os.path.join(one, "metrics.jsonl"))]
+    assert [r["lr"] for r in rows] == pytest.approx(lrs_one)
+    assert lrs_one[0] == 0 and lrs_one[2] == pytest.approx(5e-3)  # 2 warmup steps, then decay
+    # Resume with two processes from the step-3 checkpoint: the same final weights.
+    resumed = str(tmp_path / "resumed")
+    os.makedirs(resumed)
+    shutil.copytree(os.path.join(two, "checkpoint-3"), os.path.join(resumed, "checkpoint-3"))
+    torchrun(*args_for(tiny_model, shapes, resumed, *extra, "--resume_from_checkpoint", "latest"))
+    a, b = lora(two), lora(resumed)
+    diff = sum((a[k] - b[k]).abs().sum() for k in a) / sum(a[k].abs().sum() for k in a)
+    assert diff < 1e-3
