@@ -88,6 +88,15 @@ def parse_args(argv=None):
     a("--finetune", choices=("lora", "full"), default="lora")
     a("--rank", type=int, default=None, help="LoRA rank (default 4).")
     a("--lora_alpha", type=int, default=None, help="LoRA alpha (default: the rank, i.e. scale 1).")
+    a("--lora_dropout", type=float, default=None, help="Default 0.")
+    a("--lora_target_modules", default=None,
+      help="Comma-separated UNet module names (default to_q,to_k,to_v,to_out.0: the attention projections).")
+    a("--use_dora", action="store_const", const=True, default=None, help="Weight-decomposed LoRA (peft DoRA).")
+    a("--init_lora_weights", choices=sorted(INIT_LORA_WEIGHTS), default=None, help="Default gaussian.")
+    a("--train_text_encoder", action="store_true", help="Also train LoRA adapters on both text encoders.")
+    a("--text_encoder_lr", type=float, default=None, help="Default: --learning_rate.")
+    a("--use_ema", action="store_true", help="Full fine-tune: keep an EMA of the UNet for validation and saving.")
+    a("--ema_decay", type=float, default=0.9999)
     # loss
     a("--loss_weighting", choices=debias_loss.WEIGHTINGS, default="debias")
     a("--snr_gamma", type=float, default=5.0, help="γ of --loss_weighting min_snr.")
@@ -97,6 +106,9 @@ def parse_args(argv=None):
       help="Divide the weights by their mean over the training timesteps, so the loss (and lr, clipping) keep "
            "plain MSE's scale. SDXL's mean ε-debias weight is ≈ 3.0.")
     a("--noise_offset", type=float, default=0.0)
+    a("--input_perturbation", type=float, default=0.0, help="Noise the noise: arXiv:2301.11706 (0.1 typical).")
+    a("--min_timestep", type=int, default=0, help="Train on timesteps in [min_timestep, max_timestep).")
+    a("--max_timestep", type=int, default=None, help="Default: the scheduler's num_train_timesteps.")
     # optimisation
     a("--train_batch_size", type=int, default=1, help="Per device.")
     a("--num_train_epochs", type=int, default=1)
@@ -134,17 +146,57 @@ def parse_args(argv=None):
     a("--checkpointing_steps", type=int, default=500)
     a("--checkpoints_total_limit", type=int, default=None)
     a("--resume_from_checkpoint", default=None, help="A checkpoint folder, or 'latest' in output_dir.")
-    a("--validation_prompt", default=None)
+    a("--validation_prompt", action="append", default=None, help="Repeat for several prompts.")
     a("--num_validation_images", type=int, default=4)
     a("--validation_steps", type=int, default=500)
     a("--validation_inference_steps", type=int, default=25)
     a("--push_to_hub", action="store_true")
     a("--hub_model_id", default=None)
+    a("--hub_token", default=None, help="Prefer `huggingface-cli login`: a token here is refused with a tracker.")
+    a("--save_single_file", action="store_true",
+      help="Full fine-tune: also write the UNet as one <output_dir name>_unet.safetensors (ComfyUI's loader).")
+    a("--config", default=None, help="YAML or JSON file of flag values (its keys are flag names); the command "
+                                     "line wins. Every run writes its resolved config to train_config.json.")
+    argv = sys.argv[1:] if argv is None else list(argv)
+    known, _ = p.parse_known_args(argv)
+    if known.config:
+        p.set_defaults(**read_config(known.config, p))
     args = p.parse_args(argv)
-    args.rank_given = args.rank is not None  # --rank with --finetune full is a mistake worth reporting
-    args.rank = 4 if args.rank is None else args.rank
-    args.lora_alpha = args.rank if args.lora_alpha is None else args.lora_alpha
+    # LoRA-only flags: remember which were given (an error with --finetune full), then fill their defaults.
+    args.lora_flags_given = [n for n, _ in LORA_DEFAULTS if getattr(args, n) is not None]
+    if args.finetune == "lora":
+        for name, default in LORA_DEFAULTS:
+            if getattr(args, name) is None:
+                setattr(args, name, args.rank if name == "lora_alpha" else default)
     return args
+
+
+LORA_DEFAULTS = (("rank", 4), ("lora_alpha", None), ("lora_dropout", 0.0), ("lora_target_modules",
+                 "to_q,to_k,to_v,to_out.0"), ("use_dora", False), ("init_lora_weights", "gaussian"))
+NOT_CONFIG = ("config", "lora_flags_given", "hub_token")  # never read from or written to a config file
+
+
+def read_config(path, parser):
+    """Flag values from a YAML or JSON file; keys are flag names (with or without dashes, aliases allowed)."""
+    if not os.path.isfile(path):
+        raise UserError(f"--config {path!r} does not exist")
+    with open(path) as f:
+        text = f.read()
+    try:
+        if path.endswith((".yaml", ".yml")):
+            import yaml
+            values = yaml.safe_load(text) or {}
+        else:
+            values = json.loads(text)
+    except Exception as e:
+        raise UserError(f"--config {path!r} is not valid YAML/JSON: {first_line(e)}") from None
+    if not isinstance(values, dict):
+        raise UserError(f"--config {path!r} must hold a mapping of flag names to values")
+    dests = {o.lstrip("-"): a.dest for a in parser._actions for o in a.option_strings}
+    unknown = [k for k in values if k.lstrip("-") not in dests]
+    if unknown:
+        raise UserError(f"--config {path!r} has unknown keys: {', '.join(map(str, unknown))}")
+    return {dests[k.lstrip("-")]: v for k, v in values.items() if dests[k.lstrip("-")] not in NOT_CONFIG}
 
 
 def validate(args):
@@ -157,10 +209,20 @@ def validate(args):
         raise UserError(f"--train_data_dir {args.train_data_dir!r} is not a folder")
     if args.resolution <= 0 or args.resolution % 8:
         raise UserError(f"--resolution {args.resolution} must be a positive multiple of 8 (the VAE downsamples by 8)")
-    if args.finetune == "full" and args.rank_given:
-        raise UserError("--rank only applies to --finetune lora; drop it for a full fine-tune")
+    if args.finetune == "full" and args.lora_flags_given:
+        raise UserError(f"--{args.lora_flags_given[0]} only applies to --finetune lora; drop it for a full fine-tune")
+    if args.finetune == "full" and args.train_text_encoder:
+        raise UserError("--train_text_encoder trains LoRA adapters: use it with --finetune lora")
+    if args.finetune == "lora" and args.use_ema:
+        raise UserError("--use_ema applies to --finetune full (a LoRA is small; average checkpoints instead)")
+    if args.max_timestep is not None and not 0 <= args.min_timestep < args.max_timestep:
+        raise UserError("--min_timestep must be >= 0 and below --max_timestep")
+    if not 0 < args.ema_decay < 1:
+        raise UserError("--ema_decay must be between 0 and 1")
+    if args.hub_token and args.report_to not in (None, "none"):
+        raise UserError("--hub_token would be logged by --report_to's tracker: run `huggingface-cli login` instead")
     for name in ("train_batch_size", "num_train_epochs", "gradient_accumulation_steps", "checkpointing_steps",
-                 "validation_steps", "logging_steps", "rank", "num_validation_images", "cache_batch_size"):
+                 "validation_steps", "logging_steps", "num_validation_images", "cache_batch_size"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name} must be at least 1")
     for name in ("max_train_steps", "checkpoints_total_limit", "max_train_samples"):
@@ -168,6 +230,8 @@ def validate(args):
             raise UserError(f"--{name} must be at least 1")
     if not 0 <= args.caption_dropout <= 1:
         raise UserError("--caption_dropout must be between 0 and 1")
+    if args.rank is not None and args.rank < 1:
+        raise UserError("--rank must be at least 1")
     if args.snr_gamma <= 0:
         raise UserError("--snr_gamma must be positive")
     resume = args.resume_from_checkpoint
@@ -197,6 +261,7 @@ class Models:
     noise_scheduler: object
     weight_dtype: torch.dtype
     loss_scale: float = 1.0  # 1 / mean weight with --normalize_loss_weights (see loss.mean_weight)
+    ema: object = None       # diffusers EMAModel of the UNet with --use_ema
 
 
 def load_part(cls, args, subfolder, path=None, **kw):
@@ -242,23 +307,33 @@ def load_models(args, accelerator):
         m.requires_grad_(False)
     for te in text_encoders:
         place(te, device, weight_dtype)
+        if args.train_text_encoder:
+            add_lora(te, args, TEXT_ENCODER_LORA_TARGETS)
     # SDXL's own VAE overflows in fp16; keep it fp32 unless the user supplied a (fixed) VAE of their choice.
     place(vae, device, weight_dtype if vae_path else torch.float32)
     if args.finetune == "lora":
         place(unet, device, weight_dtype)
-        add_lora(unet, args)
+        add_lora(unet, args, args.lora_target_modules.split(","))
     else:
         place(unet, device, torch.float32)  # trained weights stay fp32; autocast does the mixed precision
         unet.requires_grad_(True)
     if args.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
+        for te in text_encoders if args.train_text_encoder else []:
+            te.gradient_checkpointing_enable()
     if args.compile:
         compile_blocks(unet)
+    ema = None
+    if args.use_ema:  # an fp32 shadow of every UNet weight, averaged after each update
+        from diffusers.training_utils import EMAModel
+        ema = EMAModel(unet.parameters(), decay=args.ema_decay, model_cls=UNet2DConditionModel,
+                       model_config=unet.config)
+        ema.to(device)
     loss_scale = 1.0
     if args.normalize_loss_weights:
         loss_scale = 1.0 / debias_loss.mean_weight(noise_scheduler.alphas_cumprod, args.loss_weighting,
                                                    noise_scheduler.config.prediction_type, args.snr_gamma).item()
-    return Models(tokenizers, text_encoders, vae, unet, noise_scheduler, weight_dtype, loss_scale)
+    return Models(tokenizers, text_encoders, vae, unet, noise_scheduler, weight_dtype, loss_scale, ema)
 
 
 def place(module, device, dtype):
@@ -272,16 +347,25 @@ def place(module, device, dtype):
         diffusers_logging.set_verbosity(level)
 
 
-LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+TEXT_ENCODER_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
+INIT_LORA_WEIGHTS = {"gaussian": "gaussian", "default": True, "pissa": "pissa", "olora": "olora",
+                     "orthogonal": "orthogonal"}
 
 
-def add_lora(unet, args):
-    """peft LoRA on the attention projections; the LoRA parameters are kept in fp32 under mixed precision."""
+def add_lora(model, args, targets):
+    """A peft LoRA adapter on `targets`; its parameters are kept in fp32 under mixed precision."""
     from peft import LoraConfig
 
-    unet.add_adapter(LoraConfig(r=args.rank, lora_alpha=args.lora_alpha, init_lora_weights="gaussian",
-                                target_modules=LORA_TARGETS))
-    for p in unet.parameters():
+    config = LoraConfig(r=args.rank, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
+                        init_lora_weights=INIT_LORA_WEIGHTS[args.init_lora_weights], use_dora=args.use_dora,
+                        target_modules=targets)
+    if hasattr(model, "set_adapters"):  # a diffusers model
+        model.add_adapter(config)
+    else:  # transformers' add_adapter demands a newer peft than may be installed; this is what it does inside
+        from peft import inject_adapter_in_model
+        inject_adapter_in_model(config, model, adapter_name="default")
+        model.peft_config = {"default": config}
+    for p in model.parameters():
         if p.requires_grad:
             p.data = p.data.float()
 
@@ -298,8 +382,9 @@ def compile_blocks(unet):
 
 
 def build_optimizer(args, params, device):
+    """`params`: parameter groups, each with its own lr."""
     """AdamW (fused on CUDA), 8-bit AdamW, Adafactor or Prodigy (validate() checked the optional packages)."""
-    betas, eps, wd, lr = (args.adam_beta1, args.adam_beta2), args.adam_epsilon, args.adam_weight_decay, args.learning_rate
+    betas, eps, wd, lr = (args.adam_beta1, args.adam_beta2), args.adam_epsilon, args.adam_weight_decay, params[0]["lr"]
     if args.optimizer == "adamw":
         return torch.optim.AdamW(params, lr=lr, betas=betas, eps=eps, weight_decay=wd, fused=device.type == "cuda")
     if args.optimizer == "adamw8bit":
@@ -313,7 +398,7 @@ def build_optimizer(args, params, device):
     return prodigyopt.Prodigy(params, lr=lr, betas=betas, weight_decay=wd)
 
 
-def build_pipeline(args, m, unet, for_saving=False):
+def build_pipeline(args, m, unet, text_encoders=None, for_saving=False):
     """`unet` with the base model's other parts and inference scheduler, as a StableDiffusionXLPipeline.
 
     For validation it reuses the loaded (possibly half-precision) frozen parts. For saving it reloads them as
@@ -325,8 +410,9 @@ def build_pipeline(args, m, unet, for_saving=False):
         if args.pretrained_vae_model_name_or_path:  # the output carries the VAE it was trained with
             parts["vae"] = load_part(AutoencoderKL, args, "", path=args.pretrained_vae_model_name_or_path)
     else:
-        parts = dict(vae=m.vae, text_encoder=m.text_encoders[0], text_encoder_2=m.text_encoders[1],
-                     tokenizer=m.tokenizers[0], tokenizer_2=m.tokenizers[1])
+        te1, te2 = text_encoders or m.text_encoders
+        parts = dict(vae=m.vae, text_encoder=te1, text_encoder_2=te2, tokenizer=m.tokenizers[0],
+                     tokenizer_2=m.tokenizers[1])
     return StableDiffusionXLPipeline.from_pretrained(args.pretrained_model_name_or_path, unet=unet,
                                                      revision=args.revision, variant=args.variant, **parts)
 
@@ -663,13 +749,13 @@ def plan_data(args, table, show_progress=True):
 # 4. conditioning
 # ----------------------------------------------------------------------------------------------------------------
 
-def encode_prompt(text_encoders, tokenizers, captions):
+def encode_prompt(text_encoders, tokenizers, captions, device=None):
     """SDXL's text conditioning: penultimate hidden states of both encoders, concatenated on the feature axis
     ([B, 77, 768 + 1280] for SDXL), and the pooled, projected output of the second encoder ([B, 1280])."""
     hidden, pooled = [], None
     for tokenizer, encoder in zip(tokenizers, text_encoders):
         ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                        return_tensors="pt").input_ids.to(encoder.device)
+                        return_tensors="pt").input_ids.to(device or encoder.device)
         out = encoder(ids, output_hidden_states=True)
         hidden.append(out.hidden_states[-2])
         pooled = out[0]  # the last encoder's text_embeds (CLIPTextModelWithProjection)
@@ -746,6 +832,11 @@ class TensorCache:
 
     def size_bytes(self):
         return sum(os.path.getsize(p) for p in set(self.index.values()))
+
+
+def caches_text(args):
+    """Text embeddings are cached whenever the text encoders are frozen (off with --train_text_encoder)."""
+    return not (args.no_text_cache or args.train_text_encoder)
 
 
 def cache_namespaces(args, weight_dtype):
@@ -836,7 +927,7 @@ def build_caches(args, m, table, plan, accelerator):
     plan.text_ns, plan.latent_ns = text_ns, latent_ns
     folder = args.cache_dir or os.path.join(args.output_dir, "cache")
     start = time.perf_counter()
-    plan.text_cache = None if args.no_text_cache else TensorCache(folder, "text")
+    plan.text_cache = TensorCache(folder, "text") if caches_text(args) else None
     plan.latent_cache = TensorCache(folder, "latents") if args.cache_latents else None
     accelerator.wait_for_everyone()  # every rank sees the same cached keys, so they split the same to-do list
     new_text = new_latents = 0
@@ -870,16 +961,17 @@ def training_step(batch, m, args, generator):
     `batch` holds either pixel_values or cached `latents` (scaled, in weight_dtype), either captions or cached
     `prompt_embeds` + `pooled_prompt_embeds`, and `time_ids`. Returns (loss, per-sample stats, detached)."""
     device = generator.device
-    with torch.no_grad():
-        if "latents" in batch:
-            latents = batch["latents"].to(device, non_blocking=True)
-        else:
+    if "latents" in batch:
+        latents = batch["latents"].to(device, non_blocking=True)
+    else:
+        with torch.no_grad():
             latents = encode_latents(m.vae, batch["pixel_values"].to(device, non_blocking=True), m.weight_dtype)
-        if "prompt_embeds" in batch:
-            prompt_embeds = batch["prompt_embeds"].to(device, non_blocking=True)
-            pooled = batch["pooled_prompt_embeds"].to(device, non_blocking=True)
-        else:
-            prompt_embeds, pooled = encode_prompt(m.text_encoders, m.tokenizers, batch["captions"])
+    if "prompt_embeds" in batch:
+        prompt_embeds = batch["prompt_embeds"].to(device, non_blocking=True)
+        pooled = batch["pooled_prompt_embeds"].to(device, non_blocking=True)
+    else:  # with gradients only when the text encoders train
+        with nullcontext() if args.train_text_encoder else torch.no_grad():
+            prompt_embeds, pooled = encode_prompt(m.text_encoders, m.tokenizers, batch["captions"], device)
     latents = latents.float()  # noise, targets and the loss in fp32; autocast casts the UNet's inputs
     bsz = latents.shape[0]
     noise = torch.randn(latents.shape, generator=generator, device=device, dtype=latents.dtype)
@@ -887,8 +979,13 @@ def training_step(batch, m, args, generator):
         noise = noise + args.noise_offset * torch.randn((bsz, latents.shape[1], 1, 1), generator=generator,
                                                         device=device, dtype=latents.dtype)
     sched = m.noise_scheduler
-    timesteps = torch.randint(0, sched.config.num_train_timesteps, (bsz,), generator=generator, device=device)
-    noisy = sched.add_noise(latents, noise, timesteps)
+    t_max = args.max_timestep or sched.config.num_train_timesteps
+    timesteps = torch.randint(args.min_timestep, t_max, (bsz,), generator=generator, device=device)
+    # Input perturbation (arXiv:2301.11706): noise the input with slightly different noise than the target's.
+    new_noise = noise
+    if args.input_perturbation:
+        new_noise = noise + args.input_perturbation * torch.randn(latents.shape, generator=generator, device=device)
+    noisy = sched.add_noise(latents, new_noise, timesteps)
     prediction_type = sched.config.prediction_type
     target = {"epsilon": noise, "sample": latents}.get(prediction_type)
     if target is None:
@@ -924,52 +1021,100 @@ def list_checkpoints(output_dir):
     return sorted(found)
 
 
-def register_checkpoint_hooks(accelerator, args):
-    """Checkpoints hold only what trains: the LoRA in diffusers format (loadable as is), or the full UNet."""
+def register_checkpoint_hooks(accelerator, args, m):
+    """Checkpoints hold only what trains: the LoRA files (loadable as they are) or the UNet (+ its EMA)."""
 
     def save_hook(models, weights, output_dir):
         if accelerator.is_main_process:
-            for model in models:
-                export_trained(accelerator.unwrap_model(model), args, output_dir)
-        while weights:
-            weights.pop()
+            unet, *text_encoders = [accelerator.unwrap_model(x) for x in models]
+            export_trained(args, output_dir, unet, text_encoders, m.ema)
+        weights.clear()  # accelerate would otherwise pickle every weight again
 
     def load_hook(models, input_dir):
-        while models:
-            load_trained(accelerator.unwrap_model(models.pop()), args, input_dir)
+        unet, *text_encoders = [accelerator.unwrap_model(x) for x in models]
+        models.clear()
+        load_trained(args, input_dir, unet, text_encoders, m.ema)
 
     accelerator.register_save_state_pre_hook(save_hook)
     accelerator.register_load_state_pre_hook(load_hook)
 
 
-def export_trained(unet, args, folder):
+def lora_layers(model):
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft.utils import get_peft_model_state_dict
+
+    return convert_state_dict_to_diffusers(get_peft_model_state_dict(model))
+
+
+def export_trained(args, folder, unet, text_encoders=(), ema=None):
+    """LoRA: diffusers' pytorch_lora_weights.safetensors plus the kohya/WebUI/ComfyUI single file.
+    Full: unet/ (and unet_ema/ with --use_ema)."""
     if args.finetune == "lora":
         from diffusers import StableDiffusionXLPipeline
-        from diffusers.utils import convert_state_dict_to_diffusers
-        from peft.utils import get_peft_model_state_dict
 
-        layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
-        StableDiffusionXLPipeline.save_lora_weights(folder, unet_lora_layers=layers, safe_serialization=True)
+        layers = {"unet_lora_layers": lora_layers(unet)}
+        if text_encoders:
+            layers["text_encoder_lora_layers"], layers["text_encoder_2_lora_layers"] = map(lora_layers, text_encoders)
+        StableDiffusionXLPipeline.save_lora_weights(folder, safe_serialization=True, **layers)
+        write_kohya_lora(args, folder, unet, text_encoders)
     else:
         unet.save_pretrained(os.path.join(folder, "unet"), safe_serialization=True)
+        if ema is not None:
+            ema.save_pretrained(os.path.join(folder, "unet_ema"))
 
 
-def load_trained(unet, args, folder):
+def kohya_name(output_dir):
+    return os.path.basename(os.path.abspath(output_dir)) + ".safetensors"
+
+
+def write_kohya_lora(args, folder, unet, text_encoders):
+    """One file in kohya's LoRA format, which A1111/Forge, ComfyUI and diffusers' load_lora_weights all read:
+    `lora_unet_<module path with _>.lora_down.weight` (= peft's lora_A), `.lora_up.weight` (lora_B) and
+    `.alpha`; text encoders as `lora_te1_…` / `lora_te2_…`. Module paths are diffusers' (down_blocks_1_…)."""
+    from peft.utils import get_peft_model_state_dict
+    from safetensors.torch import save_file
+
+    out = {}
+    for prefix, model in zip(("lora_unet", "lora_te1", "lora_te2"), (unet, *text_encoders)):
+        for key, value in get_peft_model_state_dict(model).items():
+            module, _, kind = key.rpartition(".lora_")  # "down_blocks.0...to_q", "A.weight"
+            if kind not in ("A.weight", "B.weight"):
+                logger.warning("kohya file not written: %s has no kohya equivalent (DoRA?)", key)
+                return
+            if prefix != "lora_unet" and not module.startswith("text_model."):
+                module = "text_model." + module  # transformers 5 flattened CLIPTextModel; the format predates it
+            name = f"{prefix}_{module.replace('.', '_')}"
+            out[f"{name}.lora_{'down' if kind == 'A.weight' else 'up'}.weight"] = value.contiguous()
+            out[f"{name}.alpha"] = torch.tensor(float(args.lora_alpha))
+    save_file(out, os.path.join(folder, kohya_name(args.output_dir)), metadata={"ss_network_dim": str(args.rank),
+              "ss_network_alpha": str(args.lora_alpha), "ss_base_model_version": "sdxl_base_v1-0"})
+
+
+def load_trained(args, folder, unet, text_encoders=(), ema=None):
     if args.finetune == "lora":
         from diffusers import StableDiffusionXLPipeline
-        from diffusers.utils import convert_unet_state_dict_to_peft
+        from diffusers.utils import convert_state_dict_to_peft, convert_unet_state_dict_to_peft
         from peft.utils import set_peft_model_state_dict
 
         state, _ = StableDiffusionXLPipeline.lora_state_dict(folder)
-        state = convert_unet_state_dict_to_peft({k[len("unet."):]: v for k, v in state.items() if k.startswith("unet.")})
-        result = set_peft_model_state_dict(unet, state, adapter_name="default")
-        if getattr(result, "unexpected_keys", None):
-            raise UserError(f"checkpoint {folder} does not match this LoRA (rank or targets differ)")
+        parts = {"unet.": (unet, convert_unet_state_dict_to_peft)}
+        for prefix, te in zip(("text_encoder.", "text_encoder_2."), text_encoders):
+            parts[prefix] = (te, convert_state_dict_to_peft)
+        for prefix, (model, convert) in parts.items():
+            sub = convert({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
+            result = set_peft_model_state_dict(model, sub, adapter_name="default")
+            if not sub or getattr(result, "unexpected_keys", None):
+                raise UserError(f"checkpoint {folder} does not match this run's LoRA ({prefix[:-1]}: rank, "
+                                "targets or --train_text_encoder differ)")
     else:
-        from safetensors.torch import load_file
+        from diffusers import UNet2DConditionModel
+        from diffusers.training_utils import EMAModel
 
-        path = os.path.join(folder, "unet", "diffusion_pytorch_model.safetensors")
-        unet.load_state_dict(load_file(path))
+        unet.load_state_dict(UNet2DConditionModel.from_pretrained(folder, subfolder="unet").state_dict())
+        if ema is not None:
+            loaded = EMAModel.from_pretrained(os.path.join(folder, "unet_ema"), model_cls=UNet2DConditionModel)
+            ema.load_state_dict(loaded.state_dict())
+            ema.to(next(unet.parameters()).device)
 
 
 def save_checkpoint(accelerator, args, global_step, epoch):
@@ -1023,14 +1168,22 @@ def truncate_metrics(path, step):
 
 
 def save_final(accelerator, args, m):
-    """LoRA: output_dir/pytorch_lora_weights.safetensors. Full: output_dir is a complete SDXL pipeline."""
-    unet = accelerator.unwrap_model(m.unet)
+    """LoRA: output_dir/pytorch_lora_weights.safetensors + the kohya file. Full: output_dir is a complete SDXL
+    pipeline (with the EMA weights under --use_ema), plus one UNet file with --save_single_file."""
+    unet, text_encoders = unwrapped(accelerator, m)
     tmp = os.path.join(args.output_dir, ".tmp-export")
     shutil.rmtree(tmp, ignore_errors=True)
     if args.finetune == "lora":
-        export_trained(unet, args, tmp)
+        os.makedirs(tmp)
+        export_trained(args, tmp, unet, text_encoders if args.train_text_encoder else ())
     else:
+        if m.ema is not None:
+            m.ema.copy_to(unet.parameters())  # training is over: the averaged weights are the result
         build_pipeline(args, m, unet, for_saving=True).save_pretrained(tmp, safe_serialization=True)
+        if args.save_single_file:
+            from safetensors.torch import save_file
+            state = {k: v.to(m.weight_dtype).contiguous() for k, v in unet.state_dict().items()}
+            save_file(state, os.path.join(tmp, kohya_name(args.output_dir).replace(".safetensors", "_unet.safetensors")))
     for name in os.listdir(tmp):  # each file or folder appears complete or not at all
         final = os.path.join(args.output_dir, name)
         if os.path.isdir(final):
@@ -1040,33 +1193,119 @@ def save_final(accelerator, args, m):
     logger.info("saved the %s to %s", "LoRA" if args.finetune == "lora" else "pipeline", args.output_dir)
 
 
+def unwrapped(accelerator, m):
+    return accelerator.unwrap_model(m.unet), [accelerator.unwrap_model(te) for te in m.text_encoders]
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # 8. observe
 # ----------------------------------------------------------------------------------------------------------------
 
 def run_validation(accelerator, args, m, step, trackers):
-    """Images for --validation_prompt with a fixed seed, saved as PNGs and sent to the trackers."""
-    unet = accelerator.unwrap_model(m.unet)
-    pipe = build_pipeline(args, m, unet)
+    """One grid per step (a row per prompt, fixed seeds) in samples/step_NNNNNN.png, and to the trackers.
+    With --use_ema the EMA weights are shown."""
+    unet, text_encoders = unwrapped(accelerator, m)
+    was_training = unet.training
+    pipe = build_pipeline(args, m, unet, text_encoders)
     pipe.set_progress_bar_config(disable=True)
-    generator = torch.Generator(accelerator.device).manual_seed(args.seed)
-    with accelerator.autocast(), torch.no_grad():
-        images = pipe(args.validation_prompt, num_inference_steps=args.validation_inference_steps,
-                      num_images_per_prompt=args.num_validation_images, generator=generator,
-                      height=args.resolution, width=args.resolution).images
+    if m.ema is not None:
+        m.ema.store(unet.parameters())
+        m.ema.copy_to(unet.parameters())
+    rows = []
+    try:
+        for n, prompt in enumerate(args.validation_prompt):
+            generator = torch.Generator(accelerator.device).manual_seed(args.seed + n)
+            with accelerator.autocast(), torch.no_grad():
+                rows.append(pipe(prompt, num_inference_steps=args.validation_inference_steps,
+                                 num_images_per_prompt=args.num_validation_images, generator=generator,
+                                 height=args.resolution, width=args.resolution).images)
+    finally:
+        if m.ema is not None:
+            m.ema.restore(unet.parameters())
+        unet.train(was_training)
     folder = os.path.join(args.output_dir, "samples")
     os.makedirs(folder, exist_ok=True)
-    for i, img in enumerate(images):
-        img.save(os.path.join(folder, f"step_{step:06d}_{i}.png"))
+    grid = image_grid(rows)
+    path = os.path.join(folder, f"step_{step:06d}.png")
+    grid.save(path)
     for tracker in trackers:
         if tracker.name == "tensorboard":
-            tracker.writer.add_images("validation", np.stack([np.asarray(i) for i in images]), step,
-                                      dataformats="NHWC")
+            tracker.writer.add_image("validation", np.asarray(grid), step, dataformats="HWC")
         elif tracker.name == "wandb":
             import wandb
-            tracker.log({"validation": [wandb.Image(i, caption=args.validation_prompt) for i in images]}, step=step)
-    logger.info("validation images for step %d in %s", step, folder)
-    return images
+            tracker.log({"validation": wandb.Image(grid, caption=" | ".join(args.validation_prompt))}, step=step)
+    logger.info("validation grid for step %d: %s", step, path)
+    return path
+
+
+def image_grid(rows):
+    w, h = rows[0][0].size
+    grid = Image.new("RGB", (w * max(len(r) for r in rows), h * len(rows)), "white")
+    for y, row in enumerate(rows):
+        for x, img in enumerate(row):
+            grid.paste(img, (x * w, y * h))
+    return grid
+
+
+def write_model_card(args, m, source, num_images):
+    """output_dir/README.md: what was trained, on what, with which loss and settings, and how to use it."""
+    base = args.pretrained_model_name_or_path
+    lora = args.finetune == "lora"
+    samples = sorted(os.listdir(os.path.join(args.output_dir, "samples"))) if args.validation_prompt else []
+    usage = (f'pipe = StableDiffusionXLPipeline.from_pretrained("{base}", torch_dtype=torch.float16).to("cuda")\n'
+             f'pipe.load_lora_weights("{args.hub_model_id or args.output_dir}")' if lora else
+             f'pipe = StableDiffusionXLPipeline.from_pretrained("{args.hub_model_id or args.output_dir}", '
+             'torch_dtype=torch.float16).to("cuda")')
+    prompt = args.validation_prompt[0] if args.validation_prompt else "your prompt"
+    lines = [
+        "---", f"base_model: {base}", "library_name: diffusers", "license: openrail++",
+        "tags: [stable-diffusion-xl, text-to-image, diffusers, train_sdxl_debias" + (", lora]" if lora else "]"), "---",
+        f"# {os.path.basename(os.path.abspath(args.output_dir))}", "",
+        f"{'LoRA (rank ' + str(args.rank) + ')' if lora else 'Full UNet fine-tune'} of `{base}` on `{source}` "
+        f"({num_images} images), trained with `train_sdxl_debias.py`.", "",
+        f"**Loss:** `{args.loss_weighting}` weighting"
+        + (" — the debiased estimation loss of [Debias the Training of Diffusion Models](https://arxiv.org/abs/2310.08442)"
+           " (ε-loss weighted by 1/√SNR(t))" if args.loss_weighting == "debias" else "")
+        + f", prediction type `{m.noise_scheduler.config.prediction_type}`"
+        + (", weights normalised to mean 1" if args.normalize_loss_weights else "") + ".", "",
+        "| setting | value |", "|---|---|",
+        *[f"| {k} | {getattr(args, k)} |" for k in ("resolution", "train_batch_size", "gradient_accumulation_steps",
+          "learning_rate", "lr_scheduler", "max_train_steps", "num_train_epochs", "mixed_precision",
+          "aspect_ratio_bucketing", "train_text_encoder", "use_ema", "noise_offset", "seed")],
+        "", "## Use it", "", "```python", "import torch", "from diffusers import StableDiffusionXLPipeline",
+        usage, f'image = pipe("{prompt}").images[0]', "```", ""]
+    if lora:
+        lines += [f"`{kohya_name(args.output_dir)}` is the same LoRA in kohya's format (A1111/Forge, ComfyUI).", ""]
+    if samples:
+        lines += ["## Validation images", "", f"Prompts: {' | '.join(args.validation_prompt)}; first grid: the base "
+                  "model before training.", ""] + [f"![{s}](samples/{s})" for s in samples] + [""]
+    with open(os.path.join(args.output_dir, "README.md"), "w") as f:
+        f.write("\n".join(lines))
+
+
+def plot_losses(output_dir):
+    """loss.png: the loss curve and the mean loss per timestep bucket, when matplotlib is installed."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    rows = [json.loads(line) for line in open(os.path.join(output_dir, "metrics.jsonl"))]
+    buckets = sorted(k[len("loss_"):] for k in rows[0] if k.startswith("loss_t_"))
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    a.plot([r["step"] for r in rows], [r["loss"] for r in rows], label="weighted loss")
+    a.plot([r["step"] for r in rows], [r["mse"] for r in rows], label="plain MSE")
+    a.set_xlabel("step"), a.legend()
+    for key, offset in (("loss", -0.2), ("mse", 0.2)):
+        means = [np.nanmean([r[f"{key}_{t}"] if r[f"{key}_{t}"] is not None else np.nan for r in rows]) for t in buckets]
+        b.bar(np.arange(len(buckets)) + offset, means, width=0.4, label=key)
+    b.set_xticks(range(len(buckets)), [t[2:].replace("_", "–") for t in buckets], rotation=45, fontsize=7)
+    b.set_xlabel("timestep bucket"), b.legend()
+    fig.tight_layout()
+    fig.savefig(os.path.join(output_dir, "loss.png"))
+    plt.close(fig)
+    return os.path.join(output_dir, "loss.png")
 
 
 def resolve_trackers(args):
@@ -1206,6 +1445,8 @@ def setup(args):
                 shutil.rmtree(old)
             if os.path.exists(os.path.join(args.output_dir, "metrics.jsonl")):
                 os.remove(os.path.join(args.output_dir, "metrics.jsonl"))
+        with open(os.path.join(args.output_dir, "train_config.json"), "w") as f:  # rerun with --config this file
+            json.dump({k: v for k, v in vars(args).items() if k not in NOT_CONFIG}, f, indent=2)
     accelerator.wait_for_everyone()
     return accelerator
 
@@ -1226,17 +1467,23 @@ def make_loader(args, table, plan, groups, accelerator):
 def make_optimization(args, m, accelerator, max_steps):
     from diffusers.optimization import get_scheduler
 
-    params = [p for p in m.unet.parameters() if p.requires_grad]
-    if args.scale_lr:
-        args.learning_rate *= args.train_batch_size * args.gradient_accumulation_steps * accelerator.num_processes
-    optimizer = build_optimizer(args, params, accelerator.device)
+    scale = args.train_batch_size * args.gradient_accumulation_steps * accelerator.num_processes if args.scale_lr else 1
+    groups = [{"params": [p for p in m.unet.parameters() if p.requires_grad], "lr": args.learning_rate * scale}]
+    if args.train_text_encoder:
+        groups.append({"params": [p for te in m.text_encoders for p in te.parameters() if p.requires_grad],
+                       "lr": (args.text_encoder_lr or args.learning_rate) * scale})
+    params = [p for g in groups for p in g["params"]]
+    optimizer = build_optimizer(args, groups, accelerator.device)
     # Not passed to accelerator.prepare: a prepared scheduler steps once per process, which shortens warmup and
     # decay with more GPUs. Here it steps once per optimizer step, whatever the process count or accumulation.
     lr_scheduler = get_scheduler(args.lr_scheduler, optimizer, num_warmup_steps=args.lr_warmup_steps,
                                  num_training_steps=max_steps)
-    m.unet, optimizer = accelerator.prepare(m.unet, optimizer)
+    if args.train_text_encoder:
+        m.unet, *m.text_encoders, optimizer = accelerator.prepare(m.unet, *m.text_encoders, optimizer)
+    else:
+        m.unet, optimizer = accelerator.prepare(m.unet, optimizer)
     accelerator.register_for_checkpointing(lr_scheduler)
-    register_checkpoint_hooks(accelerator, args)
+    register_checkpoint_hooks(accelerator, args, m)
     return params, optimizer, lr_scheduler
 
 
@@ -1247,7 +1494,7 @@ def train(args):
     table, source = load_table(args)  # data errors surface before the (slow) model load
     table, plan, groups = plan_data(args, table, accelerator.is_local_main_process)
     m = load_models(args, accelerator)
-    if args.cache_latents or not args.no_text_cache:
+    if args.cache_latents or caches_text(args):
         build_caches(args, m, table, plan, accelerator)
     loader, sampler = make_loader(args, table, plan, groups, accelerator)
     world, rank, accum = accelerator.num_processes, accelerator.process_index, args.gradient_accumulation_steps
@@ -1271,7 +1518,10 @@ def train(args):
     with bar as progress:  # closed even when an error ends the run, so the error is the last line
         skipped, told_upscale, grad_norm = set(), False, torch.zeros(())
         nonfinite = NonFiniteGuard(args, accelerator)
-        m.unet.train()
+        if args.validation_prompt and global_step == 0 and accelerator.is_main_process:
+            run_validation(accelerator, args, m, 0, accelerator.trackers)  # the base model, for comparison
+        for model in [m.unet] + (m.text_encoders if args.train_text_encoder else []):
+            model.train()
         for epoch in range(global_step // steps_per_epoch, num_epochs):
             resume_in_epoch = epoch == global_step // steps_per_epoch
             sampler.set_epoch(epoch, skip=(global_step % steps_per_epoch) * accum if resume_in_epoch else 0)
@@ -1297,6 +1547,8 @@ def train(args):
                 update = nonfinite.check(grad_norm, metrics, global_step)
                 if update:
                     optimizer.step()  # under fp16 the grad scaler itself skips steps with inf gradients
+                    if m.ema is not None:
+                        m.ema.step(accelerator.unwrap_model(m.unet).parameters())
                 metrics.end_step(keep=update)
                 lr = lr_scheduler.get_last_lr()[0]  # the rate this step used (logged), before the schedule moves on
                 lr_scheduler.step()
@@ -1315,6 +1567,8 @@ def train(args):
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         save_final(accelerator, args, m)
+        write_model_card(args, m, source, len(table))
+        plot_losses(args.output_dir)
         if args.push_to_hub:
             push_to_hub(args)
     accelerator.end_training()
@@ -1338,17 +1592,17 @@ def push_to_hub(args):
 
     try:
         repo_id = create_repo(args.hub_model_id or os.path.basename(os.path.abspath(args.output_dir)),
-                              exist_ok=True).repo_id
+                              exist_ok=True, token=args.hub_token).repo_id
         upload_folder(repo_id=repo_id, folder_path=args.output_dir, commit_message="train_sdxl_debias",
-                      ignore_patterns=["checkpoint-*", ".tmp-checkpoint-*", "logs"])
+                      token=args.hub_token, ignore_patterns=["checkpoint-*/**", ".tmp-*/**", "logs/**", "cache/**"])
     except Exception as e:
         raise UserError(f"push to the Hub failed ({first_line(e)}); the outputs are safe in {args.output_dir}") from None
     logger.info("pushed %s to https://huggingface.co/%s", args.output_dir, repo_id)
 
 
 def main(argv=None):
-    args = parse_args(argv)
     try:
+        args = parse_args(argv)
         validate(args)
         train(args)
     except UserError as e:

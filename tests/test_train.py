@@ -1,4 +1,5 @@
 """End to end on the tiny fixtures: outputs load in diffusers and change the images; resume; user errors."""
+import importlib.util
 import json
 import os
 import shutil
@@ -38,8 +39,8 @@ def test_lora_run_outputs_load_in_diffusers_and_change_the_image(tiny_model, sha
                            "--num_validation_images", "2", "--validation_steps", "3",
                            "--validation_inference_steps", "2"))
     assert os.path.exists(os.path.join(out, "pytorch_lora_weights.safetensors"))
-    assert sorted(os.listdir(os.path.join(out, "samples"))) == [
-        "step_000003_0.png", "step_000003_1.png", "step_000006_0.png", "step_000006_1.png"]
+    assert sorted(os.listdir(os.path.join(out, "samples"))) == ["step_000000.png", "step_000003.png",
+                                                                 "step_000006.png"]
     rows = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
     assert all(np.isfinite(r["loss"]) and np.isfinite(r["mse"]) for r in rows)
@@ -121,7 +122,16 @@ USER_ERRORS = {
     "resume_missing": (["--dataset", "{shapes}", "--resume_from_checkpoint", "/nonexistent/ckpt"], "/nonexistent/ckpt"),
     "bad_model": (["--dataset", "{shapes}", "--pretrained_model_name_or_path", "/nonexistent/model"],
                   "/nonexistent/model"),
+    "token_with_tracker": (["--dataset", "{shapes}", "--hub_token", "hf_x", "--report_to", "tensorboard"],
+                           "huggingface-cli login"),
+    "lora_flag_with_full": (["--dataset", "{shapes}", "--finetune", "full", "--lora_dropout", "0.1"], "--lora_dropout"),
+    "ema_with_lora": (["--dataset", "{shapes}", "--use_ema"], "--use_ema"),
+    "missing_config": (["--config", "/nonexistent/run.yaml"], "/nonexistent/run.yaml"),
 }
+for package, argv in (("prodigyopt", ["--optimizer", "prodigy"]), ("bitsandbytes", ["--optimizer", "adamw8bit"]),
+                      ("wandb", ["--report_to", "wandb"])):
+    if importlib.util.find_spec(package) is None:  # a missing optional package is named, with its install line
+        USER_ERRORS[f"missing_{package}"] = (["--dataset", "{shapes}", *argv], f"pip install {package}")
 
 
 @pytest.mark.parametrize("case", sorted(USER_ERRORS))

@@ -1,0 +1,131 @@
+"""Outputs other tools open (both LoRA formats, pipeline, single file), the model card, metrics, validation
+grids, text-encoder LoRA, EMA, optimizers, timestep range and --config."""
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+from safetensors.torch import load_file
+
+import train_sdxl_debias as T
+from conftest import run_trainer
+
+
+def generate(pipe, prompt="a red circle on a blue background"):
+    pipe.set_progress_bar_config(disable=True)
+    return pipe(prompt, num_inference_steps=3, height=64, width=64, generator=torch.Generator().manual_seed(0),
+                output_type="np").images[0]
+
+
+@pytest.fixture(scope="module")
+def te_lora_run(tiny_model, shapes, tmp_path_factory):
+    """One LoRA run with text-encoder training, two validation prompts and flags from a YAML --config."""
+    out = str(tmp_path_factory.mktemp("te") / "my-lora")
+    config = str(tmp_path_factory.mktemp("cfg") / "run.yaml")
+    with open(config, "w") as f:
+        yaml.safe_dump({"pretrained_model_name_or_path": tiny_model, "dataset_name": shapes, "resolution": 64,
+                        "train_batch_size": 2, "max_train_steps": 4, "learning_rate": 1e-2,
+                        "train_text_encoder": True, "text_encoder_lr": 5e-3, "logging_steps": 1,
+                        "validation_prompt": ["a red circle", "a blue square"], "num_validation_images": 2,
+                        "validation_steps": 2, "validation_inference_steps": 2, "checkpointing_steps": 2}, f)
+    proc = run_trainer("--config", config, "--output_dir", out, "--seed", "4")
+    return out, proc
+
+
+def test_both_lora_formats_load_and_give_the_same_image(te_lora_run, tiny_model):
+    from diffusers import StableDiffusionXLPipeline
+
+    out, _ = te_lora_run
+    kohya = load_file(os.path.join(out, "my-lora.safetensors"))
+    assert any(k.startswith("lora_te1_text_model_") for k in kohya) and any(k.startswith("lora_te2_") for k in kohya)
+    assert all(k.startswith(("lora_unet_", "lora_te1_", "lora_te2_")) and
+               k.endswith((".lora_down.weight", ".lora_up.weight", ".alpha")) for k in kohya)
+    diffusers_file = load_file(os.path.join(out, "pytorch_lora_weights.safetensors"))
+    assert any(k.startswith("text_encoder.") for k in diffusers_file)
+    assert any(k.startswith("text_encoder_2.") for k in diffusers_file)
+    assert os.path.exists(os.path.join(out, "checkpoint-2", "my-lora.safetensors"))  # checkpoints export both
+
+    pipe = StableDiffusionXLPipeline.from_pretrained(tiny_model)
+    base = generate(pipe)
+    pipe.load_lora_weights(out)
+    from_diffusers = generate(pipe)
+    pipe.unload_lora_weights()
+    pipe.load_lora_weights(out, weight_name="my-lora.safetensors")
+    from_kohya = generate(pipe)
+    assert np.abs(from_diffusers - base).mean() > 1e-3
+    np.testing.assert_allclose(from_kohya, from_diffusers, atol=1e-5)
+
+
+def test_text_encoder_lora_changes_the_text_encoders(te_lora_run, tiny_model):
+    from diffusers import StableDiffusionXLPipeline
+
+    out, _ = te_lora_run
+    pipe = StableDiffusionXLPipeline.from_pretrained(tiny_model)
+    ids = pipe.tokenizer(["a red circle"], return_tensors="pt").input_ids
+    before = [te(ids, output_hidden_states=True).hidden_states[-2] for te in (pipe.text_encoder, pipe.text_encoder_2)]
+    pipe.load_lora_weights(out, weight_name="my-lora.safetensors")
+    after = [te(ids, output_hidden_states=True).hidden_states[-2] for te in (pipe.text_encoder, pipe.text_encoder_2)]
+    for b, a in zip(before, after):
+        assert (a - b).abs().max() > 1e-3
+
+
+def test_validation_grids_model_card_and_metrics(te_lora_run, tiny_model, shapes):
+    out, proc = te_lora_run
+    assert "new text entries" not in proc.stderr  # text-encoder training turns the embedding cache off
+    grids = sorted(os.listdir(os.path.join(out, "samples")))
+    assert grids == ["step_000000.png", "step_000002.png", "step_000004.png"]  # the base model first
+    assert Image.open(os.path.join(out, "samples", grids[0])).size == (2 * 64, 2 * 64)  # 2 images x 2 prompts
+    card = open(os.path.join(out, "README.md")).read()
+    for needle in (tiny_model, shapes, "arxiv.org/abs/2310.08442", "debias", "load_lora_weights",
+                   "samples/step_000000.png", "my-lora.safetensors", "| learning_rate | 0.01 |"):
+        assert needle in card, needle
+    rows = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+    buckets = [f"t_{b * 100:03d}_{b * 100 + 99:03d}" for b in range(10)]
+    for row in rows:
+        for key in ("step", "epoch", "loss", "mse", "lr", "grad_norm", "samples_per_s"):
+            assert row[key] is not None
+        for b in buckets:
+            assert f"loss_{b}" in row and f"mse_{b}" in row
+        seen = [b for b in buckets if row[f"loss_{b}"] is not None]
+        assert seen and all(row[f"mse_{b}"] is not None for b in seen)
+    assert os.path.exists(os.path.join(out, "loss.png"))  # matplotlib is in the test requirements
+
+
+def test_config_round_trips_through_train_config_json(te_lora_run):
+    out, _ = te_lora_run
+    path = os.path.join(out, "train_config.json")
+    saved = json.load(open(path))
+    assert saved["train_text_encoder"] is True and saved["validation_prompt"] == ["a red circle", "a blue square"]
+    again = {k: v for k, v in vars(T.parse_args(["--config", path])).items() if k not in T.NOT_CONFIG}
+    assert again == saved
+
+
+def test_ema_weights_are_validated_and_saved(tiny_model, shapes, tmp_path):
+    from diffusers import UNet2DConditionModel
+
+    out = str(tmp_path / "ema")
+    run_trainer("--pretrained_model_name_or_path", tiny_model, "--dataset", shapes, "--output_dir", out,
+                "--resolution", "64", "--train_batch_size", "2", "--finetune", "full", "--use_ema",
+                "--ema_decay", "0.5", "--max_train_steps", "3", "--checkpointing_steps", "3", "--learning_rate",
+                "1e-3", "--optimizer", "adafactor", "--save_single_file")
+    saved = UNet2DConditionModel.from_pretrained(out, subfolder="unet").state_dict()
+    raw = UNet2DConditionModel.from_pretrained(os.path.join(out, "checkpoint-3"), subfolder="unet").state_dict()
+    ema = UNet2DConditionModel.from_pretrained(os.path.join(out, "checkpoint-3"), subfolder="unet_ema").state_dict()
+    diff_raw = sum((saved[k] - raw[k]).abs().sum() for k in saved)
+    diff_ema = sum((saved[k] - ema[k]).abs().sum() for k in saved)
+    assert diff_raw > 1e-3 and diff_ema < 1e-6  # the EMA, not the raw weights, is what got saved
+    single = load_file(os.path.join(out, "ema_unet.safetensors"))
+    assert single.keys() == saved.keys()
+
+
+def test_timestep_range_is_respected(tiny_model, shapes, tmp_path):
+    out = str(tmp_path / "trange")
+    run_trainer("--pretrained_model_name_or_path", tiny_model, "--dataset", shapes, "--output_dir", out,
+                "--resolution", "64", "--train_batch_size", "4", "--max_train_steps", "3", "--logging_steps", "1",
+                "--min_timestep", "500", "--max_timestep", "600", "--input_perturbation", "0.1")
+    for row in (json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))):
+        filled = [k for k in row if k.startswith("loss_t_") and row[k] is not None]
+        assert filled == ["loss_t_500_599"]
