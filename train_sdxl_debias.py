@@ -23,7 +23,7 @@ import re
 import shutil
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass
 
 import numpy as np
@@ -302,15 +302,23 @@ def load_models(args, accelerator):
         noise_scheduler.register_to_config(prediction_type=args.prediction_type)
 
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
-    device = accelerator.device
-    for m in text_encoders + [vae, unet]:
+    return prepare_models(args, tokenizers, text_encoders, vae, unet, noise_scheduler, accelerator.device,
+                          weight_dtype)
+
+
+def prepare_models(args, tokenizers, text_encoders, vae, unet, noise_scheduler, device, weight_dtype):
+    """Freeze; place (frozen parts in weight_dtype); add LoRA or make the UNet trainable in fp32; gradient
+    checkpointing, compile, EMA, the loss scale. `vae` may be None (scripts/benchmark.py with cached latents)."""
+    from diffusers import UNet2DConditionModel
+
+    for m in text_encoders + [unet] + ([vae] if vae is not None else []):
         m.requires_grad_(False)
     for te in text_encoders:
         place(te, device, weight_dtype)
         if args.train_text_encoder:
             add_lora(te, args, TEXT_ENCODER_LORA_TARGETS)
-    # SDXL's own VAE overflows in fp16; keep it fp32 unless the user supplied a (fixed) VAE of their choice.
-    place(vae, device, weight_dtype if vae_path else torch.float32)
+    if vae is not None:  # SDXL's own VAE overflows in fp16: fp32 unless the user supplied a (fixed) VAE
+        place(vae, device, weight_dtype if args.pretrained_vae_model_name_or_path else torch.float32)
     if args.finetune == "lora":
         place(unet, device, weight_dtype)
         add_lora(unet, args, args.lora_target_modules.split(","))
@@ -379,6 +387,15 @@ def compile_blocks(unet):
     for module in unet.modules():
         if isinstance(module, (BasicTransformerBlock, ResnetBlock2D)):
             module.compile()
+
+
+def param_groups(args, m, lr_scale=1.0):
+    """The trainable parameters: the UNet's (LoRA or all), then the text encoders' LoRA with their own lr."""
+    groups = [{"params": [p for p in m.unet.parameters() if p.requires_grad], "lr": args.learning_rate * lr_scale}]
+    if args.train_text_encoder:
+        groups.append({"params": [p for te in m.text_encoders for p in te.parameters() if p.requires_grad],
+                       "lr": (args.text_encoder_lr or args.learning_rate) * lr_scale})
+    return groups
 
 
 def build_optimizer(args, params, device):
@@ -990,7 +1007,8 @@ def training_step(batch, m, args, generator):
     target = {"epsilon": noise, "sample": latents}.get(prediction_type)
     if target is None:
         target = sched.get_velocity(latents, noise, timesteps)
-    added = {"text_embeds": pooled, "time_ids": batch["time_ids"].to(device, dtype=prompt_embeds.dtype)}
+    # time_ids stay fp32: bf16 would round sizes above 1024 to multiples of 8 (the UNet embeds them in fp32).
+    added = {"text_embeds": pooled, "time_ids": batch["time_ids"].to(device, dtype=torch.float32)}
     pred = m.unet(noisy, timesteps, prompt_embeds, added_cond_kwargs=added, return_dict=False)[0]
     per_sample = debias_loss.diffusion_loss(pred, target, timesteps, sched.alphas_cumprod, args.loss_weighting,
                                             prediction_type, args.snr_gamma, reduction="none")
@@ -1468,10 +1486,7 @@ def make_optimization(args, m, accelerator, max_steps):
     from diffusers.optimization import get_scheduler
 
     scale = args.train_batch_size * args.gradient_accumulation_steps * accelerator.num_processes if args.scale_lr else 1
-    groups = [{"params": [p for p in m.unet.parameters() if p.requires_grad], "lr": args.learning_rate * scale}]
-    if args.train_text_encoder:
-        groups.append({"params": [p for te in m.text_encoders for p in te.parameters() if p.requires_grad],
-                       "lr": (args.text_encoder_lr or args.learning_rate) * scale})
+    groups = param_groups(args, m, scale)
     params = [p for g in groups for p in g["params"]]
     optimizer = build_optimizer(args, groups, accelerator.device)
     # Not passed to accelerator.prepare: a prepared scheduler steps once per process, which shortens warmup and
@@ -1515,55 +1530,41 @@ def train(args):
     metrics = MetricsLog(os.path.join(args.output_dir, "metrics.jsonl"), m.noise_scheduler.config.num_train_timesteps)
     generator = torch.Generator(accelerator.device)
     bar = tqdm(total=max_steps, initial=global_step, desc="steps", disable=not accelerator.is_main_process)
+    trained = [m.unet] + (m.text_encoders if args.train_text_encoder else [])
     with bar as progress:  # closed even when an error ends the run, so the error is the last line
-        skipped, told_upscale, grad_norm = set(), False, torch.zeros(())
-        nonfinite = NonFiniteGuard(args, accelerator)
+        report, nonfinite = DataReport(), NonFiniteGuard(args, accelerator)
         if args.validation_prompt and global_step == 0 and accelerator.is_main_process:
             run_validation(accelerator, args, m, 0, accelerator.trackers)  # the base model, for comparison
-        for model in [m.unet] + (m.text_encoders if args.train_text_encoder else []):
+        for model in trained:
             model.train()
         for epoch in range(global_step // steps_per_epoch, num_epochs):
             resume_in_epoch = epoch == global_step // steps_per_epoch
             sampler.set_epoch(epoch, skip=(global_step % steps_per_epoch) * accum if resume_in_epoch else 0)
-            seen = 0
+            report.new_epoch()
             for i, batch in enumerate(loader):
                 micro, last_micro = i % accum, i % accum == accum - 1
-                skipped.update(batch["skipped"])
-                if batch["upscaled"] and not told_upscale:
-                    logger.info("images smaller than the training size are upscaled (first: %s)", batch["upscaled"][0])
-                    told_upscale = True
+                report.add(batch)
                 # Noise and timesteps are a pure function of (seed, rank, step, micro-batch): a resumed run draws
                 # exactly what the uninterrupted run drew.
                 generator.manual_seed(derive_seed(args.seed, "noise", rank, global_step, micro))
-                if "captions" in batch:
-                    seen += len(batch["captions"])
-                    with nullcontext() if last_micro else accelerator.no_sync(m.unet):
+                if "captions" in batch:  # else every image of the batch failed to decode
+                    with no_sync(accelerator, trained, not last_micro):  # gradients all-reduce once per step
                         loss, stats = training_step(batch, m, args, generator)
                         accelerator.backward(loss / accum)
                     metrics.add(stats)
                 if not last_micro:
                     continue
-                grad_norm = accelerator.clip_grad_norm_(params, args.max_grad_norm)
-                update = nonfinite.check(grad_norm, metrics, global_step)
-                if update:
-                    optimizer.step()  # under fp16 the grad scaler itself skips steps with inf gradients
-                    if m.ema is not None:
-                        m.ema.step(accelerator.unwrap_model(m.unet).parameters())
-                metrics.end_step(keep=update)
-                lr = lr_scheduler.get_last_lr()[0]  # the rate this step used (logged), before the schedule moves on
-                lr_scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
+                lr, grad_norm = update_weights(accelerator, args, m, params, optimizer, lr_scheduler, metrics,
+                                               nonfinite, global_step)
                 global_step += 1
                 progress.update(1)
                 after_step(accelerator, args, m, metrics, progress, global_step, max_steps, epoch, lr, grad_norm)
                 if global_step >= max_steps:
                     break
-            if seen == 0 and skipped:  # every file passed the header scan but none decodes
-                raise UserError(f"every image of the epoch failed to load ({len(skipped)} files, e.g. {min(skipped)})")
+            report.check_epoch()
             if global_step >= max_steps:
                 break
-    if skipped:
-        logger.warning("skipped %d unreadable image(s) in all: %s", len(skipped), ", ".join(sorted(skipped)[:50]))
+    report.finish()
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         save_final(accelerator, args, m)
@@ -1572,6 +1573,59 @@ def train(args):
         if args.push_to_hub:
             push_to_hub(args)
     accelerator.end_training()
+
+
+def no_sync(accelerator, models, skip_sync):
+    """DDP's no_sync on every trained model while accumulating (all-reduce only on the last micro-batch)."""
+    stack = ExitStack()
+    if skip_sync:
+        for model in models:
+            stack.enter_context(accelerator.no_sync(model))
+    return stack
+
+
+def update_weights(accelerator, args, m, params, optimizer, lr_scheduler, metrics, nonfinite, global_step):
+    """Clip; step the optimizer (and EMA) unless the loss or gradient is non-finite; advance the schedule.
+    Returns the learning rate this step used and the gradient norm."""
+    grad_norm = accelerator.clip_grad_norm_(params, args.max_grad_norm)
+    update = nonfinite.check(grad_norm, metrics, global_step)
+    if update:
+        optimizer.step()  # under fp16 the grad scaler itself skips steps with inf gradients
+        if m.ema is not None:
+            m.ema.step(accelerator.unwrap_model(m.unet).parameters())
+    metrics.end_step(keep=update)
+    lr = lr_scheduler.get_last_lr()[0]
+    lr_scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return lr, grad_norm
+
+
+class DataReport:
+    """Names the files the loader skipped, says once that small images are upscaled, and fails clearly when an
+    epoch yields no sample at all (files that pass the header scan but never decode)."""
+
+    def __init__(self):
+        self.skipped, self.told_upscale, self.seen = set(), False, 0
+
+    def new_epoch(self):
+        self.seen = 0
+
+    def add(self, batch):
+        self.skipped.update(batch["skipped"])
+        self.seen += len(batch.get("captions", ()))
+        if batch["upscaled"] and not self.told_upscale:
+            logger.info("images smaller than the training size are upscaled (first: %s)", batch["upscaled"][0])
+            self.told_upscale = True
+
+    def check_epoch(self):
+        if self.seen == 0 and self.skipped:
+            raise UserError(f"every image of the epoch failed to load ({len(self.skipped)} files, "
+                            f"e.g. {min(self.skipped)})")
+
+    def finish(self):
+        if self.skipped:
+            logger.warning("skipped %d unreadable image(s) in all: %s", len(self.skipped),
+                           ", ".join(sorted(self.skipped)[:50]))
 
 
 def after_step(accelerator, args, m, metrics, progress, global_step, max_steps, epoch, lr, grad_norm):

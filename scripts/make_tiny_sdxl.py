@@ -81,7 +81,20 @@ def build_tokenizer(folder):
     return tok
 
 
+def tiny_unet_config():
+    """UNet2DConditionModel kwargs of the tiny SDXL UNet (also built alone by scripts/benchmark.py)."""
+    return dict(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4), transformer_layers_per_block=(1, 2), use_linear_projection=True,
+        cross_attention_dim=64,  # = 32 (text_encoder) + 32 (text_encoder_2), concatenated as in SDXL
+        addition_embed_type="text_time", addition_time_embed_dim=8,
+        projection_class_embeddings_input_dim=6 * 8 + 32,  # 6 size numbers x 8 + pooled text (32)
+        norm_num_groups=32)
+
+
 def build_pipeline(tmp, seed=0):
+    """The tiny pipeline, in memory; `tmp` is a scratch folder for the tokenizer files."""
     from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
@@ -99,14 +112,7 @@ def build_pipeline(tmp, seed=0):
         in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16, 16, 16), layers_per_block=1,
         down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
         norm_num_groups=8, sample_size=64, scaling_factor=0.13025)
-    unet = UNet2DConditionModel(
-        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        attention_head_dim=(2, 4), transformer_layers_per_block=(1, 2), use_linear_projection=True,
-        cross_attention_dim=64,  # = 32 (text_encoder) + 32 (text_encoder_2), concatenated as in SDXL
-        addition_embed_type="text_time", addition_time_embed_dim=8,
-        projection_class_embeddings_input_dim=6 * 8 + 32,  # 6 size numbers x 8 + pooled text (32)
-        norm_num_groups=32)
+    unet = UNet2DConditionModel(**tiny_unet_config())
     scheduler = EulerDiscreteScheduler(
         beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
         prediction_type="epsilon", timestep_spacing="leading", steps_offset=1)

@@ -1,0 +1,489 @@
+#!/usr/bin/env python
+"""Training-step speed and memory of train_sdxl_debias.py, measured through the trainer's own step code.
+
+    python scripts/benchmark.py --size tiny --steps 5                        # CPU smoke run, seconds
+    python scripts/benchmark.py --size full --finetune lora,full --batch_size 1,4 --precision bf16
+
+What one step is: `train_sdxl_debias.training_step` (noise, UNet forward, debiased loss), then backward, grad
+clipping, `optimizer.step()` and `zero_grad`, as the trainer's loop does. The models are built in-process with
+random weights (same speed and memory as real ones) and set up by the trainer's helpers: `add_lora`, `place`,
+`compile_blocks`, `build_optimizer`, gradient checkpointing. Flags are parsed by the trainer's `parse_args` and
+checked by its `validate`, so the defaults (LoRA rank, loss weighting, AdamW settings, grad-norm limit) are the
+trainer's; any flag this script doesn't define goes to the trainer as is (`--rank 16 --use_dora`, `--use_ema`,
+`--loss_weighting min_snr`, `--train_text_encoder` with `--with_encoders text`). LoRA-only flags apply to the
+`lora` configurations of a cross product.
+
+Batches are synthetic. `--with_encoders` chooses what each step encodes, i.e. which cache the run has:
+  none  latents and text embeddings come cached (`--cache_latents`): the UNet step alone (default)
+  vae   text embeddings cached, the VAE encodes pixels every step (the trainer's default)
+  text  latents cached, both CLIP encoders run every step (`--cache_latents --no_text_cache`)
+  all   nothing cached: VAE and text encoders every step (`--no_text_cache`)
+
+Comma lists (`--finetune lora,full --batch_size 1,4 --gradient_checkpointing off,on`) run the cross product.
+Each configuration prints one JSON line: its settings and
+  ms_per_step     median of the --steps timed steps (CUDA events on a GPU, perf_counter on the CPU)
+  img_per_s       batch size / ms_per_step
+  peak_mem_gib    torch.cuda.max_memory_allocated on a GPU (weights, optimizer state, activations); on the CPU
+                  the process's peak RSS (libraries included). `mem_kind` says which.
+  tflop_per_step  torch.utils.flop_counter over one eager forward + backward; with gradient checkpointing the
+                  recomputed forward counts too, so `mfu` there is hardware, not model, FLOP utilisation. The
+                  CPU's attention kernel is not in the counter's table: CPU figures miss attention FLOPs.
+  mfu             (tflop_per_step / step time) / --peak_tflops; null on the CPU
+  setup_s         building the models, the optimizer and the FLOP-counting pass (the first, cold one)
+  warmup_s        the --warmup steps after that (torch.compile's compilation lands here)
+A configuration that fails (out of memory, a missing package) prints a line with `error` and the run goes on.
+A human-readable table comes last.
+
+Sizes: `tiny` is the UNet of scripts/make_tiny_sdxl.py (64² images by default); `full` has SDXL-base's shapes
+(2.567 B UNet parameters, 1024² by default, see shared/GPU.md). Nothing is downloaded.
+"""
+import argparse
+import gc
+import itertools
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path[:0] = [ROOT, os.path.join(ROOT, "scripts")]
+
+import make_tiny_sdxl  # noqa: E402  (the tiny architecture: one definition for the fixtures and this script)
+import train_sdxl_debias as T  # noqa: E402
+
+# bf16 dense matmul throughput measured on the H100 the reference numbers come from (shared/GPU.md).
+H100_BF16_PEAK_TFLOPS = 798.0
+ENCODER_MODES = ("none", "vae", "text", "all")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+# SDXL-base 1.0's published shapes.
+SDXL_UNET = dict(
+    sample_size=128, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280),
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20), cross_attention_dim=2048,
+    use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=256,
+    projection_class_embeddings_input_dim=2816)
+SDXL_TEXT_ENCODERS = (
+    dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+         hidden_act="quick_gelu"),
+    dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20, hidden_act="gelu",
+         projection_dim=1280))
+SDXL_VAE = dict(
+    in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(128, 256, 512, 512), layers_per_block=2,
+    down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4, sample_size=1024,
+    scaling_factor=0.13025)
+# SDXL's training noise schedule (the scheduler/ folder of the base model, read by the trainer as DDPM).
+SCHEDULE = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
+                prediction_type="epsilon")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# options and configurations
+# ----------------------------------------------------------------------------------------------------------------
+
+def parse_options(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    a = p.add_argument
+    a("--size", choices=("tiny", "full"), default="tiny")
+    a("--finetune", default="lora", help="lora, full, or both: lora,full")
+    a("--batch_size", default="1", help="Comma list, e.g. 1,4.")
+    a("--resolution", default=None, help="Comma list of image sizes (default: 1024 full, 64 tiny).")
+    a("--gradient_checkpointing", nargs="?", const="on", default="off", help="Bare flag = on; or off,on.")
+    a("--compile", nargs="?", const="on", default="off",
+      help="The trainer's --compile (regional torch.compile). Bare flag = on; or off,on.")
+    a("--with_encoders", nargs="?", const="all", default="none",
+      help="What each step encodes: none (all cached), vae, text, all (nothing cached). Bare flag = all.")
+    a("--optimizer", default="adamw", help="Comma list of the trainer's optimizers.")
+    a("--precision", default=None, help="fp32, bf16, fp16 or a comma list (default: bf16 on CUDA, fp32 on CPU).")
+    a("--steps", type=int, default=10, help="Timed steps per configuration.")
+    a("--warmup", type=int, default=2, help="Untimed steps first (compilation, allocator, cuDNN autotuning).")
+    a("--peak_tflops", type=float, default=None,
+      help=f"Peak TFLOP/s for the MFU column (default on CUDA: {H100_BF16_PEAK_TFLOPS}, the H100 bf16 matmul "
+           "peak measured in shared/GPU.md; none on the CPU).")
+    a("--device", default=None, help="Default: cuda if available, else cpu.")
+    a("--threads", type=int, default=None,
+      help="torch CPU threads (default: torch's). On a busy CPU, 1 thread is far steadier than several.")
+    a("--seed", type=int, default=0)
+    a("--out", default=None, help="Also append the JSON lines to this file.")
+    opts, opts.trainer_flags = p.parse_known_args(argv)  # the rest is the trainer's to parse (and reject)
+    opts.device = torch.device(opts.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if opts.peak_tflops is None and opts.device.type == "cuda":
+        opts.peak_tflops = H100_BF16_PEAK_TFLOPS
+    if opts.threads:
+        torch.set_num_threads(opts.threads)
+    if opts.steps < 1 or opts.warmup < 0:
+        p.error("--steps must be at least 1 and --warmup at least 0")
+    return opts
+
+
+def split(value, name, choices=None, kind=str):
+    """A comma-list option as a list, checked against `choices` (or positive integers with kind=int)."""
+    try:
+        items = [kind(v.strip()) for v in str(value).split(",") if v.strip()]
+    except ValueError:
+        items = []
+    if not items or (choices and any(v not in choices for v in items)) or (kind is int and min(items) < 1):
+        expected = ", ".join(choices) if choices else "positive integers"
+        raise SystemExit(f"error: --{name} {value!r}: expected a comma list of {expected}")
+    return items
+
+
+def configurations(opts):
+    """The cross product of every comma-list option, as a list of plain dicts (the JSON `config` fields)."""
+    on_off = {"off": False, "on": True}
+    default_precision = "bf16" if opts.device.type == "cuda" else "fp32"
+    default_resolution = 1024 if opts.size == "full" else 64
+    axes = dict(
+        finetune=split(opts.finetune, "finetune", ("lora", "full")),
+        batch_size=split(opts.batch_size, "batch_size", kind=int),
+        resolution=split(opts.resolution or default_resolution, "resolution", kind=int),
+        gradient_checkpointing=[on_off[v] for v in split(opts.gradient_checkpointing, "gradient_checkpointing",
+                                                         on_off)],
+        compile=[on_off[v] for v in split(opts.compile, "compile", on_off)],
+        optimizer=split(opts.optimizer, "optimizer"),
+        precision=split(opts.precision or default_precision, "precision", DTYPES),
+        encoders=split(opts.with_encoders, "with_encoders", ENCODER_MODES))
+    if any(r % 8 for r in axes["resolution"]):
+        raise SystemExit("error: --resolution must be a multiple of 8 (the VAE downsamples by 8)")
+    return [dict(size=opts.size, **dict(zip(axes, values))) for values in itertools.product(*axes.values())]
+
+
+def trainer_args(cfg, opts):
+    """The trainer's own argument namespace for this configuration: the pass-through flags, then ours (which
+    win: argparse keeps the last value), the trainer's defaults for everything else."""
+    argv = [*opts.trainer_flags, "--finetune", cfg["finetune"], "--train_batch_size", str(cfg["batch_size"]),
+            "--resolution", str(cfg["resolution"]), "--optimizer", cfg["optimizer"], "--seed", str(opts.seed),
+            "--mixed_precision", {"fp32": "no"}.get(cfg["precision"], cfg["precision"])]
+    argv += ["--gradient_checkpointing"] * cfg["gradient_checkpointing"] + ["--compile"] * cfg["compile"]
+    args = T.parse_args(argv)
+    if cfg["finetune"] == "full":
+        args.lora_flags_given = []  # `--finetune lora,full --rank 16`: the rank is for the lora rows only
+    return args
+
+
+def check_args(args, cfg):
+    """The trainer's own flag checks (combinations, optional packages), then ours. Its validate() wants data and
+    an output folder: give it an empty temporary one of each."""
+    with tempfile.TemporaryDirectory() as tmp:
+        T.validate(argparse.Namespace(**{**vars(args), "dataset": None, "train_data_dir": tmp,
+                                         "output_dir": os.path.join(tmp, "out")}))
+    if getattr(args, "train_text_encoder", False) and cfg["encoders"] not in ("text", "all"):
+        raise T.UserError("--train_text_encoder needs the text encoders to run: --with_encoders text or all")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# models: built with random weights, then set up the way load_models() sets up loaded ones
+# ----------------------------------------------------------------------------------------------------------------
+
+def build_parts(cfg, device, seed):
+    """Random-weight UNet, plus the encoders this configuration runs each step, constructed on `device`.
+    Returns (unet, vae or None, text_encoders, tokenizers)."""
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    enc = cfg["encoders"]
+    if cfg["size"] == "tiny" and enc != "none":
+        with tempfile.TemporaryDirectory() as tmp:  # the tiny tokenizer is written to files, then loaded
+            pipe = make_tiny_sdxl.build_pipeline(tmp, seed)
+        text = ([pipe.text_encoder, pipe.text_encoder_2], [pipe.tokenizer, pipe.tokenizer_2])
+        return pipe.unet, pipe.vae if enc in ("vae", "all") else None, *(text if enc in ("text", "all") else ([], []))
+    unet_config = make_tiny_sdxl.tiny_unet_config() if cfg["size"] == "tiny" else SDXL_UNET
+    with torch.device(device):
+        unet = UNet2DConditionModel(**unet_config)
+        vae = full_vae() if enc in ("vae", "all") else None
+        text_encoders, tokenizers = full_text_encoders() if enc in ("text", "all") else ([], [])
+    return unet, vae, text_encoders, tokenizers
+
+
+def full_vae():
+    from diffusers import AutoencoderKL
+    return AutoencoderKL(**SDXL_VAE)
+
+
+def full_text_encoders():
+    """SDXL's two CLIP text encoders. The tokenizer is the tiny one (SDXL's can't be downloaded here): prompts
+    are padded to 77 tokens either way, so the encoders do the same work."""
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tok = make_tiny_sdxl.build_tokenizer(tmp)
+    ids = dict(vocab_size=49408, max_position_embeddings=77, bos_token_id=tok.bos_token_id,
+               eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    one = CLIPTextModel(CLIPTextConfig(**SDXL_TEXT_ENCODERS[0], **ids))
+    two = CLIPTextModelWithProjection(CLIPTextConfig(**SDXL_TEXT_ENCODERS[1], **ids))
+    return [one, two], [tok, tok]
+
+
+def prepare_models(parts, args, device, weight_dtype):
+    """The trainer's own set-up of loaded models (T.prepare_models), on these random-weight ones. --compile is
+    applied later (see run_config), after the FLOP count, which needs eager modules."""
+    from diffusers import DDPMScheduler
+
+    unet, vae, text_encoders, tokenizers = parts
+    eager = argparse.Namespace(**{**vars(args), "compile": False})
+    return T.prepare_models(eager, tokenizers, text_encoders, vae, unet, DDPMScheduler(**SCHEDULE), device,
+                            weight_dtype)
+
+
+def autocast_forward(model, device, dtype):
+    """Mixed precision as accelerator.prepare() applies it to the trained models: their forward (only) runs
+    under autocast and returns fp32 outputs, so the loss is computed in fp32. (One process can't build
+    Accelerators of different precisions, so the benchmark does what prepare() does itself.)"""
+    from accelerate.utils import convert_outputs_to_fp32
+
+    model.forward = convert_outputs_to_fp32(torch.autocast(device.type, dtype=dtype)(model.forward))
+
+
+def synthetic_batch(cfg, m, seed, pin):
+    """A batch as the trainer's loader yields it (CPU tensors, pinned on CUDA hosts): cached latents and/or
+    prompt embeddings in the weight dtype, else pixels in [-1, 1] and captions; SDXL's six size numbers."""
+    g = torch.Generator().manual_seed(seed)
+    b, res, unet = cfg["batch_size"], cfg["resolution"], m.unet.config
+    captions = [f"a photo of a {c} circle on a {d} background"
+                for c, d in itertools.islice(itertools.cycle([("red", "blue"), ("green", "white")]), b)]
+    batch = {"captions": captions,
+             "time_ids": torch.tensor([[res, res, 0, 0, res, res]], dtype=torch.float32).repeat(b, 1)}
+    if cfg["encoders"] in ("none", "text"):
+        batch["latents"] = torch.randn(b, unet.in_channels, res // 8, res // 8, generator=g).to(m.weight_dtype)
+    else:
+        batch["pixel_values"] = torch.rand(b, 3, res, res, generator=g) * 2 - 1
+    if cfg["encoders"] in ("none", "vae"):
+        pooled_dim = unet.projection_class_embeddings_input_dim - 6 * unet.addition_time_embed_dim
+        batch["prompt_embeds"] = torch.randn(b, 77, unet.cross_attention_dim, generator=g).to(m.weight_dtype)
+        batch["pooled_prompt_embeds"] = torch.randn(b, pooled_dim, generator=g).to(m.weight_dtype)
+    return {k: v.pin_memory() if pin and torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# measuring
+# ----------------------------------------------------------------------------------------------------------------
+
+class Trainer:
+    """The inner loop of T.train() for one configuration: seeded noise, step, backward, clip, a finiteness
+    check, update (and EMA), zero_grad. Logging, checkpoints and the lr schedule are left out."""
+
+    def __init__(self, m, args, batch, device, precision):
+        self.m, self.args, self.batch, self.precision = m, args, batch, precision
+        groups = T.param_groups(args, m)  # as the trainer builds them (text-encoder LoRA has its own lr)
+        self.params = [p for g in groups for p in g["params"]]
+        self.optimizer = T.build_optimizer(args, groups, device)
+        # accelerate scales fp16 losses; with enabled=False the scaler passes everything through.
+        self.scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+        self.generator = torch.Generator(device)
+
+    def forward_backward(self, step):
+        self.generator.manual_seed(T.derive_seed(self.args.seed, "noise", 0, step, 0))
+        loss, _ = T.training_step(self.batch, self.m, self.args, self.generator)
+        self.scaler.scale(loss).backward()
+        return loss.detach()
+
+    def step(self, step):
+        loss = self.forward_backward(step)
+        self.scaler.unscale_(self.optimizer)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.args.max_grad_norm)
+        # The trainer's non-finite guard: one host sync per step, and no update on a NaN/Inf loss or gradient
+        # (under fp16 the scaler skips inf gradients itself).
+        finite = torch.isfinite(loss) if self.precision == "fp16" else torch.isfinite(loss) & torch.isfinite(grad_norm)
+        if bool(finite):
+            self.scaler.step(self.optimizer)
+            if self.m.ema is not None:
+                self.m.ema.step(self.m.unet.parameters())
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def count_tflop(self):
+        """FLOPs of one forward + backward (matmuls, convolutions, GPU attention kernels), counted in eager
+        mode; the optimizer's elementwise work is not counted. Gradients are discarded, weights untouched."""
+        from torch.utils.flop_counter import FlopCounterMode
+
+        with FlopCounterMode(display=False) as counter:
+            self.forward_backward(-1)
+        self.optimizer.zero_grad(set_to_none=True)
+        return counter.get_total_flops() / 1e12
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_steps(trainer, first, n, device):
+    """Per-step milliseconds of steps first..first+n-1, and the wall-clock mean over all of them. CUDA events
+    time each step on the GPU without a host sync in between (the trainer doesn't sync either)."""
+    sync(device)
+    start = time.perf_counter()
+    if device.type == "cuda":
+        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(n)]
+        for k, (begin, end) in enumerate(events):
+            begin.record()
+            trainer.step(first + k)
+            end.record()
+        sync(device)
+        per_step = [begin.elapsed_time(end) for begin, end in events]
+    else:
+        per_step = []
+        for k in range(n):
+            t = time.perf_counter()
+            trainer.step(first + k)
+            per_step.append((time.perf_counter() - t) * 1e3)
+    return per_step, (time.perf_counter() - start) * 1e3 / n
+
+
+def reset_peak_memory(device):
+    """Start a fresh peak; returns what peak_memory will measure. On Linux, writing 5 to clear_refs resets the
+    process's peak RSS (VmHWM); elsewhere the CPU figure is the process's peak since it started."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return "cuda_max_memory_allocated"
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return "process_peak_rss"
+    except OSError:
+        return "process_max_rss_since_start"
+
+
+def peak_memory(device, kind):
+    """GiB of the peak since reset_peak_memory."""
+    if kind == "cuda_max_memory_allocated":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    if kind == "process_peak_rss":
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 2**20
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+def run_config(cfg, opts):
+    """Build, warm up and time one configuration; returns its result fields."""
+    device, args = opts.device, trainer_args(cfg, opts)
+    check_args(args, cfg)
+    weight_dtype = DTYPES[cfg["precision"]]
+    t0 = time.perf_counter()
+    m = prepare_models(build_parts(cfg, device, opts.seed), args, device, weight_dtype)
+    trained = [m.unet] + (m.text_encoders if getattr(args, "train_text_encoder", False) else [])
+    for model in trained:
+        model.train()
+        if cfg["precision"] != "fp32":
+            autocast_forward(model, device, weight_dtype)
+    trainer = Trainer(m, args, synthetic_batch(cfg, m, opts.seed, pin=device.type == "cuda"), device,
+                      cfg["precision"])
+    mem_kind = reset_peak_memory(device)  # weights, optimizer state, activations; not the fp32 construction
+    model_gib = torch.cuda.memory_allocated(device) / 2**30 if device.type == "cuda" else None
+    tflop = trainer.count_tflop()  # before compiling: the counter sees eager ops only
+    if args.compile:
+        T.compile_blocks(m.unet)
+    setup_s = time.perf_counter() - t0
+
+    sync(device)
+    t0 = time.perf_counter()
+    for k in range(opts.warmup):
+        trainer.step(k)
+    sync(device)
+    warmup_s = time.perf_counter() - t0
+    per_step, wall_ms = time_steps(trainer, opts.warmup, opts.steps, device)
+    peak_gib = peak_memory(device, mem_kind)
+
+    ms = statistics.median(per_step)
+    achieved = tflop / (ms / 1e3)
+    return dict(
+        rank=args.rank if args.finetune == "lora" else None, loss_weighting=args.loss_weighting,
+        trainable_params_m=sum(p.numel() for p in trainer.params) / 1e6,
+        unet_params_m=sum(p.numel() for p in m.unet.parameters()) / 1e6,
+        ms_per_step=ms, ms_per_step_min=min(per_step), ms_per_step_wall_mean=wall_ms,
+        img_per_s=cfg["batch_size"] / (ms / 1e3), peak_mem_gib=peak_gib, mem_kind=mem_kind,
+        model_mem_gib=model_gib, tflop_per_step=tflop, tflop_per_s=achieved,
+        mfu=achieved / opts.peak_tflops if opts.peak_tflops else None, warmup_s=warmup_s, setup_s=setup_s)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# main
+# ----------------------------------------------------------------------------------------------------------------
+
+def device_name(device):
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+
+
+def free_memory(device, compiled):
+    if compiled:
+        torch._dynamo.reset()  # compiled graphs hold on to their modules
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def rounded(row):
+    return {k: float(f"{v:.4g}") if isinstance(v, float) else v for k, v in row.items()}
+
+
+def run_all(opts):
+    """Every configuration in turn; a failure becomes a row with `error` and the next one runs."""
+    import diffusers
+
+    common = dict(device=device_name(opts.device), torch=torch.__version__, diffusers=diffusers.__version__,
+                  steps=opts.steps, warmup=opts.warmup, peak_tflops=opts.peak_tflops)
+    if opts.device.type == "cpu":  # CPU timings depend on threads and on whatever else the machine runs
+        common["threads"] = torch.get_num_threads()
+    configs = configurations(opts)
+    for cfg in configs:
+        trainer_args(cfg, opts)  # a flag the trainer rejects (e.g. an unknown optimizer) stops us here, not later
+    rows = []
+    for cfg in configs:
+        if opts.device.type == "cpu":
+            common["load_avg_1m"] = os.getloadavg()[0]
+        try:
+            result = run_config(cfg, opts)
+        except Exception as e:  # OOM, a missing optional package, a compile failure: report it, go on
+            result = {"error": f"{type(e).__name__}: {T.first_line(e)}"}
+        free_memory(opts.device, cfg["compile"])
+        row = rounded({**cfg, **common, **result})
+        line = json.dumps(row)
+        print(line, flush=True)
+        if opts.out:
+            with open(opts.out, "a") as f:
+                f.write(line + "\n")
+        rows.append(row)
+    return rows
+
+
+COLUMNS = (  # (JSON field, table heading, format)
+    ("finetune", "tune", "{}"), ("batch_size", "bs", "{}"), ("resolution", "res", "{}"),
+    ("gradient_checkpointing", "ckpt", "{:d}"), ("compile", "comp", "{:d}"), ("optimizer", "optim", "{}"),
+    ("precision", "prec", "{}"), ("encoders", "encode", "{}"), ("ms_per_step", "ms/step", "{:.1f}"),
+    ("img_per_s", "img/s", "{:.2f}"), ("peak_mem_gib", "peak GiB", "{:.2f}"),
+    ("tflop_per_step", "TFLOP/step", "{:.4g}"), ("mfu", "MFU", "{:.1%}"), ("warmup_s", "warmup s", "{:.1f}"))
+
+
+def print_table(rows):
+    head = [title for _, title, _ in COLUMNS]
+    body = []
+    for row in rows:
+        cells = [fmt.format(row[k]) if row.get(k) is not None else "-" for k, _, fmt in COLUMNS]
+        body.append(cells + ([row["error"][:80]] if "error" in row else []))
+    widths = [max(len(r[i]) for r in [head] + body) for i in range(len(head))]
+    mem_kind = next((r["mem_kind"] for r in rows if "mem_kind" in r), "n/a")
+    print(f"\n{rows[0]['device']}, torch {rows[0]['torch']}, diffusers {rows[0]['diffusers']}; "
+          f"peak memory = {mem_kind}")
+    for cells in [head] + body:
+        error = cells[len(widths):]  # an error message trails its row, unpadded
+        print("  ".join(c.rjust(w) for c, w in zip(cells, widths)) + "".join("  " + c for c in error))
+
+
+def main(argv=None):
+    opts = parse_options(argv)
+    from diffusers.utils import logging as diffusers_logging
+    from transformers import logging as transformers_logging
+    diffusers_logging.set_verbosity_error()
+    transformers_logging.set_verbosity_error()
+    rows = run_all(opts)
+    print_table(rows)
+    return 1 if all("error" in r for r in rows) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

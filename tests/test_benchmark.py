@@ -1,0 +1,93 @@
+"""scripts/benchmark.py on the tiny UNet, on the CPU: every configuration gives one complete JSON line."""
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(ROOT, "scripts", "benchmark.py")
+sys.path.insert(0, os.path.join(ROOT, "scripts"))
+
+POSITIVE = ("ms_per_step", "ms_per_step_min", "ms_per_step_wall_mean", "img_per_s", "peak_mem_gib",
+            "tflop_per_step", "tflop_per_s", "trainable_params_m", "unet_params_m", "setup_s")
+
+
+def json_rows(text):
+    return [json.loads(line) for line in text.splitlines() if line.startswith("{")]
+
+
+@pytest.fixture(scope="module")
+def cli_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench") / "results.jsonl"
+    # One thread: on a busy 2-core machine several threads spin against each other and a step takes seconds.
+    cmd = [sys.executable, SCRIPT, "--size", "tiny", "--steps", "5", "--warmup", "1", "--finetune", "lora,full",
+           "--with_encoders", "none,all", "--threads", "1", "--out", str(out),
+           "--rank", "8"]  # a trainer flag, passed through: it applies to the LoRA rows only
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return proc, out
+
+
+def test_every_configuration_prints_a_complete_json_line(cli_run):
+    proc, _ = cli_run
+    rows = json_rows(proc.stdout)
+    assert [(r["finetune"], r["encoders"]) for r in rows] == [
+        ("lora", "none"), ("lora", "all"), ("full", "none"), ("full", "all")]
+    for r in rows:
+        assert "error" not in r, r["error"]
+        for key in POSITIVE:
+            assert isinstance(r[key], (int, float)) and math.isfinite(r[key]) and r[key] > 0, (key, r[key])
+        assert math.isfinite(r["warmup_s"]) and r["warmup_s"] >= 0
+        assert r["device"] == "cpu" and r["mfu"] is None and r["mem_kind"].startswith("process_")
+        assert (r["size"], r["batch_size"], r["resolution"], r["precision"], r["steps"]) == ("tiny", 1, 64, "fp32", 5)
+        assert r["gradient_checkpointing"] is False and r["compile"] is False
+    lora, lora_enc, full, full_enc = rows
+    assert lora["rank"] == 8 and full["rank"] is None
+    assert lora["trainable_params_m"] < lora["unet_params_m"] / 10
+    assert full["trainable_params_m"] == full["unet_params_m"]
+    # Weight gradients cost FLOPs; so do the VAE and text encoders when nothing is cached.
+    assert full["tflop_per_step"] > lora["tflop_per_step"]
+    assert lora_enc["tflop_per_step"] > lora["tflop_per_step"] and full_enc["tflop_per_step"] > full["tflop_per_step"]
+
+
+def test_out_file_gets_the_same_lines_and_a_table_comes_last(cli_run):
+    proc, out = cli_run
+    assert json_rows(out.read_text()) == json_rows(proc.stdout)
+    tail = proc.stdout.strip().splitlines()[-5:]
+    assert any("ms/step" in line for line in tail) and not tail[-1].startswith("{")
+
+
+def test_comma_lists_make_the_cross_product():
+    import benchmark
+
+    configs = benchmark.configurations(benchmark.parse_options(
+        ["--finetune", "lora,full", "--batch_size", "1,4", "--gradient_checkpointing", "off,on", "--device", "cpu"]))
+    assert len(configs) == 8
+    assert {(c["finetune"], c["batch_size"], c["gradient_checkpointing"]) for c in configs} == {
+        (f, b, g) for f in ("lora", "full") for b in (1, 4) for g in (False, True)}
+    bare = benchmark.configurations(benchmark.parse_options(["--gradient_checkpointing", "--with_encoders",
+                                                             "--device", "cpu"]))
+    assert [(c["gradient_checkpointing"], c["encoders"], c["resolution"]) for c in bare] == [(True, "all", 64)]
+
+
+def test_a_failing_configuration_is_reported_and_the_run_goes_on(monkeypatch, capsys):
+    import benchmark
+
+    real = benchmark.build_parts
+
+    def out_of_memory_at_batch_2(cfg, device, seed):
+        if cfg["batch_size"] == 2:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+        return real(cfg, device, seed)
+
+    monkeypatch.setattr(benchmark, "build_parts", out_of_memory_at_batch_2)
+    assert benchmark.main(["--batch_size", "2,1", "--steps", "1", "--warmup", "0", "--device", "cpu"]) == 0
+    failed, ok = json_rows(capsys.readouterr().out)
+    assert failed["batch_size"] == 2 and failed["error"].startswith("OutOfMemoryError: CUDA out of memory")
+    assert "ms_per_step" not in failed
+    assert ok["batch_size"] == 1 and "error" not in ok and ok["ms_per_step"] > 0
