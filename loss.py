@@ -68,14 +68,14 @@ def loss_weights(snr, weighting="debias", prediction_type="epsilon", snr_gamma=5
     return x0_weight  # sample: the x₀-MSE itself
 
 
-def mean_weight(alphas_cumprod, weighting="debias", prediction_type="epsilon", snr_gamma=5.0):
-    """E_t[w(t)] under uniform training timesteps: divide the loss by it to keep plain MSE's scale.
+def mean_weight(alphas_cumprod, weighting="debias", prediction_type="epsilon", snr_gamma=5.0, t_min=0, t_max=None):
+    """E_t[w(t)] for t uniform in [t_min, t_max): divide the loss by it to keep plain MSE's scale.
 
     Weighting changes the loss's magnitude, and with it the meaning of the learning rate and of gradient
     clipping. For SDXL's schedule, ε-debias has mean 1/√SNR ≈ 3.0, with 66% of the weight mass at t ≥ 750;
     dividing by the mean keeps the relative emphasis over t and restores the loss scale of constant weighting.
     """
-    t = torch.arange(len(alphas_cumprod))
+    t = torch.arange(t_min, len(alphas_cumprod) if t_max is None else t_max)
     return loss_weights(compute_snr(alphas_cumprod, t), weighting, prediction_type, snr_gamma).mean()
 
 

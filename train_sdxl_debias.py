@@ -192,11 +192,37 @@ def read_config(path, parser):
         raise UserError(f"--config {path!r} is not valid YAML/JSON: {first_line(e)}") from None
     if not isinstance(values, dict):
         raise UserError(f"--config {path!r} must hold a mapping of flag names to values")
-    dests = {o.lstrip("-"): a.dest for a in parser._actions for o in a.option_strings}
-    unknown = [k for k in values if k.lstrip("-") not in dests]
+    actions = {o.lstrip("-"): a for a in parser._actions for o in a.option_strings}
+    unknown = [k for k in values if str(k).lstrip("-") not in actions]
     if unknown:
         raise UserError(f"--config {path!r} has unknown keys: {', '.join(map(str, unknown))}")
-    return {dests[k.lstrip("-")]: v for k, v in values.items() if dests[k.lstrip("-")] not in NOT_CONFIG}
+    out = {}
+    for key, value in values.items():
+        action = actions[str(key).lstrip("-")]
+        if action.dest not in NOT_CONFIG:
+            out[action.dest] = config_value(action, value, path)
+    return out
+
+
+def config_value(action, value, path):
+    """A config file's value, checked as argparse checks the command line (defaults bypass its checks)."""
+    name = f"--config {path!r}: {action.option_strings[0]}"
+    if value is None:
+        return None
+    if action.nargs == 0:  # store_true / store_const flags: a YAML/JSON boolean
+        if not isinstance(value, bool):
+            raise UserError(f"{name} must be true or false, not {value!r}")
+        return value if value else action.default
+    if isinstance(action, argparse._AppendAction) and not isinstance(value, list):
+        value = [value]  # one validation prompt given as a string
+    items = value if isinstance(value, list) else [value]
+    try:
+        items = [action.type(v) if action.type else v for v in items]
+    except (TypeError, ValueError):
+        raise UserError(f"{name} has a value of the wrong type: {value!r}") from None
+    if action.choices and any(v not in action.choices for v in items):
+        raise UserError(f"{name} must be one of {', '.join(map(str, action.choices))}, not {value!r}")
+    return items if isinstance(value, list) else items[0]
 
 
 def validate(args):
@@ -213,13 +239,17 @@ def validate(args):
         raise UserError(f"--{args.lora_flags_given[0]} only applies to --finetune lora; drop it for a full fine-tune")
     if args.finetune == "full" and args.train_text_encoder:
         raise UserError("--train_text_encoder trains LoRA adapters: use it with --finetune lora")
+    if args.finetune == "lora" and args.save_single_file:
+        raise UserError("--save_single_file is for --finetune full; a LoRA is already one file (<output_dir>.safetensors)")
+    if args.text_encoder_lr is not None and not args.train_text_encoder:
+        raise UserError("--text_encoder_lr needs --train_text_encoder")
     if args.finetune == "lora" and args.use_ema:
         raise UserError("--use_ema applies to --finetune full (a LoRA is small; average checkpoints instead)")
     if args.max_timestep is not None and not 0 <= args.min_timestep < args.max_timestep:
         raise UserError("--min_timestep must be >= 0 and below --max_timestep")
     if not 0 < args.ema_decay < 1:
         raise UserError("--ema_decay must be between 0 and 1")
-    if args.hub_token and args.report_to not in (None, "none"):
+    if args.hub_token and (args.report_to not in (None, "none") or resolve_trackers(args)):
         raise UserError("--hub_token would be logged by --report_to's tracker: run `huggingface-cli login` instead")
     for name in ("train_batch_size", "num_train_epochs", "gradient_accumulation_steps", "checkpointing_steps",
                  "validation_steps", "logging_steps", "num_validation_images", "cache_batch_size"):
@@ -264,13 +294,16 @@ class Models:
     ema: object = None       # diffusers EMAModel of the UNet with --use_ema
 
 
-def load_part(cls, args, subfolder, path=None, **kw):
-    """from_pretrained with our revision/variant, turning 'not found / offline' into a UserError."""
+def load_part(cls, args, subfolder, path=None, own_repo=False, **kw):
+    """from_pretrained with the base model's revision/variant (not for a separate repo such as a VAE's),
+    turning 'not found / offline' into a UserError."""
     path = path or args.pretrained_model_name_or_path
+    if not own_repo:
+        kw["revision"] = args.revision
+        if not subfolder.startswith("tokenizer"):
+            kw["variant"] = args.variant
     try:
-        if subfolder.startswith("tokenizer"):
-            return cls.from_pretrained(path, subfolder=subfolder, revision=args.revision, **kw)
-        return cls.from_pretrained(path, subfolder=subfolder, revision=args.revision, variant=args.variant, **kw)
+        return cls.from_pretrained(path, subfolder=subfolder, **kw)
     except (OSError, ValueError) as e:
         where = f"{path}/{subfolder}" if subfolder else path
         raise UserError(f"cannot load {cls.__name__} from {where!r}: check the model id or folder "
@@ -295,11 +328,15 @@ def load_models(args, accelerator):
     text_encoders = [load_part(CLIPTextModel, args, "text_encoder"),
                      load_part(CLIPTextModelWithProjection, args, "text_encoder_2")]
     vae_path = args.pretrained_vae_model_name_or_path
-    vae = load_part(AutoencoderKL, args, "" if vae_path else "vae", path=vae_path)
+    vae = load_part(AutoencoderKL, args, "" if vae_path else "vae", path=vae_path, own_repo=bool(vae_path))
     unet = load_part(UNet2DConditionModel, args, "unet")
     noise_scheduler = load_part(DDPMScheduler, args, "scheduler")
     if args.prediction_type:
         noise_scheduler.register_to_config(prediction_type=args.prediction_type)
+    num_t = noise_scheduler.config.num_train_timesteps
+    if not 0 <= args.min_timestep < (args.max_timestep or num_t) <= num_t:
+        raise UserError(f"the timestep range [{args.min_timestep}, {args.max_timestep or num_t}) must lie in the "
+                        f"scheduler's [0, {num_t}): fix --min_timestep / --max_timestep")
 
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
     return prepare_models(args, tokenizers, text_encoders, vae, unet, noise_scheduler, accelerator.device,
@@ -340,7 +377,8 @@ def prepare_models(args, tokenizers, text_encoders, vae, unet, noise_scheduler, 
     loss_scale = 1.0
     if args.normalize_loss_weights:
         loss_scale = 1.0 / debias_loss.mean_weight(noise_scheduler.alphas_cumprod, args.loss_weighting,
-                                                   noise_scheduler.config.prediction_type, args.snr_gamma).item()
+                                                   noise_scheduler.config.prediction_type, args.snr_gamma,
+                                                   args.min_timestep, args.max_timestep).item()
     return Models(tokenizers, text_encoders, vae, unet, noise_scheduler, weight_dtype, loss_scale, ema)
 
 
@@ -356,8 +394,9 @@ def place(module, device, dtype):
 
 
 TEXT_ENCODER_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
-INIT_LORA_WEIGHTS = {"gaussian": "gaussian", "default": True, "pissa": "pissa", "olora": "olora",
-                     "orthogonal": "orthogonal"}
+# Only inits that leave the base weights alone: pissa/olora rewrite W, so an exported LoRA would not apply to
+# the original model.
+INIT_LORA_WEIGHTS = {"gaussian": "gaussian", "default": True, "orthogonal": "orthogonal"}
 
 
 def add_lora(model, args, targets):
@@ -394,7 +433,7 @@ def param_groups(args, m, lr_scale=1.0):
     groups = [{"params": [p for p in m.unet.parameters() if p.requires_grad], "lr": args.learning_rate * lr_scale}]
     if args.train_text_encoder:
         groups.append({"params": [p for te in m.text_encoders for p in te.parameters() if p.requires_grad],
-                       "lr": (args.text_encoder_lr or args.learning_rate) * lr_scale})
+                       "lr": (args.learning_rate if args.text_encoder_lr is None else args.text_encoder_lr) * lr_scale})
     return groups
 
 
@@ -425,13 +464,17 @@ def build_pipeline(args, m, unet, text_encoders=None, for_saving=False):
     if for_saving:
         parts = {}
         if args.pretrained_vae_model_name_or_path:  # the output carries the VAE it was trained with
-            parts["vae"] = load_part(AutoencoderKL, args, "", path=args.pretrained_vae_model_name_or_path)
+            parts["vae"] = load_part(AutoencoderKL, args, "", path=args.pretrained_vae_model_name_or_path,
+                                     own_repo=True)
     else:
         te1, te2 = text_encoders or m.text_encoders
         parts = dict(vae=m.vae, text_encoder=te1, text_encoder_2=te2, tokenizer=m.tokenizers[0],
                      tokenizer_2=m.tokenizers[1])
-    return StableDiffusionXLPipeline.from_pretrained(args.pretrained_model_name_or_path, unet=unet,
+    pipe = StableDiffusionXLPipeline.from_pretrained(args.pretrained_model_name_or_path, unet=unet,
                                                      revision=args.revision, variant=args.variant, **parts)
+    if args.prediction_type:  # what the UNet was trained to predict, for sampling and in the saved config
+        pipe.scheduler.register_to_config(prediction_type=args.prediction_type)
+    return pipe
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -454,9 +497,10 @@ def load_table(args):
 
     source = args.train_data_dir or args.dataset
     if os.path.isdir(source):
-        if not any(os.path.exists(os.path.join(r, m)) for r, _, _ in os.walk(source) for m in METADATA_FILES) \
-                and find_txt_captions(source):
-            table = datasets.Dataset.from_dict(find_txt_captions(source))
+        has_metadata = any(os.path.exists(os.path.join(r, m)) for r, _, _ in os.walk(source) for m in METADATA_FILES)
+        txt_captions = None if has_metadata else find_txt_captions(source)
+        if txt_captions:
+            table = datasets.Dataset.from_dict(txt_captions)
         else:
             table = guarded_load(datasets.load_dataset, "imagefolder", data_dir=source)
     elif os.path.exists(source) or source.startswith((".", "/", "~")):
@@ -639,29 +683,51 @@ class DataPlan:
 class ImageCaptionDataset(torch.utils.data.Dataset):
     """One training sample per row. Indexed by (row, sample_seed), so random crop, flip, caption choice and
     caption dropout are a pure function of (seed, epoch, row): identical across workers, processes, restarts.
-    Reads cached latents / embeddings when the plan has them, else decodes the image."""
+    Reads cached latents / embeddings when the plan has them, else decodes the image.
+
+    A row whose image fails to decode is named in the sample's `skipped` and replaced by the next row of the
+    same bucket: batches keep their size, so every process still runs the same collectives (a rank with an
+    empty batch would leave the others waiting in the gradient all-reduce forever)."""
+
+    MAX_SUBSTITUTES = 8
 
     def __init__(self, table, args, plan):
         self.table, self.args, self.plan = table, args, plan
+        self.same_target, self.position = {}, []
+        for i, target in enumerate(plan.targets):
+            rows = self.same_target.setdefault(target, [])
+            self.position.append(len(rows))
+            rows.append(i)
 
     def __len__(self):
         return len(self.table)
 
     def __getitem__(self, key):
         i, sample_seed = key
-        args, plan, row = self.args, self.plan, self.table[int(i)]
-        rng = random.Random(sample_seed)
+        i = int(i)
+        rows, start = self.same_target[self.plan.targets[i]], self.position[i]
+        skipped = []
+        for n in range(min(len(rows), self.MAX_SUBSTITUTES + 1)):  # i, then the rows after it in its bucket
+            j = rows[(start + n) % len(rows)]
+            sample = self.load(j, random.Random(sample_seed))
+            if "caption" in sample:
+                return {**sample, "skipped": skipped}
+            skipped.append(sample["skipped"])
+        return {"skipped": skipped}
+
+    def load(self, i, rng):
+        args, plan, row = self.args, self.plan, self.table[i]
         caption = row["text"]
         if isinstance(caption, (list, tuple)):
             caption = rng.choice(caption) if caption else ""
         caption = "" if caption is None or rng.random() < args.caption_dropout else str(caption)
+        target = plan.targets[i]
+        flip = args.random_flip and rng.random() < 0.5
         sample = {"caption": caption}
         if plan.text_cache is not None:
             sample.update(plan.text_cache.get(text_key(plan.text_ns, caption)))
-        target = plan.targets[int(i)]
-        flip = args.random_flip and rng.random() < 0.5
         if plan.latent_cache is not None:
-            key = latent_key(plan.latent_ns, plan.idents[int(i)], target, flip, args)
+            key = latent_key(plan.latent_ns, plan.idents[i], target, flip, args)
             if key not in plan.latent_cache:  # its file failed to decode while the cache was built
                 return {"skipped": describe_image(row["image"])}
             sample.update(plan.latent_cache.get(key))
@@ -669,7 +735,7 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
         try:
             img = open_image(row["image"])
             img.load()
-        except Exception as e:  # unreadable or truncated: this sample is skipped, the run goes on
+        except Exception as e:  # unreadable or truncated: named, and replaced by another row
             logger.warning("skipping unreadable image %s: %s", describe_image(row["image"]), first_line(e))
             return {"skipped": describe_image(row["image"])}
         pixels, original, crop = transform_image(img, target, args.center_crop, flip, rng)
@@ -680,10 +746,10 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
 
 
 def collate(samples):
-    """Stack a batch. Samples that failed to decode are dropped and named in `skipped`; an all-failed batch
-    has no tensors at all (the loop then skips the step's work)."""
-    good = [s for s in samples if "skipped" not in s]
-    batch = {"skipped": [s["skipped"] for s in samples if "skipped" in s],
+    """Stack a batch, naming the files that were skipped. A batch whose every sample failed (no substitute
+    decoded either) has no tensors: the loop then has no work for it."""
+    good = [s for s in samples if "caption" in s]
+    batch = {"skipped": [name for s in samples for name in s["skipped"]],
              "upscaled": [s["upscaled"] for s in good if s.get("upscaled")]}
     if good:
         batch["captions"] = [s["caption"] for s in good]
@@ -1143,6 +1209,7 @@ def save_checkpoint(accelerator, args, global_step, epoch):
         shutil.rmtree(tmp)
     accelerator.wait_for_everyone()
     accelerator.save_state(tmp)  # every rank writes its RNG state; main writes weights/optimizer
+    accelerator.wait_for_everyone()  # every rank has finished writing before the folder becomes a checkpoint
     if accelerator.is_main_process:
         with open(os.path.join(tmp, STATE_FILE), "w") as f:
             json.dump({"global_step": global_step, "epoch": epoch}, f)
@@ -1365,7 +1432,7 @@ class NonFiniteGuard:
             return True
         self.in_a_row += 1
         logger.warning("step %d: non-finite loss or gradient (loss %s, grad norm %s) at timesteps %s; update "
-                       "skipped (%d in a row)", step + 1, float(loss), float(grad_norm), metrics.window_timesteps(),
+                       "skipped (%d in a row)", step + 1, float(loss), grad_norm, metrics.window_timesteps(),
                        self.in_a_row)
         if self.in_a_row >= self.args.max_nonfinite_steps:
             found = list_checkpoints(self.args.output_dir)
@@ -1439,15 +1506,21 @@ class MetricsLog:
 def setup(args):
     """Accelerator, logging, seeds. Multi-GPU via `accelerate launch`; several CPU processes via torchrun."""
     from accelerate import Accelerator
-    from accelerate.utils import ProjectConfiguration, set_seed
+    from accelerate.utils import DistributedDataParallelKwargs, DistributedType, ProjectConfiguration, set_seed
 
     trackers = resolve_trackers(args)
+    # Text encoder 1 contributes its penultimate layer only, so its last layer's LoRA gets no gradient: DDP must
+    # be told, or it waits for those gradients forever.
+    ddp = DistributedDataParallelKwargs(find_unused_parameters=args.train_text_encoder)
     accelerator = Accelerator(
-        mixed_precision=args.mixed_precision, log_with=trackers or None,
+        mixed_precision=args.mixed_precision, log_with=trackers or None, kwargs_handlers=[ddp],
         project_config=ProjectConfiguration(project_dir=args.output_dir,
                                             logging_dir=os.path.join(args.output_dir, args.logging_dir)))
     logging.basicConfig(format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S",
                         level=logging.INFO if accelerator.is_main_process else logging.WARNING)
+    if accelerator.distributed_type == DistributedType.DEEPSPEED and args.gradient_accumulation_steps > 1:
+        raise UserError("with DeepSpeed, set gradient_accumulation_steps in its config and leave "
+                        "--gradient_accumulation_steps at 1 (it would divide the loss twice)")
     logging.getLogger("accelerate").setLevel(logging.WARNING)  # its per-file "saved ..." lines drown ours
     set_seed(args.seed)
     if args.allow_tf32 and torch.cuda.is_available():
@@ -1476,9 +1549,10 @@ def make_loader(args, table, plan, groups, accelerator):
         raise UserError(f"the dataset has {len(table)} usable images, fewer than one optimizer step needs "
                         f"(batch {args.train_batch_size} × accumulation {accum} × {world} processes"
                         + (", per aspect-ratio bucket" if args.aspect_ratio_bucketing else "") + ")")
+    # Its own generator: iterating must not draw from the global RNG, or a resumed run's dropout would shift.
     loader = torch.utils.data.DataLoader(ImageCaptionDataset(table, args, plan), batch_sampler=sampler,
                                          collate_fn=collate, num_workers=args.dataloader_num_workers,
-                                         pin_memory=torch.cuda.is_available())
+                                         pin_memory=torch.cuda.is_available(), generator=torch.Generator())
     return loader, sampler
 
 
@@ -1491,7 +1565,10 @@ def make_optimization(args, m, accelerator, max_steps):
     optimizer = build_optimizer(args, groups, accelerator.device)
     # Not passed to accelerator.prepare: a prepared scheduler steps once per process, which shortens warmup and
     # decay with more GPUs. Here it steps once per optimizer step, whatever the process count or accumulation.
-    lr_scheduler = get_scheduler(args.lr_scheduler, optimizer, num_warmup_steps=args.lr_warmup_steps,
+    name = args.lr_scheduler
+    if name == "constant" and args.lr_warmup_steps:  # diffusers' "constant" ignores warmup silently
+        name = "constant_with_warmup"
+    lr_scheduler = get_scheduler(name, optimizer, num_warmup_steps=args.lr_warmup_steps,
                                  num_training_steps=max_steps)
     if args.train_text_encoder:
         m.unet, *m.text_encoders, optimizer = accelerator.prepare(m.unet, *m.text_encoders, optimizer)
@@ -1517,10 +1594,11 @@ def train(args):
     max_steps = args.max_train_steps or args.num_train_epochs * steps_per_epoch
     num_epochs = math.ceil(max_steps / steps_per_epoch)
     params, optimizer, lr_scheduler = make_optimization(args, m, accelerator, max_steps)
+    torch.manual_seed(derive_seed(args.seed, "dropout", rank))  # distinct dropout per rank; restored on resume
     global_step = resume(accelerator, args) if args.resume_from_checkpoint else 0
     if accelerator.is_main_process:
-        accelerator.init_trackers("train_sdxl_debias", config={k: v for k, v in vars(args).items()
-                                                               if isinstance(v, (int, float, str, bool))})
+        accelerator.init_trackers("train_sdxl_debias", config={k: v for k, v in vars(args).items() if k not in
+                                                               NOT_CONFIG and isinstance(v, (int, float, str, bool))})
     what = f"LoRA rank {args.rank}" if args.finetune == "lora" else "full UNet"
     logger.info("training %s of %s with %s loss (%s) on %s: %d images, %d epochs, %d steps, effective batch "
                 "%d (%d per device × %d processes × %d accumulation)", what, args.pretrained_model_name_or_path,
@@ -1531,13 +1609,14 @@ def train(args):
     generator = torch.Generator(accelerator.device)
     bar = tqdm(total=max_steps, initial=global_step, desc="steps", disable=not accelerator.is_main_process)
     trained = [m.unet] + (m.text_encoders if args.train_text_encoder else [])
+    first_epoch = num_epochs if global_step >= max_steps else global_step // steps_per_epoch  # already done
     with bar as progress:  # closed even when an error ends the run, so the error is the last line
         report, nonfinite = DataReport(), NonFiniteGuard(args, accelerator)
         if args.validation_prompt and global_step == 0 and accelerator.is_main_process:
             run_validation(accelerator, args, m, 0, accelerator.trackers)  # the base model, for comparison
         for model in trained:
             model.train()
-        for epoch in range(global_step // steps_per_epoch, num_epochs):
+        for epoch in range(first_epoch, num_epochs):
             resume_in_epoch = epoch == global_step // steps_per_epoch
             sampler.set_epoch(epoch, skip=(global_step % steps_per_epoch) * accum if resume_in_epoch else 0)
             report.new_epoch()
@@ -1593,6 +1672,8 @@ def update_weights(accelerator, args, m, params, optimizer, lr_scheduler, metric
         optimizer.step()  # under fp16 the grad scaler itself skips steps with inf gradients
         if m.ema is not None:
             m.ema.step(accelerator.unwrap_model(m.unet).parameters())
+    elif accelerator.scaler is not None:
+        accelerator.scaler.update()  # clipping unscaled the gradients; the scaler must close this step
     metrics.end_step(keep=update)
     lr = lr_scheduler.get_last_lr()[0]
     lr_scheduler.step()

@@ -143,7 +143,8 @@ def test_captions_lists_empty_and_dropout(tmp_path):
     assert picks == {"a", "b"}  # one of the list, chosen per sample seed
     assert ds[(1, 0)]["caption"] == "" and ds[(2, 0)]["caption"] == ""  # trained unconditionally
     os.remove(paths[0])
-    assert ds[(0, 0)] == {"skipped": paths[0]}  # a file gone since the scan: skipped, not a crash
+    gone = ds[(0, 0)]  # a file gone since the scan: named and replaced, not a crash
+    assert gone["skipped"] == [paths[0]] and "pixel_values" in gone
     args = T.parse_args(["--dataset", "x", "--proportion_empty_prompts", "1.0"])
     assert args.caption_dropout == 1.0
     assert {T.ImageCaptionDataset(dropped, args, plan)[(0, s)]["caption"] for s in range(5)} == {""}
@@ -161,6 +162,21 @@ def test_messy_folder_trains_to_the_end_and_names_skipped_files(tiny_model, tmp_
     assert "upscaled" in proc.stderr
     if extra:
         assert "aspect-ratio buckets" in proc.stderr
+
+
+def test_an_undecodable_image_is_named_and_replaced_from_its_bucket(tmp_path):
+    """Batches keep their size (so all processes stay in step): a file that fails to decode is replaced by
+    the next row of the same bucket, and named."""
+    import datasets
+    folder = make_messy_folder(str(tmp_path / "messy"))
+    paths = [os.path.join(folder, n) for n in ("truncated.jpg", "rgba.png", "la.png")]
+    table = datasets.Dataset.from_dict({"image": paths, "text": ["half", "rgba", "la"]})
+    args = T.parse_args(["--dataset", "x", "--resolution", "64"])
+    ds = T.ImageCaptionDataset(table, args, T.DataPlan(targets=[(64, 64)] * 3))
+    sample = ds[(0, 1)]
+    assert sample["skipped"] == [paths[0]] and sample["caption"] == "rgba"
+    batch = T.collate([sample, ds[(2, 5)]])
+    assert batch["pixel_values"].shape[0] == 2 and batch["skipped"] == [paths[0]]
 
 
 def test_every_image_unreadable_is_a_clear_error(tiny_model, tmp_path):

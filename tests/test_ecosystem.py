@@ -103,6 +103,21 @@ def test_config_round_trips_through_train_config_json(te_lora_run):
     assert again == saved
 
 
+@pytest.mark.parametrize("values,needle", [
+    ({"finetune": "LoRA"}, "must be one of"), ({"random_flip": "false"}, "true or false"),
+    ({"optimizer": "adam"}, "must be one of"), ({"resolution": "big"}, "wrong type"), ({"bogus": 1}, "unknown keys")])
+def test_config_values_are_checked_like_flags(tmp_path, values, needle):
+    path = str(tmp_path / "bad.yaml")
+    with open(path, "w") as f:
+        yaml.safe_dump({"dataset": "x", **values}, f)
+    with pytest.raises(T.UserError, match=needle):
+        T.parse_args(["--config", path])
+    with open(path, "w") as f:
+        yaml.safe_dump({"dataset": "x", "validation_prompt": "a ninja", "random_flip": True}, f)
+    args = T.parse_args(["--config", path, "--seed", "9"])
+    assert args.validation_prompt == ["a ninja"] and args.random_flip is True and args.seed == 9
+
+
 def test_ema_weights_are_validated_and_saved(tiny_model, shapes, tmp_path):
     from diffusers import UNet2DConditionModel
 

@@ -62,6 +62,11 @@ def test_sigkill_while_checkpointing_then_resume_latest(tiny_model, shapes, tmp_
     assert metrics_steps(out) == list(range(1, 25))  # no duplicated rows from the killed run
     weights = load_file(os.path.join(out, "pytorch_lora_weights.safetensors"))
     assert all(torch.isfinite(w).all() for w in weights.values())
+    # An auto-resume script that runs it once more: nothing left to train, the result stays as it is.
+    run_trainer(*argv, "--resume_from_checkpoint", "latest")
+    assert metrics_steps(out) == list(range(1, 25))
+    again = load_file(os.path.join(out, "pytorch_lora_weights.safetensors"))
+    assert all(torch.equal(again[k], weights[k]) for k in weights)
 
 
 NAN_INJECTOR = """
@@ -122,8 +127,9 @@ def lora(out):
 
 
 def test_two_processes_train_resume_and_keep_the_lr_schedule(tiny_model, shapes, tmp_path):
+    # Text-encoder LoRA too: text encoder 1's last layer gets no gradient, which DDP must be told about.
     extra = ["--max_train_steps", "6", "--lr_scheduler", "linear", "--lr_warmup_steps", "2",
-             "--learning_rate", "5e-3", "--checkpointing_steps", "3", "--random_flip"]
+             "--learning_rate", "5e-3", "--checkpointing_steps", "3", "--random_flip", "--train_text_encoder"]
     two = str(tmp_path / "two")
     proc = torchrun(*args_for(tiny_model, shapes, two, *extra))
     assert "2 processes" in proc.stderr

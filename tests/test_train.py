@@ -127,6 +127,10 @@ USER_ERRORS = {
     "lora_flag_with_full": (["--dataset", "{shapes}", "--finetune", "full", "--lora_dropout", "0.1"], "--lora_dropout"),
     "ema_with_lora": (["--dataset", "{shapes}", "--use_ema"], "--use_ema"),
     "missing_config": (["--config", "/nonexistent/run.yaml"], "/nonexistent/run.yaml"),
+    "timestep_range": (["--dataset", "{shapes}", "--pretrained_model_name_or_path", "{tiny_model}",
+                        "--max_timestep", "2000"], "--max_timestep"),
+    "single_file_with_lora": (["--dataset", "{shapes}", "--save_single_file"], "--save_single_file"),
+    "te_lr_without_te": (["--dataset", "{shapes}", "--text_encoder_lr", "1e-5"], "--train_text_encoder"),
 }
 for package, argv in (("prodigyopt", ["--optimizer", "prodigy"]), ("bitsandbytes", ["--optimizer", "adamw8bit"]),
                       ("wandb", ["--report_to", "wandb"])):
@@ -135,9 +139,9 @@ for package, argv in (("prodigyopt", ["--optimizer", "prodigy"]), ("bitsandbytes
 
 
 @pytest.mark.parametrize("case", sorted(USER_ERRORS))
-def test_user_errors_end_in_one_clear_line(case, shapes, tmp_path):
+def test_user_errors_end_in_one_clear_line(case, shapes, tiny_model, tmp_path):
     argv, needle = USER_ERRORS[case]
-    argv = [a.format(shapes=shapes) for a in argv]
+    argv = [a.format(shapes=shapes, tiny_model=tiny_model) for a in argv]
     proc = run_trainer("--output_dir", str(tmp_path / "out"), "--resolution", "64", *argv, check=False)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
