@@ -1,4 +1,5 @@
 """scripts/compare_weightings.py at smoke-test size: four trainer runs, an evaluation, a well-formed table."""
+import importlib.util
 import json
 import math
 import os
@@ -9,8 +10,10 @@ import pytest
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "scripts"))
-import compare_weightings as cw  # noqa: E402
+SCRIPT = os.path.join(ROOT, "scripts", "compare_weightings.py")
+_spec = importlib.util.spec_from_file_location("compare_weightings", SCRIPT)
+cw = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(cw)
 
 ROWS = ["base (untrained)", "constant", "min_snr (γ = 5)", "debias", "debias + normalize"]
 
@@ -47,7 +50,7 @@ def test_eval_timesteps_cover_every_bucket():
 
 def test_compare_weightings_tiny_run_writes_a_full_finite_table(tmp_path):
     out = tmp_path / "compare"
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "compare_weightings.py"), "--tiny",
+    proc = subprocess.run([sys.executable, SCRIPT, "--tiny",
                            "--out", str(out), "--buckets", "4"],
                           capture_output=True, text=True, timeout=600, cwd=ROOT, env=os.environ.copy())
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -64,6 +67,8 @@ def test_compare_weightings_tiny_run_writes_a_full_finite_table(tmp_path):
     base = results["models"]["base"]["x0_error_by_t"]
     assert all(results["models"][k]["x0_error_by_t"] != base for k in results["models"] if k != "base")
 
+    assert (out / "x0_error_by_t.png").exists() == (importlib.util.find_spec("matplotlib") is not None)
+
     lines = (out / "results.md").read_text().splitlines()
     table = [line for line in lines if line.startswith("|")]
     header = [c.strip() for c in table[0].strip("|").split("|")]
@@ -71,3 +76,9 @@ def test_compare_weightings_tiny_run_writes_a_full_finite_table(tmp_path):
     rows = [[c.strip() for c in line.strip("|").split("|")] for line in table[2:]]
     assert [r[0] for r in rows] == ROWS
     assert all(len(r) == len(header) and all(math.isfinite(float(c)) for c in r[1:]) for r in rows)
+
+
+def test_plot_is_skipped_without_matplotlib(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now raises ImportError
+    assert cw.write_plot(str(tmp_path / "plot.png"), {}) is False
+    assert not (tmp_path / "plot.png").exists()
