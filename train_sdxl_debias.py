@@ -1201,8 +1201,10 @@ def load_trained(args, folder, unet, text_encoders=(), ema=None):
             ema.to(next(unet.parameters()).device)
 
 
-def save_checkpoint(accelerator, args, global_step, epoch):
-    """Write to a temporary folder, then rename: a kill at any moment leaves checkpoint-N complete or absent."""
+def save_checkpoint(accelerator, args, global_step, epoch, lr_scheduler):
+    """Write to a temporary folder, then rename: a kill at any moment leaves checkpoint-N complete or absent.
+    The LR schedule's state goes into trainer_state.json (plain JSON): a pickled scheduler, as accelerate would
+    write it, is loaded with pickle's code execution."""
     final = os.path.join(args.output_dir, f"checkpoint-{global_step}")
     tmp = os.path.join(args.output_dir, f".tmp-checkpoint-{global_step}")
     if accelerator.is_main_process and os.path.exists(tmp):
@@ -1212,7 +1214,7 @@ def save_checkpoint(accelerator, args, global_step, epoch):
     accelerator.wait_for_everyone()  # every rank has finished writing before the folder becomes a checkpoint
     if accelerator.is_main_process:
         with open(os.path.join(tmp, STATE_FILE), "w") as f:
-            json.dump({"global_step": global_step, "epoch": epoch}, f)
+            json.dump({"global_step": global_step, "epoch": epoch, "lr_scheduler": lr_scheduler.state_dict()}, f)
         if os.path.exists(final):
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -1223,7 +1225,7 @@ def save_checkpoint(accelerator, args, global_step, epoch):
     accelerator.wait_for_everyone()
 
 
-def resume(accelerator, args):
+def resume(accelerator, args, lr_scheduler):
     """Load the checkpoint named by --resume_from_checkpoint; returns the global step it was saved at."""
     path = args.resume_from_checkpoint
     if path == "latest":
@@ -1236,7 +1238,9 @@ def resume(accelerator, args):
         raise UserError(f"{path} is not a complete checkpoint of this trainer (no {STATE_FILE})")
     accelerator.load_state(path)
     with open(os.path.join(path, STATE_FILE)) as f:
-        step = json.load(f)["global_step"]
+        state = json.load(f)
+    lr_scheduler.load_state_dict(state["lr_scheduler"])
+    step = state["global_step"]
     if accelerator.is_main_process:  # rows a killed run logged after this checkpoint will be logged again
         truncate_metrics(os.path.join(args.output_dir, "metrics.jsonl"), step)
     logger.info("resumed from %s at step %d", path, step)
@@ -1574,7 +1578,6 @@ def make_optimization(args, m, accelerator, max_steps):
         m.unet, *m.text_encoders, optimizer = accelerator.prepare(m.unet, *m.text_encoders, optimizer)
     else:
         m.unet, optimizer = accelerator.prepare(m.unet, optimizer)
-    accelerator.register_for_checkpointing(lr_scheduler)
     register_checkpoint_hooks(accelerator, args, m)
     return params, optimizer, lr_scheduler
 
@@ -1595,7 +1598,7 @@ def train(args):
     num_epochs = math.ceil(max_steps / steps_per_epoch)
     params, optimizer, lr_scheduler = make_optimization(args, m, accelerator, max_steps)
     torch.manual_seed(derive_seed(args.seed, "dropout", rank))  # distinct dropout per rank; restored on resume
-    global_step = resume(accelerator, args) if args.resume_from_checkpoint else 0
+    global_step = resume(accelerator, args, lr_scheduler) if args.resume_from_checkpoint else 0
     if accelerator.is_main_process:
         accelerator.init_trackers("train_sdxl_debias", config={k: v for k, v in vars(args).items() if k not in
                                                                NOT_CONFIG and isinstance(v, (int, float, str, bool))})
@@ -1637,7 +1640,8 @@ def train(args):
                                                nonfinite, global_step)
                 global_step += 1
                 progress.update(1)
-                after_step(accelerator, args, m, metrics, progress, global_step, max_steps, epoch, lr, grad_norm)
+                after_step(accelerator, args, m, metrics, progress, global_step, max_steps, epoch, lr, grad_norm,
+                           lr_scheduler)
                 if global_step >= max_steps:
                     break
             report.check_epoch()
@@ -1709,7 +1713,7 @@ class DataReport:
                            ", ".join(sorted(self.skipped)[:50]))
 
 
-def after_step(accelerator, args, m, metrics, progress, global_step, max_steps, epoch, lr, grad_norm):
+def after_step(accelerator, args, m, metrics, progress, global_step, max_steps, epoch, lr, grad_norm, lr_scheduler):
     """Log, checkpoint and validate on their cadences (and always at the last step)."""
     last = global_step == max_steps
     if global_step % args.logging_steps == 0 or last:
@@ -1717,7 +1721,7 @@ def after_step(accelerator, args, m, metrics, progress, global_step, max_steps, 
         progress.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}")
         accelerator.log({k: v for k, v in row.items() if k != "step"}, step=global_step)
     if global_step % args.checkpointing_steps == 0 or last:
-        save_checkpoint(accelerator, args, global_step, epoch)
+        save_checkpoint(accelerator, args, global_step, epoch, lr_scheduler)
     if args.validation_prompt and accelerator.is_main_process and (global_step % args.validation_steps == 0 or last):
         run_validation(accelerator, args, m, global_step, accelerator.trackers)
 
