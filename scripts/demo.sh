@@ -28,6 +28,9 @@ accelerate launch --num_processes 1 --num_machines 1 --mixed_precision no --dyna
 echo
 echo "demo finished in $(( $(date +%s) - start )) s of training. Outputs in $OUT/lora:"
 echo "  LoRA (diffusers format): $OUT/lora/pytorch_lora_weights.safetensors"
+echo "  LoRA (kohya format, for A1111/ComfyUI): $OUT/lora/lora.safetensors"
+echo "  model card: $OUT/lora/README.md   resolved flags: $OUT/lora/train_config.json"
 echo "  metrics, one JSON row per logged step: $OUT/lora/metrics.jsonl"
-echo "  validation images: $OUT/lora/samples/"
+echo "  validation grids (step 0 = the base model): $OUT/lora/samples/"
+[ -f "$OUT/lora/loss.png" ] && echo "  loss curve and loss by timestep: $OUT/lora/loss.png"
 echo "  resumable checkpoint: $(ls -d "$OUT"/lora/checkpoint-* | tail -n 1)"
