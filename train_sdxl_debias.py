@@ -1387,7 +1387,8 @@ def plot_losses(output_dir):
     a.plot([r["step"] for r in rows], [r["mse"] for r in rows], label="plain MSE")
     a.set_xlabel("step"), a.legend()
     for key, offset in (("loss", -0.2), ("mse", 0.2)):
-        means = [np.nanmean([r[f"{key}_{t}"] if r[f"{key}_{t}"] is not None else np.nan for r in rows]) for t in buckets]
+        means = [np.mean(v) if (v := [r[f"{key}_{t}"] for r in rows if r[f"{key}_{t}"] is not None]) else 0.0
+                 for t in buckets]
         b.bar(np.arange(len(buckets)) + offset, means, width=0.4, label=key)
     b.set_xticks(range(len(buckets)), [t[2:].replace("_", "–") for t in buckets], rotation=45, fontsize=7)
     b.set_xlabel("timestep bucket"), b.legend()
@@ -1522,6 +1523,9 @@ def setup(args):
                                             logging_dir=os.path.join(args.output_dir, args.logging_dir)))
     logging.basicConfig(format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S",
                         level=logging.INFO if accelerator.is_main_process else logging.WARNING)
+    if accelerator.mixed_precision == "fp16" and accelerator.device.type == "cpu":
+        raise UserError("fp16 mixed precision needs a GPU (CPU autocast has no fp16 convolutions): "
+                        "use --mixed_precision bf16 or no on the CPU")
     if accelerator.distributed_type == DistributedType.DEEPSPEED and args.gradient_accumulation_steps > 1:
         raise UserError("with DeepSpeed, set gradient_accumulation_steps in its config and leave "
                         "--gradient_accumulation_steps at 1 (it would divide the loss twice)")

@@ -131,6 +131,8 @@ USER_ERRORS = {
                         "--max_timestep", "2000"], "--max_timestep"),
     "single_file_with_lora": (["--dataset", "{shapes}", "--save_single_file"], "--save_single_file"),
     "te_lr_without_te": (["--dataset", "{shapes}", "--text_encoder_lr", "1e-5"], "--train_text_encoder"),
+    "fp16_on_cpu": (["--dataset", "{shapes}", "--pretrained_model_name_or_path", "{tiny_model}",
+                     "--mixed_precision", "fp16"], "bf16"),
 }
 for package, argv in (("prodigyopt", ["--optimizer", "prodigy"]), ("bitsandbytes", ["--optimizer", "adamw8bit"]),
                       ("wandb", ["--report_to", "wandb"])):
