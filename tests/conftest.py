@@ -14,6 +14,11 @@ os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+def pytest_configure(config):
+    # diffusers' Euler scheduler trips numpy 2's copy-keyword deprecation on every pipeline call: noise, not ours.
+    config.addinivalue_line("filterwarnings", "ignore:__array__ implementation doesn't accept a copy keyword")
+
+
 @pytest.fixture(scope="session", autouse=True)
 def datasets_cache(tmp_path_factory):
     path = str(tmp_path_factory.mktemp("hf_datasets_cache"))
