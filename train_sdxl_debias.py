@@ -160,7 +160,10 @@ def parse_args(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     known, _ = p.parse_known_args(argv)
     if known.config:
-        p.set_defaults(**read_config(known.config, p))
+        values = read_config(known.config, p)
+        if any(a.startswith("--validation_prompt") for a in argv):
+            values.pop("validation_prompt", None)  # the command line's prompts replace the file's, not add to them
+        p.set_defaults(**values)
     args = p.parse_args(argv)
     # LoRA-only flags: remember which were given (an error with --finetune full), then fill their defaults.
     args.lora_flags_given = [n for n, _ in LORA_DEFAULTS if getattr(args, n) is not None]
@@ -174,6 +177,7 @@ def parse_args(argv=None):
 LORA_DEFAULTS = (("rank", 4), ("lora_alpha", None), ("lora_dropout", 0.0), ("lora_target_modules",
                  "to_q,to_k,to_v,to_out.0"), ("use_dora", False), ("init_lora_weights", "gaussian"))
 NOT_CONFIG = ("config", "lora_flags_given", "hub_token")  # never read from or written to a config file
+NOT_SAVED = NOT_CONFIG + ("resume_from_checkpoint", "overwrite_output_dir")  # rerunning a config reproduces the run
 
 
 def read_config(path, parser):
@@ -216,6 +220,11 @@ def config_value(action, value, path):
     if isinstance(action, argparse._AppendAction) and not isinstance(value, list):
         value = [value]  # one validation prompt given as a string
     items = value if isinstance(value, list) else [value]
+    if action.choices and "no" in action.choices:
+        items = ["no" if v is False else v for v in items]  # YAML reads an unquoted `no` as false
+    if any(isinstance(v, bool) or (action.type is int and isinstance(v, float) and not v.is_integer())
+           for v in items):
+        raise UserError(f"{name} has a value of the wrong type: {value!r}")
     try:
         items = [action.type(v) if action.type else v for v in items]
     except (TypeError, ValueError):
@@ -689,8 +698,6 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
     same bucket: batches keep their size, so every process still runs the same collectives (a rank with an
     empty batch would leave the others waiting in the gradient all-reduce forever)."""
 
-    MAX_SUBSTITUTES = 8
-
     def __init__(self, table, args, plan):
         self.table, self.args, self.plan = table, args, plan
         self.same_target, self.position = {}, []
@@ -707,7 +714,7 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
         i = int(i)
         rows, start = self.same_target[self.plan.targets[i]], self.position[i]
         skipped = []
-        for n in range(min(len(rows), self.MAX_SUBSTITUTES + 1)):  # i, then the rows after it in its bucket
+        for n in range(len(rows)):  # i, then the rows after it in its bucket
             j = rows[(start + n) % len(rows)]
             sample = self.load(j, random.Random(sample_seed))
             if "caption" in sample:
@@ -923,9 +930,26 @@ def caches_text(args):
 
 
 def cache_namespaces(args, weight_dtype):
-    model = (args.pretrained_model_name_or_path, args.revision, args.variant, str(weight_dtype))
-    vae = args.pretrained_vae_model_name_or_path or "vae"
-    return cache_key("text", *model), cache_key("latents", *model, vae)
+    """What the encoders' outputs depend on: model id, revision, variant, dtype, and for local folders the
+    weight files' sizes and times (a model rewritten in place must not reuse old entries)."""
+    base = args.pretrained_model_name_or_path
+    model = (base, args.revision, args.variant, str(weight_dtype))
+    vae = args.pretrained_vae_model_name_or_path
+    text_files = [os.path.join(base, sub) for sub in ("text_encoder", "text_encoder_2")]
+    vae_files = [vae] if vae else [os.path.join(base, "vae")]
+    return (cache_key("text", *model, files_fingerprint(text_files)),
+            cache_key("latents", *model, vae or "vae", files_fingerprint(vae_files)))
+
+
+def files_fingerprint(folders):
+    """(name, size, mtime) of the files in local folders; nothing for Hub ids (their revision stands in)."""
+    found = []
+    for folder in folders:
+        if os.path.isdir(folder):
+            for name in sorted(os.listdir(folder)):
+                st = os.stat(os.path.join(folder, name))
+                found.append((folder, name, st.st_size, st.st_mtime_ns))
+    return found
 
 
 def build_text_cache(args, m, table, cache, namespace, accelerator, chunk=64):
@@ -993,7 +1017,8 @@ class LatentJobs(torch.utils.data.Dataset):
         except Exception as e:
             logger.warning("skipping unreadable image %s: %s", describe_image(value), first_line(e))
             return None
-        rng = random.Random(derive_seed(self.args.seed, "crop", i))  # the crop is the same for both flips
+        # Seeded by the image, as its cache key is: the same crop for both flips and whatever row it sits in.
+        rng = random.Random(derive_seed(self.args.seed, "crop", self.plan.idents[i]))
         pixels, original, crop = transform_image(img, target, self.args.center_crop, flip, rng)
         return {"pixel_values": pixels, "time_ids": time_ids(original, crop, target),
                 "key": latent_key(self.plan.latent_ns, self.plan.idents[i], target, flip, self.args)}
@@ -1545,7 +1570,7 @@ def setup(args):
             if os.path.exists(os.path.join(args.output_dir, "metrics.jsonl")):
                 os.remove(os.path.join(args.output_dir, "metrics.jsonl"))
         with open(os.path.join(args.output_dir, "train_config.json"), "w") as f:  # rerun with --config this file
-            json.dump({k: v for k, v in vars(args).items() if k not in NOT_CONFIG}, f, indent=2)
+            json.dump({k: v for k, v in vars(args).items() if k not in NOT_SAVED}, f, indent=2)
     accelerator.wait_for_everyone()
     return accelerator
 
@@ -1618,7 +1643,7 @@ def train(args):
     trained = [m.unet] + (m.text_encoders if args.train_text_encoder else [])
     first_epoch = num_epochs if global_step >= max_steps else global_step // steps_per_epoch  # already done
     with bar as progress:  # closed even when an error ends the run, so the error is the last line
-        report, nonfinite = DataReport(), NonFiniteGuard(args, accelerator)
+        report, nonfinite, last_good = DataReport(), NonFiniteGuard(args, accelerator), None
         if args.validation_prompt and global_step == 0 and accelerator.is_main_process:
             run_validation(accelerator, args, m, 0, accelerator.trackers)  # the base model, for comparison
         for model in trained:
@@ -1633,11 +1658,19 @@ def train(args):
                 # Noise and timesteps are a pure function of (seed, rank, step, micro-batch): a resumed run draws
                 # exactly what the uninterrupted run drew.
                 generator.manual_seed(derive_seed(args.seed, "noise", rank, global_step, micro))
-                if "captions" in batch:  # else every image of the batch failed to decode
+                work, weight = batch, 1.0
+                if "captions" in batch:
+                    last_good = batch
+                elif world > 1 and last_good is not None:
+                    # Every image of this batch (and its bucket) failed to decode: run the last good batch with
+                    # zero weight, so this rank still joins the gradient all-reduce the others wait in.
+                    work, weight = last_good, 0.0
+                if "captions" in work:
                     with no_sync(accelerator, trained, not last_micro):  # gradients all-reduce once per step
-                        loss, stats = training_step(batch, m, args, generator)
-                        accelerator.backward(loss / accum)
-                    metrics.add(stats)
+                        loss, stats = training_step(work, m, args, generator)
+                        accelerator.backward(loss * weight / accum)
+                    if weight:
+                        metrics.add(stats)
                 if not last_micro:
                     continue
                 lr, grad_norm = update_weights(accelerator, args, m, params, optimizer, lr_scheduler, metrics,
@@ -1737,7 +1770,7 @@ def push_to_hub(args):
         repo_id = create_repo(args.hub_model_id or os.path.basename(os.path.abspath(args.output_dir)),
                               exist_ok=True, token=args.hub_token).repo_id
         upload_folder(repo_id=repo_id, folder_path=args.output_dir, commit_message="train_sdxl_debias",
-                      token=args.hub_token, ignore_patterns=["checkpoint-*/**", ".tmp-*/**", "logs/**", "cache/**"])
+                      token=args.hub_token, ignore_patterns=["checkpoint-*/**", ".tmp-*/**", f"{args.logging_dir}/**", "cache/**"])
     except Exception as e:
         raise UserError(f"push to the Hub failed ({first_line(e)}); the outputs are safe in {args.output_dir}") from None
     logger.info("pushed %s to https://huggingface.co/%s", args.output_dir, repo_id)

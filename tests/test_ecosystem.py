@@ -99,13 +99,15 @@ def test_config_round_trips_through_train_config_json(te_lora_run):
     path = os.path.join(out, "train_config.json")
     saved = json.load(open(path))
     assert saved["train_text_encoder"] is True and saved["validation_prompt"] == ["a red circle", "a blue square"]
-    again = {k: v for k, v in vars(T.parse_args(["--config", path])).items() if k not in T.NOT_CONFIG}
+    again = {k: v for k, v in vars(T.parse_args(["--config", path])).items() if k not in T.NOT_SAVED}
     assert again == saved
+    assert "resume_from_checkpoint" not in saved  # rerunning the file reproduces the run, it does not resume it
 
 
 @pytest.mark.parametrize("values,needle", [
     ({"finetune": "LoRA"}, "must be one of"), ({"random_flip": "false"}, "true or false"),
-    ({"optimizer": "adam"}, "must be one of"), ({"resolution": "big"}, "wrong type"), ({"bogus": 1}, "unknown keys")])
+    ({"optimizer": "adam"}, "must be one of"), ({"resolution": "big"}, "wrong type"), ({"bogus": 1}, "unknown keys"),
+    ({"rank": 1.7}, "wrong type"), ({"resolution": True}, "wrong type")])
 def test_config_values_are_checked_like_flags(tmp_path, values, needle):
     path = str(tmp_path / "bad.yaml")
     with open(path, "w") as f:
@@ -116,6 +118,10 @@ def test_config_values_are_checked_like_flags(tmp_path, values, needle):
         yaml.safe_dump({"dataset": "x", "validation_prompt": "a ninja", "random_flip": True}, f)
     args = T.parse_args(["--config", path, "--seed", "9"])
     assert args.validation_prompt == ["a ninja"] and args.random_flip is True and args.seed == 9
+    assert T.parse_args(["--config", path, "--validation_prompt", "a cat"]).validation_prompt == ["a cat"]
+    with open(path, "w") as f:
+        f.write("dataset: x\nmixed_precision: no\n")  # YAML reads an unquoted no as false
+    assert T.parse_args(["--config", path]).mixed_precision == "no"
 
 
 def test_ema_weights_are_validated_and_saved(tiny_model, shapes, tmp_path):
