@@ -582,6 +582,17 @@ def open_image(value):
     return img.convert("RGB")
 
 
+def decode_image(value):
+    """open_image with every pixel decoded, or None (with a warning naming the file) when that fails."""
+    try:
+        img = open_image(value)
+        img.load()
+        return img
+    except Exception as e:  # unreadable, truncated, or gone since the scan
+        logger.warning("skipping unreadable image %s: %s", describe_image(value), first_line(e))
+        return None
+
+
 def read_size(value):
     """(width, height) as displayed (after EXIF rotation), reading only the header."""
     if isinstance(value, dict):
@@ -739,11 +750,8 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
                 return {"skipped": describe_image(row["image"])}
             sample.update(plan.latent_cache.get(key))
             return sample
-        try:
-            img = open_image(row["image"])
-            img.load()
-        except Exception as e:  # unreadable or truncated: named, and replaced by another row
-            logger.warning("skipping unreadable image %s: %s", describe_image(row["image"]), first_line(e))
+        img = decode_image(row["image"])
+        if img is None:  # unreadable or truncated: named, and replaced by another row
             return {"skipped": describe_image(row["image"])}
         pixels, original, crop = transform_image(img, target, args.center_crop, flip, rng)
         sample.update(pixel_values=pixels, time_ids=time_ids(original, crop, target))
@@ -974,12 +982,12 @@ def build_latent_cache(args, m, table, plan, cache, accelerator):
     jobs = [(i, f) for i in range(len(table)) for f in flips
             if latent_key(plan.latent_ns, plan.idents[i], plan.targets[i], f, args) not in cache]
     mine = jobs[accelerator.process_index::accelerator.num_processes]
-    by_size = {}
-    for job in mine:
-        by_size.setdefault(plan.targets[job[0]], []).append(job)
-    batches = [js[k:k + args.cache_batch_size] for js in by_size.values()
-               for k in range(0, len(js), args.cache_batch_size)]
-    loader = torch.utils.data.DataLoader(LatentJobs(table, args, plan, mine), batch_sampler=index_batches(batches, mine),
+    by_size = {}  # positions in `mine`, grouped by target size so each VAE call gets one shape
+    for n, (i, _) in enumerate(mine):
+        by_size.setdefault(plan.targets[i], []).append(n)
+    batches = [ns[k:k + args.cache_batch_size] for ns in by_size.values()
+               for k in range(0, len(ns), args.cache_batch_size)]
+    loader = torch.utils.data.DataLoader(LatentJobs(table, args, plan, mine), batch_sampler=batches,
                                          num_workers=args.dataloader_num_workers, collate_fn=list)
     from tqdm.auto import tqdm
     with torch.no_grad():
@@ -994,11 +1002,6 @@ def build_latent_cache(args, m, table, plan, cache, accelerator):
     return len(jobs)
 
 
-def index_batches(batches, jobs):
-    position = {job: n for n, job in enumerate(jobs)}
-    return [[position[job] for job in b] for b in batches]
-
-
 class LatentJobs(torch.utils.data.Dataset):
     """(row, flip) -> pixels, time_ids and cache key, with the row's fixed crop (center, or seeded random)."""
 
@@ -1011,11 +1014,8 @@ class LatentJobs(torch.utils.data.Dataset):
     def __getitem__(self, n):
         i, flip = self.jobs[n]
         value, target = self.table[i]["image"], self.plan.targets[i]
-        try:
-            img = open_image(value)
-            img.load()
-        except Exception as e:
-            logger.warning("skipping unreadable image %s: %s", describe_image(value), first_line(e))
+        img = decode_image(value)
+        if img is None:
             return None
         # Seeded by the image, as its cache key is: the same crop for both flips and whatever row it sits in.
         rng = random.Random(derive_seed(self.args.seed, "crop", self.plan.idents[i]))
