@@ -74,7 +74,9 @@ def parse_args(argv=None):
     a("--resolution", type=int, default=1024)
     a("--center_crop", action="store_true", help="Center crop (default: random crop).")
     a("--random_flip", action="store_true")
-    a("--dataloader_num_workers", type=int, default=0)
+    a("--dataloader_num_workers", type=int, default=None,
+      help="Image-decoding processes (default: the CPUs per process less one, at most 8; none while training "
+           "from cached latents, which need no decoding).")
     a("--caption_dropout", "--proportion_empty_prompts", dest="caption_dropout", type=float, default=0.0,
       help="Probability of training on an empty prompt (for classifier-free guidance).")
     a("--aspect_ratio_bucketing", action="store_true",
@@ -134,6 +136,11 @@ def parse_args(argv=None):
     a("--compile", action="store_true",
       help="torch.compile the UNet's repeated blocks (transformer and resnet blocks), not the whole UNet: "
            "the same speed-up for a fraction of the warm-up.")
+    a("--compile_mode", choices=("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
+      default="default", help="torch.compile's mode for --compile (reduce-overhead adds CUDA graphs).")
+    a("--channels_last", action="store_true",
+      help="Keep the UNet's 4-D weights and activations channels-last (NHWC), the layout cuDNN's half-precision "
+           "convolutions prefer. Check it pays on your card: scripts/benchmark.py --channels_last off,on.")
     a("--allow_tf32", action="store_true", help="TF32 matmuls on Ampere+ GPUs.")
     a("--seed", type=int, default=0)
     # outputs
@@ -254,6 +261,8 @@ def validate(args):
         raise UserError("--text_encoder_lr needs --train_text_encoder")
     if args.finetune == "lora" and args.use_ema:
         raise UserError("--use_ema applies to --finetune full (a LoRA is small; average checkpoints instead)")
+    if args.compile_mode != "default" and not args.compile:
+        raise UserError("--compile_mode needs --compile")
     if args.max_timestep is not None and not 0 <= args.min_timestep < args.max_timestep:
         raise UserError("--min_timestep must be >= 0 and below --max_timestep")
     if not 0 < args.ema_decay < 1:
@@ -264,6 +273,8 @@ def validate(args):
                  "validation_steps", "logging_steps", "num_validation_images", "cache_batch_size"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name} must be at least 1")
+    if args.dataloader_num_workers is not None and args.dataloader_num_workers < 0:
+        raise UserError("--dataloader_num_workers must be 0 or more")
     for name in ("max_train_steps", "checkpoints_total_limit", "max_train_samples"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise UserError(f"--{name} must be at least 1")
@@ -375,8 +386,10 @@ def prepare_models(args, tokenizers, text_encoders, vae, unet, noise_scheduler, 
         unet.enable_gradient_checkpointing()
         for te in text_encoders if args.train_text_encoder else []:
             te.gradient_checkpointing_enable()
+    if args.channels_last:  # after LoRA, so conv LoRA weights are channels-last too
+        unet.to(memory_format=torch.channels_last)
     if args.compile:
-        compile_blocks(unet)
+        compile_blocks(unet, args.compile_mode)
     ema = None
     if args.use_ema:  # an fp32 shadow of every UNet weight, averaged after each update
         from diffusers.training_utils import EMAModel
@@ -426,7 +439,7 @@ def add_lora(model, args, targets):
             p.data = p.data.float()
 
 
-def compile_blocks(unet):
+def compile_blocks(unet, mode="default"):
     """Regional compilation: each transformer/resnet block is compiled once per distinct shape and reused,
     instead of tracing the whole UNet (which took 322 s to warm up on an H100)."""
     from diffusers.models.attention import BasicTransformerBlock
@@ -434,7 +447,7 @@ def compile_blocks(unet):
 
     for module in unet.modules():
         if isinstance(module, (BasicTransformerBlock, ResnetBlock2D)):
-            module.compile()
+            module.compile(mode=None if mode == "default" else mode)
 
 
 def param_groups(args, m, lr_scale=1.0):
@@ -447,11 +460,13 @@ def param_groups(args, m, lr_scale=1.0):
 
 
 def build_optimizer(args, params, device):
-    """`params`: parameter groups, each with its own lr."""
-    """AdamW (fused on CUDA), 8-bit AdamW, Adafactor or Prodigy (validate() checked the optional packages)."""
+    """AdamW (fused: one kernel for all parameters, and it can skip a step on the device, see NonFiniteGuard),
+    8-bit AdamW, Adafactor or Prodigy (validate() checked the optional packages). `params`: parameter groups,
+    each with its own lr."""
     betas, eps, wd, lr = (args.adam_beta1, args.adam_beta2), args.adam_epsilon, args.adam_weight_decay, params[0]["lr"]
     if args.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=lr, betas=betas, eps=eps, weight_decay=wd, fused=device.type == "cuda")
+        return torch.optim.AdamW(params, lr=lr, betas=betas, eps=eps, weight_decay=wd,
+                                 fused=device.type in ("cuda", "cpu"))
     if args.optimizer == "adamw8bit":
         import bitsandbytes as bnb
         return bnb.optim.AdamW8bit(params, lr=lr, betas=betas, eps=eps, weight_decay=wd)
@@ -988,7 +1003,7 @@ def build_latent_cache(args, m, table, plan, cache, accelerator):
     batches = [ns[k:k + args.cache_batch_size] for ns in by_size.values()
                for k in range(0, len(ns), args.cache_batch_size)]
     loader = torch.utils.data.DataLoader(LatentJobs(table, args, plan, mine), batch_sampler=batches,
-                                         num_workers=args.dataloader_num_workers, collate_fn=list)
+                                         num_workers=loader_workers(args, accelerator), collate_fn=list)
     from tqdm.auto import tqdm
     with torch.no_grad():
         for batch in tqdm(loader, desc="caching latents", disable=not accelerator.is_local_main_process):
@@ -1152,7 +1167,8 @@ def lora_layers(model):
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
 
-    return convert_state_dict_to_diffusers(get_peft_model_state_dict(model))
+    # contiguous: safetensors refuses the channels-last conv LoRA weights of --channels_last
+    return {k: v.contiguous() for k, v in convert_state_dict_to_diffusers(get_peft_model_state_dict(model)).items()}
 
 
 def export_trained(args, folder, unet, text_encoders=(), ema=None):
@@ -1446,31 +1462,72 @@ def resolve_trackers(args):
 class NonFiniteGuard:
     """Skip an update whose loss or gradient is NaN/Inf; stop after --max_nonfinite_steps in a row.
 
-    The gradient norm is global (after DDP's all-reduce), so every rank takes the same decision. Under fp16
-    inf gradients are routine while the grad scaler calibrates: there only a non-finite loss counts, and the
-    scaler's own skip handles the gradients. Costs one host sync per optimizer step (not per micro-batch)."""
+    The loss is summed over ranks and the gradient norm is global (after DDP's all-reduce), so every rank takes
+    the same decision. Taking it on the host would cost a sync per step: the CPU would wait for the GPU to finish
+    before queueing the next step's kernels, and the GPU would idle meanwhile. So with torch's AdamW the decision
+    stays on the device: the flag goes to the optimizer as `found_inf`, the hook torch's GradScaler uses, and the
+    fused kernel leaves weights, moments and step count as they were. The host reads the flags later, all at
+    once: before a log row, a checkpoint or a validation (which sync anyway), and after --max_nonfinite_steps
+    unread steps, so a diverged run still stops within that many steps. Optimizers without the hook (8-bit
+    AdamW, Adafactor, Prodigy), --use_ema (whose average would still move) and fp16 decide on the host, one sync
+    per optimizer step. Under fp16 inf gradients are routine while the grad scaler calibrates: there only a
+    non-finite loss counts, and the scaler's own skip handles the gradients."""
 
-    def __init__(self, args, accelerator):
-        self.args, self.accelerator, self.in_a_row = args, accelerator, 0
+    def __init__(self, args, accelerator, optimizer):
+        self.args, self.accelerator, self.in_a_row, self.unread = args, accelerator, 0, []
+        self.inner = optimizer
+        while hasattr(self.inner, "optimizer"):  # accelerate's wrapper
+            self.inner = self.inner.optimizer
+        self.on_device = (getattr(self.inner, "_step_supports_amp_scaling", False) and accelerator.scaler is None
+                          and not args.use_ema)
 
-    def check(self, grad_norm, metrics, step):
-        loss = self.accelerator.reduce(metrics.window_loss().to(self.accelerator.device).float(), reduction="sum")
+    def step(self, update, grad_norm, metrics, step):
+        """Run `update()` (optimizer and EMA step) unless this step's loss or gradient is non-finite."""
+        accelerator = self.accelerator
+        loss = accelerator.reduce(metrics.window_loss().to(accelerator.device).float(), reduction="sum")
+        finite = torch.isfinite(loss)
         # DeepSpeed clips inside its engine and returns no norm; fp16's scaler handles inf gradients itself.
-        finite_grad = grad_norm is None or self.accelerator.mixed_precision == "fp16" or bool(torch.isfinite(grad_norm))
-        if bool(torch.isfinite(loss)) and finite_grad:
-            self.in_a_row = 0
-            return True
-        self.in_a_row += 1
-        logger.warning("step %d: non-finite loss or gradient (loss %s, grad norm %s) at timesteps %s; update "
-                       "skipped (%d in a row)", step + 1, float(loss), grad_norm, metrics.window_timesteps(),
-                       self.in_a_row)
-        if self.in_a_row >= self.args.max_nonfinite_steps:
-            found = list_checkpoints(self.args.output_dir)
-            last = found[-1][1] if found else "none yet"
-            raise TrainingStopped(f"the loss or gradients were NaN/Inf for {self.in_a_row} steps in a row (last "
-                                  f"at step {step + 1}); stopped. Last good checkpoint: {last}. Lower the "
-                                  "--learning_rate, keep --max_grad_norm, or prefer bf16 over fp16")
-        return False
+        if grad_norm is not None and accelerator.mixed_precision != "fp16":
+            finite = finite & torch.isfinite(grad_norm)
+        self.unread.append((step, finite, loss, grad_norm, metrics.window_timesteps()))
+        if self.on_device:
+            self.inner.found_inf, self.inner.grad_scale = (~finite).float(), None
+            try:
+                update()
+            finally:
+                del self.inner.found_inf, self.inner.grad_scale
+            metrics.end_step(keep=finite)
+            if len(self.unread) >= self.args.max_nonfinite_steps:
+                self.settle()
+            return
+        keep = bool(finite)
+        if keep:
+            update()  # under fp16 the grad scaler itself skips steps with inf gradients
+        elif accelerator.scaler is not None:
+            accelerator.scaler.update()  # clipping unscaled the gradients; the scaler must close this step
+        metrics.end_step(keep=keep)
+        self.settle()
+
+    def settle(self):
+        """Read the unread steps' verdicts (one host sync): warn about skipped updates, stop after too many."""
+        if not self.unread:
+            return
+        unread, self.unread = self.unread, []
+        flags = torch.stack([verdict[1] for verdict in unread]).tolist()  # the sync
+        for (step, _, loss, grad_norm, timesteps), finite in zip(unread, flags):
+            if finite:
+                self.in_a_row = 0
+                continue
+            self.in_a_row += 1
+            logger.warning("step %d: non-finite loss or gradient (loss %s, grad norm %s) at timesteps %s; update "
+                           "skipped (%d in a row)", step + 1, float(loss),
+                           None if grad_norm is None else float(grad_norm), timesteps.tolist(), self.in_a_row)
+            if self.in_a_row >= self.args.max_nonfinite_steps:
+                found = list_checkpoints(self.args.output_dir)
+                last = found[-1][1] if found else "none yet"
+                raise TrainingStopped(f"the loss or gradients were NaN/Inf for {self.in_a_row} steps in a row "
+                                      f"(last at step {step + 1}); stopped. Last good checkpoint: {last}. Lower "
+                                      "the --learning_rate, keep --max_grad_norm, or prefer bf16 over fp16")
 
 
 class MetricsLog:
@@ -1500,14 +1557,16 @@ class MetricsLog:
         return self.window["loss"].sum() if self.window else torch.zeros(())
 
     def window_timesteps(self):
-        return torch.cat(self.window["t"]).tolist() if self.window else []
+        return torch.cat(self.window["t"]) if self.window else torch.zeros(0, dtype=torch.long)
 
     def end_step(self, keep):
-        if keep and self.window is not None:
+        """Add the step's window to the totals if `keep`: a bool, or a bool tensor still on the device."""
+        if self.window is not None:
             if self.totals is None:
                 self.totals = {k: torch.zeros_like(self.window[k]) for k in ("loss", "mse", "n")}
-            for k in self.totals:
-                self.totals[k] += self.window[k]
+            keep = torch.as_tensor(keep, device=self.window["n"].device)
+            for k in self.totals:  # where(), not a product: a skipped step's NaN times 0 is still NaN
+                self.totals[k] += torch.where(keep, self.window[k], 0.0)
         self.window = None
 
     def flush(self, step, epoch, lr, grad_norm, accelerator):
@@ -1575,6 +1634,17 @@ def setup(args):
     return accelerator
 
 
+def loader_workers(args, accelerator, decoding=True):
+    """--dataloader_num_workers, or enough processes that decoding and resizing images (tens of ms per 1024²
+    JPEG) overlap the GPU's step instead of preceding it, leaving a CPU to the training process itself."""
+    if args.dataloader_num_workers is not None:
+        return args.dataloader_num_workers
+    if not decoding:
+        return 0
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(0, min(8, cpus // accelerator.num_processes - 1))
+
+
 def make_loader(args, table, plan, groups, accelerator):
     world, accum = accelerator.num_processes, args.gradient_accumulation_steps
     sampler = BatchSampler(groups, args.train_batch_size, args.seed, world, accelerator.process_index, accum)
@@ -1583,8 +1653,9 @@ def make_loader(args, table, plan, groups, accelerator):
                         f"(batch {args.train_batch_size} × accumulation {accum} × {world} processes"
                         + (", per aspect-ratio bucket" if args.aspect_ratio_bucketing else "") + ")")
     # Its own generator: iterating must not draw from the global RNG, or a resumed run's dropout would shift.
+    workers = loader_workers(args, accelerator, decoding=plan.latent_cache is None)
     loader = torch.utils.data.DataLoader(ImageCaptionDataset(table, args, plan), batch_sampler=sampler,
-                                         collate_fn=collate, num_workers=args.dataloader_num_workers,
+                                         collate_fn=collate, num_workers=workers, persistent_workers=workers > 0,
                                          pin_memory=torch.cuda.is_available(), generator=torch.Generator())
     return loader, sampler
 
@@ -1643,7 +1714,7 @@ def train(args):
     trained = [m.unet] + (m.text_encoders if args.train_text_encoder else [])
     first_epoch = num_epochs if global_step >= max_steps else global_step // steps_per_epoch  # already done
     with bar as progress:  # closed even when an error ends the run, so the error is the last line
-        report, nonfinite, last_good = DataReport(), NonFiniteGuard(args, accelerator), None
+        report, nonfinite, last_good = DataReport(), NonFiniteGuard(args, accelerator, optimizer), None
         if args.validation_prompt and global_step == 0 and accelerator.is_main_process:
             run_validation(accelerator, args, m, 0, accelerator.trackers)  # the base model, for comparison
         for model in trained:
@@ -1677,8 +1748,8 @@ def train(args):
                                                nonfinite, global_step)
                 global_step += 1
                 progress.update(1)
-                after_step(accelerator, args, m, metrics, progress, global_step, max_steps, epoch, lr, grad_norm,
-                           lr_scheduler)
+                after_step(accelerator, args, m, metrics, nonfinite, progress, global_step, max_steps, epoch, lr,
+                           grad_norm, lr_scheduler)
                 if global_step >= max_steps:
                     break
             report.check_epoch()
@@ -1708,14 +1779,13 @@ def update_weights(accelerator, args, m, params, optimizer, lr_scheduler, metric
     """Clip; step the optimizer (and EMA) unless the loss or gradient is non-finite; advance the schedule.
     Returns the learning rate this step used and the gradient norm."""
     grad_norm = accelerator.clip_grad_norm_(params, args.max_grad_norm)
-    update = nonfinite.check(grad_norm, metrics, global_step)
-    if update:
-        optimizer.step()  # under fp16 the grad scaler itself skips steps with inf gradients
+
+    def update():
+        optimizer.step()
         if m.ema is not None:
             m.ema.step(accelerator.unwrap_model(m.unet).parameters())
-    elif accelerator.scaler is not None:
-        accelerator.scaler.update()  # clipping unscaled the gradients; the scaler must close this step
-    metrics.end_step(keep=update)
+
+    nonfinite.step(update, grad_norm, metrics, global_step)
     lr = lr_scheduler.get_last_lr()[0]
     lr_scheduler.step()
     optimizer.zero_grad(set_to_none=True)
@@ -1750,16 +1820,22 @@ class DataReport:
                            ", ".join(sorted(self.skipped)[:50]))
 
 
-def after_step(accelerator, args, m, metrics, progress, global_step, max_steps, epoch, lr, grad_norm, lr_scheduler):
+def after_step(accelerator, args, m, metrics, nonfinite, progress, global_step, max_steps, epoch, lr, grad_norm,
+               lr_scheduler):
     """Log, checkpoint and validate on their cadences (and always at the last step)."""
     last = global_step == max_steps
-    if global_step % args.logging_steps == 0 or last:
+    log = global_step % args.logging_steps == 0 or last
+    save = global_step % args.checkpointing_steps == 0 or last
+    sample = args.validation_prompt and (global_step % args.validation_steps == 0 or last)
+    if log or save or sample:
+        nonfinite.settle()  # nothing is logged or saved past a step whose verdict is unread
+    if log:
         row = metrics.flush(global_step, epoch, lr, grad_norm, accelerator)
         progress.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}")
         accelerator.log({k: v for k, v in row.items() if k != "step"}, step=global_step)
-    if global_step % args.checkpointing_steps == 0 or last:
+    if save:
         save_checkpoint(accelerator, args, global_step, epoch, lr_scheduler)
-    if args.validation_prompt and accelerator.is_main_process and (global_step % args.validation_steps == 0 or last):
+    if sample and accelerator.is_main_process:
         run_validation(accelerator, args, m, global_step, accelerator.trackers)
 
 

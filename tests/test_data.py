@@ -213,3 +213,16 @@ def test_cache_gives_the_same_loss_and_is_reused(tiny_model, shapes, tmp_path):
     changed = run_trainer(*common, "--output_dir", str(tmp_path / "changed"), "--cache_latents",
                           "--aspect_ratio_bucketing")
     assert "0 new text entries" in changed.stderr and "0 new latent entries" not in changed.stderr
+
+
+def test_loader_workers_default_to_spare_cpus_and_none_for_cached_latents(monkeypatch):
+    import types
+    one, four = types.SimpleNamespace(num_processes=1), types.SimpleNamespace(num_processes=4)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(32)), raising=False)
+    auto = T.parse_args(["--dataset", "x"])
+    assert T.loader_workers(auto, one) == 8  # capped: 8 decoders keep up with an H100's batch of 1024² images
+    assert T.loader_workers(auto, four) == 7  # 32 CPUs shared by 4 processes, one left for each
+    assert T.loader_workers(auto, one, decoding=False) == 0  # cached latents: nothing to decode
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0}, raising=False)
+    assert T.loader_workers(auto, one) == 0  # one CPU: decode in the training process
+    assert T.loader_workers(T.parse_args(["--dataset", "x", "--dataloader_num_workers", "3"]), one) == 3

@@ -1,4 +1,5 @@
 """Runs killed mid-checkpoint, non-finite losses, and several processes."""
+import argparse
 import json
 import os
 import shutil
@@ -10,6 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import train_sdxl_debias as T
 from conftest import ROOT, run_trainer
 
 TRAINER = os.path.join(ROOT, "train_sdxl_debias.py")
@@ -112,6 +114,49 @@ def test_nonfinite_steps_in_a_row_stop_the_run_with_checkpoint_intact(tiny_model
     assert last.startswith("error: ") and "3 steps in a row" in last and "checkpoint-4" in last, last
     weights = load_file(os.path.join(out, "checkpoint-4", "pytorch_lora_weights.safetensors"))
     assert all(torch.isfinite(w).all() for w in weights.values())
+
+
+class OneProcess:
+    """What NonFiniteGuard asks of the Accelerator, for one CPU process in bf16/fp32."""
+    device, mixed_precision, scaler = torch.device("cpu"), "no", None
+
+    def reduce(self, tensor, reduction):
+        return tensor
+
+
+def guarded_steps(optimizer_name, use_ema, grads, tmp_path):
+    """Steps of one weight through T.NonFiniteGuard with the given gradients (a NaN marks a diverged step).
+    Returns the guard, the weight after each step, and the metrics the steps left."""
+    w = torch.nn.Parameter(torch.ones(3))
+    args = argparse.Namespace(use_ema=use_ema, max_nonfinite_steps=2, output_dir=str(tmp_path), optimizer=optimizer_name,
+                              adam_beta1=0.9, adam_beta2=0.999, adam_epsilon=1e-8, adam_weight_decay=0.0)
+    optimizer = T.build_optimizer(args, [{"params": [w], "lr": 0.1}], torch.device("cpu"))
+    guard, metrics = T.NonFiniteGuard(args, OneProcess(), optimizer), T.MetricsLog(os.devnull, 1000)
+    after = []
+    for step, g in enumerate(grads):
+        w.grad = torch.full((3,), g)
+        metrics.add({"loss": torch.tensor([g]), "mse": torch.tensor([1.0]), "timesteps": torch.tensor([500])})
+        guard.step(optimizer.step, torch.linalg.vector_norm(w.grad), metrics, step)
+        after.append(w.detach().clone())
+    return guard, after, metrics
+
+
+@pytest.mark.parametrize("optimizer_name,use_ema,on_device", [("adamw", False, True), ("adamw", True, False),
+                                                               ("adafactor", False, False)])
+def test_nonfinite_guard_skips_the_update_and_counts_it(optimizer_name, use_ema, on_device, tmp_path, caplog):
+    nan = float("nan")
+    guard, after, metrics = guarded_steps(optimizer_name, use_ema, [1.0, nan, 1.0], tmp_path)
+    assert guard.on_device == on_device  # torch's AdamW decides on the device: no host sync in the step
+    assert not torch.equal(after[0], torch.ones(3))  # a finite step updates
+    assert torch.equal(after[1], after[0])  # the NaN step leaves the weight (and moments) as they were
+    assert torch.isfinite(after[2]).all() and not torch.equal(after[2], after[1])  # and training goes on
+    guard.settle()
+    assert "step 2: non-finite loss" in caplog.text and guard.in_a_row == 0
+    assert metrics.totals["n"].sum() == 2 and torch.isfinite(metrics.totals["loss"]).all()  # NaN step not logged
+    # Two NaN steps in a row stop the run: on the host path at once, on the device path when the verdict is read.
+    with pytest.raises(T.TrainingStopped, match="NaN/Inf for 2 steps in a row"):
+        guard, _, _ = guarded_steps(optimizer_name, use_ema, [nan, nan], tmp_path)
+        guard.settle()
 
 
 def torchrun(*argv):

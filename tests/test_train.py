@@ -96,6 +96,22 @@ def test_resumed_run_equals_uninterrupted_run(tiny_model, shapes, tmp_path):
     assert [r["step"] for r in rows] == [4, 5, 6, 7, 8]
 
 
+def test_channels_last_trains_the_same_lora_and_saves_it(tiny_model, shapes, tmp_path):
+    """--channels_last only changes the memory layout: same LoRA (conv layers included, whose channels-last
+    weights safetensors would refuse unless made contiguous), loadable by diffusers in both formats."""
+    from diffusers import StableDiffusionXLPipeline
+
+    extra = ["--max_train_steps", "3", "--learning_rate", "5e-3", "--lora_target_modules", "to_q,to_v,conv1,conv2"]
+    nchw, nhwc = str(tmp_path / "nchw"), str(tmp_path / "nhwc")
+    run_trainer(*base_args(tiny_model, shapes, nchw, *extra))
+    run_trainer(*base_args(tiny_model, shapes, nhwc, *extra, "--channels_last"))
+    a, b = lora_state(nchw), lora_state(nhwc)
+    assert a.keys() == b.keys() and any("conv1" in k for k in a)
+    assert rel_l1(a, b) < 1e-3
+    pipe = StableDiffusionXLPipeline.from_pretrained(tiny_model)
+    pipe.load_lora_weights(os.path.join(nhwc, "nhwc.safetensors"))  # the kohya file
+
+
 def test_txt_caption_folder_trains(tiny_model, tmp_path):
     """kohya layout: images with same-name .txt captions and no metadata file, via --train_data_dir."""
     import subprocess
