@@ -4,10 +4,12 @@
     python scripts/benchmark.py --size tiny --steps 5                        # CPU smoke run, seconds
     python scripts/benchmark.py --size full --finetune lora,full --batch_size 1,4 --precision bf16
 
-What one step is: `train_sdxl_debias.training_step` (noise, UNet forward, debiased loss), then backward, grad
-clipping, `optimizer.step()` and `zero_grad`, as the trainer's loop does. The models are built in-process with
-random weights (same speed and memory as real ones) and set up by the trainer's helpers: `add_lora`, `place`,
-`compile_blocks`, `build_optimizer`, gradient checkpointing. Flags are parsed by the trainer's `parse_args` and
+What one step is: the inner loop of `train_sdxl_debias.train()`, from its own functions: `training_step`
+(noise, UNet forward, debiased loss), `accelerator.backward`, then `update_weights` (grad clipping, the
+non-finite guard, `optimizer.step()`, EMA, the lr schedule, `zero_grad`), after `make_optimization` built the
+optimizer and ran `accelerator.prepare` with this precision. The models are built in-process with random weights
+(same speed and memory as real ones) and set up by the trainer's `prepare_models` (LoRA, placement and dtypes,
+gradient checkpointing, EMA) and `compile_blocks`. Flags are parsed by the trainer's `parse_args` and
 checked by its `validate`, so the defaults (LoRA rank, loss weighting, AdamW settings, grad-norm limit) are the
 trainer's; any flag this script doesn't define goes to the trainer as is (`--rank 16 --use_dora`, `--use_ema`,
 `--loss_weighting min_snr`, `--train_text_encoder` with `--with_encoders text`). LoRA-only flags apply to the
@@ -31,6 +33,8 @@ Each configuration prints one JSON line: its settings and
   mfu             (tflop_per_step / step time) / --peak_tflops; null on the CPU
   setup_s         building the models, the optimizer and the FLOP-counting pass (the first, cold one)
   warmup_s        the --warmup steps after that (torch.compile's compilation lands here)
+  host_syncs_per_step, sync_sites  CUDA only: over 10 more steps in torch's sync debug mode, how often the host
+                  waited for the GPU, and at which lines (the trainer's intent: once per --max_nonfinite_steps)
 A configuration that fails (out of memory, a missing package) prints a line with `error` and the run goes on.
 A human-readable table comes last.
 
@@ -59,6 +63,7 @@ import train_sdxl_debias as T  # noqa: E402
 H100_BF16_PEAK_TFLOPS = 798.0
 ENCODER_MODES = ("none", "vae", "text", "all")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+COMPILE_CHOICES = ("off", "on", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 # SDXL-base 1.0's published shapes.
 SDXL_UNET = dict(
@@ -95,7 +100,9 @@ def parse_options(argv=None):
     a("--resolution", default=None, help="Comma list of image sizes (default: 1024 full, 64 tiny).")
     a("--gradient_checkpointing", nargs="?", const="on", default="off", help="Bare flag = on; or off,on.")
     a("--compile", nargs="?", const="on", default="off",
-      help="The trainer's --compile (regional torch.compile). Bare flag = on; or off,on.")
+      help="The trainer's --compile (regional torch.compile). Bare flag = on; or a comma list of off, on and "
+           "compile modes (= --compile --compile_mode M): off,on,reduce-overhead.")
+    a("--channels_last", nargs="?", const="on", default="off", help="The trainer's --channels_last: on, or off,on.")
     a("--with_encoders", nargs="?", const="all", default="none",
       help="What each step encodes: none (all cached), vae, text, all (nothing cached). Bare flag = all.")
     a("--optimizer", default="adamw", help="Comma list of the trainer's optimizers.")
@@ -144,13 +151,18 @@ def configurations(opts):
         resolution=split(opts.resolution or default_resolution, "resolution", kind=int),
         gradient_checkpointing=[on_off[v] for v in split(opts.gradient_checkpointing, "gradient_checkpointing",
                                                          on_off)],
-        compile=[on_off[v] for v in split(opts.compile, "compile", on_off)],
+        compile=[{"off": None, "on": "default"}.get(v, v) for v in split(opts.compile, "compile", COMPILE_CHOICES)],
+        channels_last=[on_off[v] for v in split(opts.channels_last, "channels_last", on_off)],
         optimizer=split(opts.optimizer, "optimizer"),
         precision=split(opts.precision or default_precision, "precision", DTYPES),
         encoders=split(opts.with_encoders, "with_encoders", ENCODER_MODES))
     if any(r % 8 for r in axes["resolution"]):
         raise SystemExit("error: --resolution must be a multiple of 8 (the VAE downsamples by 8)")
-    return [dict(size=opts.size, **dict(zip(axes, values))) for values in itertools.product(*axes.values())]
+    configs = [dict(size=opts.size, **dict(zip(axes, values))) for values in itertools.product(*axes.values())]
+    for cfg in configs:  # JSON: compile true/false, and its mode
+        cfg["compile_mode"] = cfg["compile"] or "default"
+        cfg["compile"] = cfg["compile"] is not None
+    return configs
 
 
 def trainer_args(cfg, opts):
@@ -159,7 +171,8 @@ def trainer_args(cfg, opts):
     argv = [*opts.trainer_flags, "--finetune", cfg["finetune"], "--train_batch_size", str(cfg["batch_size"]),
             "--resolution", str(cfg["resolution"]), "--optimizer", cfg["optimizer"], "--seed", str(opts.seed),
             "--mixed_precision", {"fp32": "no"}.get(cfg["precision"], cfg["precision"])]
-    argv += ["--gradient_checkpointing"] * cfg["gradient_checkpointing"] + ["--compile"] * cfg["compile"]
+    argv += ["--gradient_checkpointing"] * cfg["gradient_checkpointing"] + ["--channels_last"] * cfg["channels_last"]
+    argv += ["--compile", "--compile_mode", cfg["compile_mode"]] if cfg["compile"] else []
     args = T.parse_args(argv)
     if cfg["finetune"] == "full":
         args.lora_flags_given = []  # `--finetune lora,full --rank 16`: the rank is for the lora rows only
@@ -230,15 +243,6 @@ def prepare_models(parts, args, device, weight_dtype):
                             weight_dtype)
 
 
-def autocast_forward(model, device, dtype):
-    """Mixed precision as accelerator.prepare() applies it to the trained models: their forward (only) runs
-    under autocast and returns fp32 outputs, so the loss is computed in fp32. (One process can't build
-    Accelerators of different precisions, so the benchmark does what prepare() does itself.)"""
-    from accelerate.utils import convert_outputs_to_fp32
-
-    model.forward = convert_outputs_to_fp32(torch.autocast(device.type, dtype=dtype)(model.forward))
-
-
 def synthetic_batch(cfg, m, seed, pin):
     """A batch as the trainer's loader yields it (CPU tensors, pinned on CUDA hosts): cached latents and/or
     prompt embeddings in the weight dtype, else pixels in [-1, 1] and captions; SDXL's six size numbers."""
@@ -264,37 +268,39 @@ def synthetic_batch(cfg, m, seed, pin):
 # ----------------------------------------------------------------------------------------------------------------
 
 class Trainer:
-    """The inner loop of T.train() for one configuration: seeded noise, step, backward, clip, a finiteness
-    check, update (and EMA), zero_grad. Logging, checkpoints and the lr schedule are left out."""
+    """T.train()'s inner loop for one configuration, from the trainer's own pieces: an Accelerator of this
+    precision, T.make_optimization (parameter groups, optimizer, lr schedule, accelerator.prepare, which also
+    puts the trained models' forward under autocast), then per step T.training_step, accelerator.backward,
+    MetricsLog.add and T.update_weights (clip, the non-finite guard, optimizer and EMA step, schedule, zero_grad).
+    Left out: the data loader (the batch is already in pinned host memory), log rows, checkpoints."""
 
-    def __init__(self, m, args, batch, device, precision):
-        self.m, self.args, self.batch, self.precision = m, args, batch, precision
-        groups = T.param_groups(args, m)  # as the trainer builds them (text-encoder LoRA has its own lr)
-        self.params = [p for g in groups for p in g["params"]]
-        self.optimizer = T.build_optimizer(args, groups, device)
-        # accelerate scales fp16 losses; with enabled=False the scaler passes everything through.
-        self.scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+    def __init__(self, m, args, batch, device):
+        from accelerate import Accelerator
+        from accelerate.state import AcceleratorState, GradientState
+
+        AcceleratorState._reset_state(reset_partial_state=True)  # one process, a new precision per configuration
+        GradientState._reset_state()
+        self.accelerator = Accelerator(mixed_precision=args.mixed_precision, cpu=device.type == "cpu")
+        self.m, self.args, self.batch = m, args, batch
+        self.params, self.optimizer, self.lr_scheduler = T.make_optimization(args, m, self.accelerator, 10**6)
+        self.metrics = T.MetricsLog(os.devnull, m.noise_scheduler.config.num_train_timesteps)
+        self.guard = T.NonFiniteGuard(args, self.accelerator, self.optimizer)
         self.generator = torch.Generator(device)
 
     def forward_backward(self, step):
         self.generator.manual_seed(T.derive_seed(self.args.seed, "noise", 0, step, 0))
-        loss, _ = T.training_step(self.batch, self.m, self.args, self.generator)
-        self.scaler.scale(loss).backward()
-        return loss.detach()
+        loss, stats = T.training_step(self.batch, self.m, self.args, self.generator)
+        self.accelerator.backward(loss)
+        return stats
 
     def step(self, step):
-        loss = self.forward_backward(step)
-        self.scaler.unscale_(self.optimizer)
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.args.max_grad_norm)
-        # The trainer's non-finite guard: one host sync per step, and no update on a NaN/Inf loss or gradient
-        # (under fp16 the scaler skips inf gradients itself).
-        finite = torch.isfinite(loss) if self.precision == "fp16" else torch.isfinite(loss) & torch.isfinite(grad_norm)
-        if bool(finite):
-            self.scaler.step(self.optimizer)
-            if self.m.ema is not None:
-                self.m.ema.step(self.m.unet.parameters())
-        self.scaler.update()
-        self.optimizer.zero_grad(set_to_none=True)
+        self.metrics.add(self.forward_backward(step))
+        T.update_weights(self.accelerator, self.args, self.m, self.params, self.optimizer, self.lr_scheduler,
+                         self.metrics, self.guard, step)
+
+    def finish(self):
+        """The last step's non-finite verdict, which the trainer reads before its next log row."""
+        self.guard.settle()
 
     def count_tflop(self):
         """FLOPs of one forward + backward (matmuls, convolutions, GPU attention kernels), counted in eager
@@ -334,6 +340,25 @@ def time_steps(trainer, first, n, device):
     return per_step, (time.perf_counter() - start) * 1e3 / n
 
 
+def count_host_syncs(trainer, first, n, device):
+    """Host syncs per step on CUDA, and where they happen (torch's sync debug mode warns at each one). The
+    trainer means to make one per --max_nonfinite_steps steps: the guard's batched read of its flags."""
+    if device.type != "cuda":
+        return None, None
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            for k in range(n):
+                trainer.step(first + k)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    sites = [f"{os.path.basename(w.filename)}:{w.lineno}" for w in caught if "synchroniz" in str(w.message)]
+    return len(sites) / n, sorted(set(sites))
+
+
 def reset_peak_memory(device):
     """Start a fresh peak; returns what peak_memory will measure. On Linux, writing 5 to clear_refs resets the
     process's peak RSS (VmHWM); elsewhere the CPU figure is the process's peak since it started."""
@@ -366,18 +391,14 @@ def run_config(cfg, opts):
     weight_dtype = DTYPES[cfg["precision"]]
     t0 = time.perf_counter()
     m = prepare_models(build_parts(cfg, device, opts.seed), args, device, weight_dtype)
-    trained = [m.unet] + (m.text_encoders if getattr(args, "train_text_encoder", False) else [])
-    for model in trained:
+    for model in [m.unet] + (m.text_encoders if args.train_text_encoder else []):
         model.train()
-        if cfg["precision"] != "fp32":
-            autocast_forward(model, device, weight_dtype)
-    trainer = Trainer(m, args, synthetic_batch(cfg, m, opts.seed, pin=device.type == "cuda"), device,
-                      cfg["precision"])
+    trainer = Trainer(m, args, synthetic_batch(cfg, m, opts.seed, pin=device.type == "cuda"), device)
     mem_kind = reset_peak_memory(device)  # weights, optimizer state, activations; not the fp32 construction
     model_gib = torch.cuda.memory_allocated(device) / 2**30 if device.type == "cuda" else None
     tflop = trainer.count_tflop()  # before compiling: the counter sees eager ops only
     if args.compile:
-        T.compile_blocks(m.unet)
+        T.compile_blocks(m.unet, args.compile_mode)
     setup_s = time.perf_counter() - t0
 
     sync(device)
@@ -387,7 +408,9 @@ def run_config(cfg, opts):
     sync(device)
     warmup_s = time.perf_counter() - t0
     per_step, wall_ms = time_steps(trainer, opts.warmup, opts.steps, device)
+    trainer.finish()
     peak_gib = peak_memory(device, mem_kind)
+    syncs, sync_sites = count_host_syncs(trainer, opts.warmup + opts.steps, 10, device)
 
     ms = statistics.median(per_step)
     achieved = tflop / (ms / 1e3)
@@ -398,7 +421,8 @@ def run_config(cfg, opts):
         ms_per_step=ms, ms_per_step_min=min(per_step), ms_per_step_wall_mean=wall_ms,
         img_per_s=cfg["batch_size"] / (ms / 1e3), peak_mem_gib=peak_gib, mem_kind=mem_kind,
         model_mem_gib=model_gib, tflop_per_step=tflop, tflop_per_s=achieved,
-        mfu=achieved / opts.peak_tflops if opts.peak_tflops else None, warmup_s=warmup_s, setup_s=setup_s)
+        mfu=achieved / opts.peak_tflops if opts.peak_tflops else None, warmup_s=warmup_s, setup_s=setup_s,
+        host_syncs_per_step=syncs, sync_sites=sync_sites)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -453,7 +477,8 @@ def run_all(opts):
 
 COLUMNS = (  # (JSON field, table heading, format)
     ("finetune", "tune", "{}"), ("batch_size", "bs", "{}"), ("resolution", "res", "{}"),
-    ("gradient_checkpointing", "ckpt", "{:d}"), ("compile", "comp", "{:d}"), ("optimizer", "optim", "{}"),
+    ("gradient_checkpointing", "ckpt", "{:d}"), ("compile", "comp", "{:d}"), ("channels_last", "nhwc", "{:d}"),
+    ("optimizer", "optim", "{}"),
     ("precision", "prec", "{}"), ("encoders", "encode", "{}"), ("ms_per_step", "ms/step", "{:.1f}"),
     ("img_per_s", "img/s", "{:.2f}"), ("peak_mem_gib", "peak GiB", "{:.2f}"),
     ("tflop_per_step", "TFLOP/step", "{:.4g}"), ("mfu", "MFU", "{:.1%}"), ("warmup_s", "warmup s", "{:.1f}"))

@@ -45,7 +45,8 @@ def test_every_configuration_prints_a_complete_json_line(cli_run):
         assert math.isfinite(r["warmup_s"]) and r["warmup_s"] >= 0
         assert r["device"] == "cpu" and r["mfu"] is None and r["mem_kind"].startswith("process_")
         assert (r["size"], r["batch_size"], r["resolution"], r["precision"], r["steps"]) == ("tiny", 1, 64, "fp32", 5)
-        assert r["gradient_checkpointing"] is False and r["compile"] is False
+        assert r["gradient_checkpointing"] is False and r["compile"] is False and r["channels_last"] is False
+        assert r["host_syncs_per_step"] is None  # counted with CUDA's sync debug mode only
     lora, lora_enc, full, full_enc = rows
     assert lora["rank"] == 8 and full["rank"] is None
     assert lora["trainable_params_m"] < lora["unet_params_m"] / 10
@@ -73,6 +74,11 @@ def test_comma_lists_make_the_cross_product():
     bare = benchmark.configurations(benchmark.parse_options(["--gradient_checkpointing", "--with_encoders",
                                                              "--device", "cpu"]))
     assert [(c["gradient_checkpointing"], c["encoders"], c["resolution"]) for c in bare] == [(True, "all", 64)]
+    modes = benchmark.configurations(benchmark.parse_options(["--compile", "off,on,reduce-overhead", "--device", "cpu"]))
+    assert [(c["compile"], c["compile_mode"]) for c in modes] == [
+        (False, "default"), (True, "default"), (True, "reduce-overhead")]
+    args = benchmark.trainer_args(modes[2], benchmark.parse_options(["--device", "cpu"]))
+    assert args.compile and args.compile_mode == "reduce-overhead"  # handed to the trainer's own flags
 
 
 def test_a_failing_configuration_is_reported_and_the_run_goes_on(monkeypatch, capsys):
