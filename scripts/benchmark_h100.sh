@@ -22,7 +22,8 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --tar
 export PYTHONPATH=/tmp/site HF_HUB_OFFLINE=1
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv > "$OUT/gpu.txt"
 
-B="python3 scripts/benchmark.py --size full --precision bf16 --steps 10 --warmup 3 --out $OUT/h100.jsonl"
+# SIZE=tiny PRECISION=fp32 runs the same sequence on a CPU in a few minutes: a dry run before spending GPU time.
+B="python3 scripts/benchmark.py --size ${SIZE:-full} --precision ${PRECISION:-bf16} --steps 10 --warmup 3 --out $OUT/h100.jsonl"
 # 1. eager: the targets (LoRA batch 1 and 4; LoRA batch 1 with checkpointing for the 10 GB goal; full
 #    batch 1 with checkpointing), then channels-last and the per-step VAE (what the latent cache saves).
 $B --finetune lora --batch_size 1,4 --channels_last off,on
