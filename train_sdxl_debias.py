@@ -511,26 +511,32 @@ IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 METADATA_FILES = ("metadata.jsonl", "metadata.csv", "metadata.parquet")
 
 
+DATA_FILES = {".parquet": "parquet", ".arrow": "arrow", ".jsonl": "json", ".json": "json", ".csv": "csv"}
+
+
 def load_table(args):
     """The training table (a `datasets.Dataset`) with an image column (undecoded) and a caption column.
 
     Sources: a Hub dataset id; a local imagefolder (images + metadata.jsonl/csv/parquet); a local folder of
-    images with same-name .txt captions (kohya's layout). Images are decoded later, in the loader workers.
+    images with same-name .txt or .caption files (kohya's layout); a downloaded Hub dataset (parquet/arrow/json
+    files); a `save_to_disk` folder; one .parquet/.arrow/.jsonl/.csv file. Images are decoded later, in the
+    loader workers.
     """
     import datasets
 
-    source = args.train_data_dir or args.dataset
+    source = os.path.expanduser(args.train_data_dir or args.dataset)
     if os.path.isdir(source):
-        has_metadata = any(os.path.exists(os.path.join(r, m)) for r, _, _ in os.walk(source) for m in METADATA_FILES)
-        txt_captions = None if has_metadata else find_txt_captions(source)
-        if txt_captions:
-            table = datasets.Dataset.from_dict(txt_captions)
-        else:
-            table = guarded_load(datasets.load_dataset, "imagefolder", data_dir=source)
-    elif os.path.exists(source) or source.startswith((".", "/", "~")):
+        table = load_folder(source, args.output_dir)
+    elif os.path.isfile(source):
+        builder = DATA_FILES.get(os.path.splitext(source)[1].lower())
+        if builder is None:
+            raise UserError(f"dataset file {source!r} is not one of {', '.join(DATA_FILES)}: pass a folder or "
+                            "such a file")
+        table = guarded_load(source, datasets.load_dataset, builder, data_files=source)
+    elif source.startswith((".", "/", "~")):
         raise UserError(f"dataset folder {source!r} does not exist")
     else:
-        table = guarded_load(datasets.load_dataset, source, args.dataset_config_name)
+        table = guarded_load(source, datasets.load_dataset, source, args.dataset_config_name)
     if isinstance(table, datasets.DatasetDict):
         if "train" not in table:
             raise UserError(f"dataset {source!r} has no 'train' split (it has: {', '.join(table)})")
@@ -539,6 +545,10 @@ def load_table(args):
     caption_col = pick_column(table.column_names, args.caption_column, CAPTION_COLUMNS, "caption")
     if isinstance(table.features[image_col], datasets.Image):
         table = table.cast_column(image_col, datasets.Image(decode=False))
+    elif os.path.isfile(source):  # paths in a data file are relative to that file, as in an imagefolder
+        here = os.path.dirname(os.path.abspath(source))
+        table = table.map(lambda v: {image_col: v if not isinstance(v, str) or os.path.isabs(v) else
+                                     os.path.join(here, v)}, input_columns=image_col)
     table = table.select_columns([image_col, caption_col]).rename_columns({image_col: "image", caption_col: "text"})
     if len(table) == 0:
         raise UserError(f"dataset {source!r} has no rows")
@@ -547,26 +557,70 @@ def load_table(args):
     return table, source
 
 
-def guarded_load(fn, *a, **kw):
+def load_folder(source, output_dir):
+    """A local folder: saved with save_to_disk, an imagefolder with metadata, kohya's image + caption files, or
+    data files (a Hub dataset downloaded with `huggingface-cli download --local-dir`)."""
+    import datasets
+
+    if any(os.path.exists(os.path.join(source, f)) for f in ("state.json", "dataset_dict.json")):
+        return guarded_load(source, datasets.load_from_disk, source)
+    files = [os.path.join(r, f) for r, _, fs in os.walk(source) for f in fs]
+    if any(os.path.basename(f) in METADATA_FILES for f in files):
+        return guarded_load(source, datasets.load_dataset, "imagefolder", data_dir=source)
+    images = [f for f in files if os.path.splitext(f)[1].lower() in IMAGE_EXTS]
+    if not images:
+        if any(os.path.splitext(f)[1].lower() in DATA_FILES for f in files):
+            return guarded_load(source, datasets.load_dataset, source)
+        raise UserError(f"dataset folder {source!r} has no images (looked for {', '.join(IMAGE_EXTS)}) and no data "
+                        "files")
+    captions = find_captions(source, output_dir)
+    if captions is None:
+        raise UserError(f"dataset folder {source!r} has {len(images)} images but no captions: put a same-name .txt "
+                        "(or .caption) file next to each image, or a metadata.jsonl with file_name and text columns")
+    return datasets.Dataset.from_dict(captions)
+
+
+def guarded_load(name, fn, *a, **kw):
     try:
         return fn(*a, **kw)
     except Exception as e:  # datasets raises many types for "not found / offline / bad files"
-        name = a[0] if a[0] != "imagefolder" else kw.get("data_dir")
-        raise UserError(f"cannot load dataset {name!r}: {first_line(e)} (check the id or folder; "
-                        "offline, only local folders and cached datasets load)") from None
+        reason = first_line(e)
+        if e.__cause__ is not None:  # "An error occurred while generating the dataset": the cause says which
+            reason += f": {first_line(e.__cause__)}"
+        hint = "" if os.path.exists(name) else " (check the id; offline, only local folders and cached datasets load)"
+        raise UserError(f"cannot load dataset {name!r}: {reason}{hint}") from None
 
 
-def find_txt_captions(folder):
-    """kohya layout: every image with a same-name .txt next to it. Returns columns, or None if there are none."""
-    images, texts = [], []
-    for root, _, files in sorted(os.walk(folder)):
+CAPTION_EXTS = (".txt", ".caption")
+
+
+def find_captions(folder, output_dir=None):
+    """kohya layout: images with a same-name .txt (or .caption) file next to them, subfolders and symlinked
+    folders included, our own output folder excluded (it may sit inside the dataset and holds samples).
+    Returns columns, or None if no image has a non-empty caption."""
+    images, texts, seen = [], [], set()
+    skip = os.path.realpath(output_dir) if output_dir else None
+    for root, dirs, files in os.walk(folder, followlinks=True):
+        real = os.path.realpath(root)
+        if real in seen or real == skip:  # a symlink loop, or the output folder
+            dirs[:] = []
+            continue
+        seen.add(real)
+        dirs.sort()
         for f in sorted(files):
             stem, ext = os.path.splitext(f)
-            if ext.lower() in IMAGE_EXTS:
-                txt = os.path.join(root, stem + ".txt")
-                images.append(os.path.join(root, f))
-                texts.append(open(txt, encoding="utf-8", errors="replace").read().strip() if os.path.exists(txt) else "")
-    return {"image": images, "text": texts} if any(texts) else None
+            if ext.lower() not in IMAGE_EXTS:
+                continue
+            found = [os.path.join(root, stem + e) for e in CAPTION_EXTS if os.path.exists(os.path.join(root, stem + e))]
+            images.append(os.path.join(root, f))
+            # utf-8-sig: Windows editors start files with a byte-order mark, which would become part of the caption
+            texts.append(open(found[0], encoding="utf-8-sig", errors="replace").read().strip() if found else "")
+    if not any(texts):
+        return None
+    if not all(texts):
+        logger.warning("%d of %d images have no (or an empty) caption file and train with an empty prompt, e.g. %s",
+                       texts.count(""), len(texts), images[texts.index("")])
+    return {"image": images, "text": texts}
 
 
 def pick_column(columns, requested, candidates, kind):

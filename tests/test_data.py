@@ -226,3 +226,60 @@ def test_loader_workers_default_to_spare_cpus_and_none_for_cached_latents(monkey
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0}, raising=False)
     assert T.loader_workers(auto, one) == 0  # one CPU: decode in the training process
     assert T.loader_workers(T.parse_args(["--dataset", "x", "--dataloader_num_workers", "3"]), one) == 3
+
+
+def dataset_in_every_local_form(shapes, root):
+    """The shapes fixture as users have datasets on disk: a Hub snapshot (huggingface-cli download --local-dir:
+    parquet under data/), a save_to_disk folder, one parquet file, and a JSONL file with relative image paths."""
+    import shutil
+    import datasets
+
+    folder = os.path.join(shapes, "train")
+    rows = [json.loads(line) for line in open(os.path.join(folder, "metadata.jsonl"))]
+    table = datasets.Dataset.from_dict({"image": [os.path.join(folder, r["file_name"]) for r in rows],
+                                        "text": [r["text"] for r in rows]}).cast_column("image", datasets.Image())
+    os.makedirs(os.path.join(root, "snapshot", "data"))
+    table.to_parquet(os.path.join(root, "snapshot", "data", "train-00000-of-00001.parquet"))
+    table.save_to_disk(os.path.join(root, "saved"))
+    table.to_parquet(os.path.join(root, "one.parquet"))
+    shutil.copytree(folder, os.path.join(root, "jsonl", "pictures"))
+    with open(os.path.join(root, "jsonl", "train.jsonl"), "w") as f:
+        for r in rows:
+            f.write(json.dumps({"file": "pictures/" + r["file_name"], "caption": r["text"]}) + "\n")
+    return rows, {"snapshot": [os.path.join(root, "snapshot")], "saved": [os.path.join(root, "saved")],
+                  "parquet": [os.path.join(root, "one.parquet")],
+                  "jsonl": [os.path.join(root, "jsonl", "train.jsonl"), "--image_column", "file"]}
+
+
+def test_every_local_dataset_form_loads_with_its_captions(shapes, tmp_path):
+    rows, forms = dataset_in_every_local_form(shapes, str(tmp_path))
+    for name, (source, *extra) in forms.items():
+        table, _ = T.load_table(T.parse_args(["--dataset", source, *extra]))
+        assert sorted(table["text"]) == sorted(r["text"] for r in rows), name
+        assert T.decode_image(table[0]["image"]).size[0] >= 96, name  # images resolve (relative paths too)
+
+
+def test_kohya_folder_captions_txt_caption_bom_subfolders_and_output_dir_excluded(tmp_path, caplog):
+    folder = tmp_path / "kohya"
+    (folder / "sub").mkdir(parents=True)
+    for name, sub in (("a", ""), ("b", "sub"), ("c", ""), ("d", "")):
+        Image.new("RGB", (32, 32), "red").save(folder / sub / f"{name}.png")
+    (folder / "a.txt").write_text("\ufeffa red square", encoding="utf-8")  # a Windows editor's byte-order mark
+    (folder / "sub" / "b.caption").write_text("a caption file", encoding="utf-8")
+    (folder / "c.txt").write_text("", encoding="utf-8")
+    os.symlink(folder / "sub", folder / "loop")  # a symlinked folder is followed once
+    out = folder / "my-lora" / "samples"  # an output folder inside the dataset: its images are not data
+    out.mkdir(parents=True)
+    Image.new("RGB", (32, 32)).save(out / "step_000010.png")
+    captions = T.find_captions(str(folder), str(folder / "my-lora"))
+    found = dict(zip((os.path.relpath(p, folder) for p in captions["image"]), captions["text"]))
+    assert sorted(found.values()) == ["", "", "a caption file", "a red square"]  # BOM gone, my-lora/ left out
+    assert sum(p.endswith("b.png") for p in found) == 1  # the symlinked subfolder once, not twice
+    assert "2 of" in caplog.text and "empty prompt" in caplog.text
+
+
+def test_images_without_any_caption_are_a_clear_error(tmp_path):
+    for i in range(3):
+        Image.new("RGB", (32, 32)).save(tmp_path / f"{i}.png")
+    with pytest.raises(T.UserError, match="3 images but no captions"):
+        T.load_table(T.parse_args(["--dataset", str(tmp_path)]))
