@@ -1225,15 +1225,21 @@ def lora_layers(model):
     return {k: v.contiguous() for k, v in convert_state_dict_to_diffusers(get_peft_model_state_dict(model)).items()}
 
 
+def adapter_config(model):
+    return model.peft_config["default"].to_dict()
+
+
 def export_trained(args, folder, unet, text_encoders=(), ema=None):
     """LoRA: diffusers' pytorch_lora_weights.safetensors plus the kohya/WebUI/ComfyUI single file.
     Full: unet/ (and unet_ema/ with --use_ema)."""
     if args.finetune == "lora":
         from diffusers import StableDiffusionXLPipeline
 
-        layers = {"unet_lora_layers": lora_layers(unet)}
-        if text_encoders:
-            layers["text_encoder_lora_layers"], layers["text_encoder_2_lora_layers"] = map(lora_layers, text_encoders)
+        # The adapter configs go into the file's metadata: without them diffusers loads with alpha = rank, a
+        # wrong scale whenever --lora_alpha differs from --rank.
+        layers = {"unet_lora_layers": lora_layers(unet), "unet_lora_adapter_metadata": adapter_config(unet)}
+        for name, te in zip(("text_encoder", "text_encoder_2"), text_encoders):
+            layers[f"{name}_lora_layers"], layers[f"{name}_lora_adapter_metadata"] = lora_layers(te), adapter_config(te)
         StableDiffusionXLPipeline.save_lora_weights(folder, safe_serialization=True, **layers)
         write_kohya_lora(args, folder, unet, text_encoders)
     else:
