@@ -183,6 +183,7 @@ def parse_args(argv=None):
 
 LORA_DEFAULTS = (("rank", 4), ("lora_alpha", None), ("lora_dropout", 0.0), ("lora_target_modules",
                  "to_q,to_k,to_v,to_out.0"), ("use_dora", False), ("init_lora_weights", "gaussian"))
+COMMA_LISTS = ("lora_target_modules",)  # flags whose one value is a comma-separated list
 NOT_CONFIG = ("config", "lora_flags_given", "hub_token")  # never read from or written to a config file
 NOT_SAVED = NOT_CONFIG + ("resume_from_checkpoint", "overwrite_output_dir")  # rerunning a config reproduces the run
 
@@ -226,6 +227,10 @@ def config_value(action, value, path):
         return value if value else action.default
     if isinstance(action, argparse._AppendAction) and not isinstance(value, list):
         value = [value]  # one validation prompt given as a string
+    elif action.dest in COMMA_LISTS and isinstance(value, list):
+        value = ",".join(map(str, value))  # lora_target_modules: [to_q, to_k] in YAML
+    elif isinstance(value, (list, dict)) and not isinstance(action, argparse._AppendAction):
+        raise UserError(f"{name} takes one value, not {value!r}")
     items = value if isinstance(value, list) else [value]
     if action.choices and "no" in action.choices:
         items = ["no" if v is False else v for v in items]  # YAML reads an unquoted `no` as false
@@ -280,6 +285,11 @@ def validate(args):
             raise UserError(f"--{name} must be at least 1")
     if not 0 <= args.caption_dropout <= 1:
         raise UserError("--caption_dropout must be between 0 and 1")
+    if args.finetune == "lora":  # "to_q, to_k": without the strip, " to_k" would silently match nothing
+        targets = [t.strip() for t in args.lora_target_modules.split(",") if t.strip()]
+        if not targets:
+            raise UserError("--lora_target_modules is empty; e.g. to_q,to_k,to_v,to_out.0")
+        args.lora_target_modules = ",".join(targets)
     if args.rank is not None and args.rank < 1:
         raise UserError("--rank must be at least 1")
     if args.snr_gamma <= 0:
@@ -424,6 +434,13 @@ INIT_LORA_WEIGHTS = {"gaussian": "gaussian", "default": True, "orthogonal": "ort
 def add_lora(model, args, targets):
     """A peft LoRA adapter on `targets`; its parameters are kept in fp32 under mixed precision."""
     from peft import LoraConfig
+
+    names = [n for n, _ in model.named_modules()]
+    unmatched = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
+    if unmatched:  # peft would skip a misspelt name silently as long as another one matches
+        raise UserError(f"--lora_target_modules: {', '.join(unmatched)} matches no layer of the "
+                        f"{type(model).__name__}; SDXL's are e.g. to_q,to_k,to_v,to_out.0 (attention), "
+                        "ff.net.0.proj,ff.net.2 (feed-forward), proj_in,proj_out, conv1,conv2 (resnets)")
 
     config = LoraConfig(r=args.rank, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
                         init_lora_weights=INIT_LORA_WEIGHTS[args.init_lora_weights], use_dora=args.use_dora,

@@ -108,7 +108,8 @@ def test_config_round_trips_through_train_config_json(te_lora_run):
 @pytest.mark.parametrize("values,needle", [
     ({"finetune": "LoRA"}, "must be one of"), ({"random_flip": "false"}, "true or false"),
     ({"optimizer": "adam"}, "must be one of"), ({"resolution": "big"}, "wrong type"), ({"bogus": 1}, "unknown keys"),
-    ({"rank": 1.7}, "wrong type"), ({"resolution": True}, "wrong type")])
+    ({"rank": 1.7}, "wrong type"), ({"resolution": True}, "wrong type"), ({"report_to": ["tensorboard"]}, "one value"),
+    ({"resolution": [64]}, "one value")])
 def test_config_values_are_checked_like_flags(tmp_path, values, needle):
     path = str(tmp_path / "bad.yaml")
     with open(path, "w") as f:
@@ -123,6 +124,12 @@ def test_config_values_are_checked_like_flags(tmp_path, values, needle):
     with open(path, "w") as f:
         f.write("dataset: x\nmixed_precision: no\n")  # YAML reads an unquoted no as false
     assert T.parse_args(["--config", path]).mixed_precision == "no"
+    with open(path, "w") as f:  # a YAML list, and the spaces a hand-written comma list has
+        yaml.safe_dump({"dataset": "x", "lora_target_modules": ["to_q", " to_k"]}, f)
+    args = T.parse_args(["--config", path])
+    args.output_dir = str(tmp_path / "out")
+    T.validate(args)
+    assert args.lora_target_modules == "to_q,to_k"
 
 
 def test_ema_weights_are_validated_and_saved(tiny_model, shapes, tmp_path):
