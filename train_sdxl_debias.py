@@ -295,6 +295,9 @@ def validate(args):
     if args.snr_gamma <= 0:
         raise UserError("--snr_gamma must be positive")
     resume = args.resume_from_checkpoint
+    if resume and resume != "latest" and not os.path.isdir(resume) and os.path.isdir(os.path.join(args.output_dir,
+                                                                                                 resume)):
+        resume = args.resume_from_checkpoint = os.path.join(args.output_dir, resume)  # diffusers: a name in output_dir
     if resume and resume != "latest" and not os.path.isdir(resume):
         raise UserError(f"--resume_from_checkpoint {resume!r} does not exist; pass a checkpoint folder or 'latest'")
     if not resume and not args.overwrite_output_dir and list_checkpoints(args.output_dir):
@@ -1199,6 +1202,9 @@ def training_step(batch, m, args, generator):
 # 7. checkpoints
 # ----------------------------------------------------------------------------------------------------------------
 
+# What a checkpoint's weights and optimizer state are shaped by: resuming with another value cannot work.
+RUN_SHAPE = ("finetune", "rank", "lora_alpha", "lora_target_modules", "use_dora", "train_text_encoder", "optimizer",
+             "use_ema")
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 STATE_FILE = "trainer_state.json"  # marks a complete checkpoint written by this trainer
 
@@ -1332,9 +1338,13 @@ def save_checkpoint(accelerator, args, global_step, epoch, lr_scheduler):
     accelerator.wait_for_everyone()  # every rank has finished writing before the folder becomes a checkpoint
     if accelerator.is_main_process:
         with open(os.path.join(tmp, STATE_FILE), "w") as f:
-            json.dump({"global_step": global_step, "epoch": epoch, "lr_scheduler": lr_scheduler.state_dict()}, f)
-        if os.path.exists(final):
+            json.dump({"global_step": global_step, "epoch": epoch, "lr_scheduler": lr_scheduler.state_dict(),
+                       "run": {k: getattr(args, k) for k in RUN_SHAPE}, "learning_rate": args.learning_rate}, f)
+        if os.path.exists(os.path.join(final, STATE_FILE)):  # ours: a resumed run saving the same step again
             shutil.rmtree(final)
+        elif os.path.exists(final):  # someone else's folder of that name: keep it, out of the way
+            logger.warning("%s was not written by this trainer; moved to %s.orig", final, final)
+            os.replace(final, final + ".orig")
         os.replace(tmp, final)
         if args.checkpoints_total_limit:
             for _, old in list_checkpoints(args.output_dir)[:-args.checkpoints_total_limit]:
@@ -1354,10 +1364,23 @@ def resume(accelerator, args, lr_scheduler):
         path = found[-1][1]
     if not os.path.exists(os.path.join(path, STATE_FILE)):
         raise UserError(f"{path} is not a complete checkpoint of this trainer (no {STATE_FILE})")
-    accelerator.load_state(path)
     with open(os.path.join(path, STATE_FILE)) as f:
         state = json.load(f)
+    changed = [f"--{k} {state['run'][k]!r} -> {getattr(args, k)!r}" for k in RUN_SHAPE
+               if k in state.get("run", {}) and state["run"][k] != getattr(args, k)]
+    if changed:
+        raise UserError(f"{path} was trained with other settings ({'; '.join(changed)}): resume with the "
+                        "checkpoint's, or start afresh with --overwrite_output_dir or another --output_dir")
+    try:
+        accelerator.load_state(path)
+    except UserError:
+        raise
+    except Exception as e:  # a missing or damaged file, or a checkpoint of an older trainer version
+        raise UserError(f"cannot resume from {path}: {first_line(e)}") from None
     lr_scheduler.load_state_dict(state["lr_scheduler"])
+    if state.get("learning_rate", args.learning_rate) != args.learning_rate:
+        logger.warning("--learning_rate %g is ignored: a resumed run keeps its checkpoint's schedule (from %g)",
+                       args.learning_rate, state["learning_rate"])
     step = state["global_step"]
     if accelerator.is_main_process:  # rows a killed run logged after this checkpoint will be logged again
         truncate_metrics(os.path.join(args.output_dir, "metrics.jsonl"), step)
@@ -1700,6 +1723,14 @@ def setup(args):
         for name in os.listdir(args.output_dir):  # what a killed run left half-written (only our own names)
             if name.startswith((".tmp-checkpoint-", ".tmp-export")):
                 shutil.rmtree(os.path.join(args.output_dir, name), ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return accelerator
+
+
+def claim_output_dir(args, accelerator):
+    """Just before training, once data, models and caches are known good (a failed start loses nothing):
+    --overwrite_output_dir removes the previous run's checkpoints and metrics; the run's config is written."""
+    if accelerator.is_main_process:
         if args.overwrite_output_dir and not args.resume_from_checkpoint:
             for _, old in list_checkpoints(args.output_dir):
                 shutil.rmtree(old)
@@ -1708,7 +1739,6 @@ def setup(args):
         with open(os.path.join(args.output_dir, "train_config.json"), "w") as f:  # rerun with --config this file
             json.dump({k: v for k, v in vars(args).items() if k not in NOT_SAVED}, f, indent=2)
     accelerator.wait_for_everyone()
-    return accelerator
 
 
 def loader_workers(args, accelerator, decoding=True):
@@ -1776,6 +1806,7 @@ def train(args):
     params, optimizer, lr_scheduler = make_optimization(args, m, accelerator, max_steps)
     torch.manual_seed(derive_seed(args.seed, "dropout", rank))  # distinct dropout per rank; restored on resume
     global_step = resume(accelerator, args, lr_scheduler) if args.resume_from_checkpoint else 0
+    claim_output_dir(args, accelerator)
     if accelerator.is_main_process:
         accelerator.init_trackers("train_sdxl_debias", config={k: v for k, v in vars(args).items() if k not in
                                                                NOT_CONFIG and isinstance(v, (int, float, str, bool))})

@@ -175,3 +175,34 @@ def test_existing_checkpoints_need_resume_or_overwrite(tiny_model, shapes, tmp_p
     proc = run_trainer(*base_args(tiny_model, shapes, out, "--max_train_steps", "1"), check=False)
     assert proc.returncode == 2 and "--resume_from_checkpoint latest" in proc.stderr.splitlines()[-1]
     assert os.path.isdir(os.path.join(out, "checkpoint-1"))  # nothing lost
+
+
+def test_a_failed_start_loses_nothing_and_a_mismatched_resume_says_why(tiny_model, shapes, tmp_path):
+    out = str(tmp_path / "run")
+    run_trainer(*base_args(tiny_model, shapes, out, "--max_train_steps", "2", "--checkpointing_steps", "2"))
+    before = sorted(os.listdir(out)), open(os.path.join(out, "train_config.json")).read()
+
+    def fails(*argv):
+        proc = run_trainer(*argv, check=False)
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+        assert (sorted(os.listdir(out)), open(os.path.join(out, "train_config.json")).read()) == before
+        return proc.stderr.strip().splitlines()[-1]
+
+    # --overwrite_output_dir with a wrong caption column: checkpoints, metrics and config stay as they were.
+    assert "--caption_column" in fails(*base_args(tiny_model, shapes, out, "--overwrite_output_dir",
+                                                  "--caption_column", "captoin"))
+    last = fails(*base_args(tiny_model, shapes, out, "--max_train_steps", "4", "--resume_from_checkpoint",
+                            "checkpoint-2", "--rank", "8"))  # a name inside output_dir, as diffusers' scripts take
+    assert "--rank 4 -> 8" in last and "checkpoint-2" in last
+    os.remove(os.path.join(out, "checkpoint-2", "optimizer.bin"))
+    last = fails(*base_args(tiny_model, shapes, out, "--max_train_steps", "4", "--resume_from_checkpoint", "latest"))
+    assert last.startswith("error: cannot resume from") and "checkpoint-2" in last
+
+
+def test_a_foreign_checkpoint_folder_is_moved_aside_not_deleted(tiny_model, shapes, tmp_path):
+    out = tmp_path / "run"
+    (out / "checkpoint-2").mkdir(parents=True)  # e.g. from diffusers' script: no trainer_state.json
+    (out / "checkpoint-2" / "notes.txt").write_text("mine")
+    proc = run_trainer(*base_args(tiny_model, shapes, str(out), "--max_train_steps", "2", "--checkpointing_steps", "2"))
+    assert (out / "checkpoint-2.orig" / "notes.txt").read_text() == "mine" and "moved to" in proc.stderr
+    assert (out / "checkpoint-2" / "trainer_state.json").exists()
