@@ -730,6 +730,19 @@ def nearest_bucket(size, buckets):
     return min(range(len(buckets)), key=lambda b: abs(math.log(buckets[b][0] / buckets[b][1]) - ratio))
 
 
+def merge_small_buckets(groups, buckets, batch_size):
+    """A bucket with fewer images than a batch never fills one, so its images would never be trained on: they
+    join the bucket nearest in aspect ratio that does fill a batch (and are cropped to its shape)."""
+    counts = {b: groups.count(b) for b in set(groups)}
+    full = [b for b, n in counts.items() if n >= batch_size] or [max(counts, key=counts.get)]
+    moved = {b: full[nearest_bucket(buckets[b], [buckets[f] for f in full])] for b in counts if b not in full}
+    if moved:
+        logger.info("buckets with fewer images than a batch joined the nearest full one: %s", ", ".join(
+            f"{buckets[b][0]}x{buckets[b][1]} ({counts[b]}) -> {buckets[to][0]}x{buckets[to][1]}"
+            for b, to in sorted(moved.items())))
+    return [moved.get(g, g) for g in groups]
+
+
 def scan_images(table, show_progress=True):
     """Read every image's header: its displayed size and identity. Rows whose file can't be opened are
     returned separately (with the reason) so the run can name and skip them up front."""
@@ -924,7 +937,7 @@ def plan_data(args, table, show_progress=True):
         targets, groups = [(args.resolution, args.resolution)] * len(sizes), [0] * len(sizes)
     else:
         buckets = make_buckets(args.resolution)
-        groups = [nearest_bucket(s, buckets) for s in sizes]
+        groups = merge_small_buckets([nearest_bucket(s, buckets) for s in sizes], buckets, args.train_batch_size)
         targets = [buckets[g] for g in groups]
         histogram = ", ".join(f"{buckets[b][0]}x{buckets[b][1]}: {groups.count(b)}" for b in sorted(set(groups)))
         logger.info("aspect-ratio buckets (w x h: images): %s", histogram)

@@ -94,6 +94,15 @@ def test_buckets():
     assert buckets[T.nearest_bucket((500, 500), buckets)] == (1024, 1024)
 
 
+def test_every_image_is_drawn_when_a_bucket_is_smaller_than_a_batch():
+    buckets = T.make_buckets(1024)
+    square, wide, wider, tall = (buckets.index(b) for b in ((1024, 1024), (1344, 768), (1536, 640), (832, 1216)))
+    groups = T.merge_small_buckets([square] * 6 + [wide] * 4 + [wider] + [tall], buckets, batch_size=4)
+    assert groups == [square] * 6 + [wide] * 4 + [wide] + [square]  # the lone images join the nearest full bucket
+    seen = {i for epoch in range(5) for batch in T.BatchSampler(groups, 4, seed=0).batches(epoch) for i in batch}
+    assert seen == set(range(12))
+
+
 def test_sampler_seeded_rank_aware_resumable():
     groups = [i % 3 for i in range(60)]  # three buckets of 20
     ranks = [T.BatchSampler(groups, 4, seed=7, num_replicas=2, rank=r) for r in (0, 1)]
