@@ -666,8 +666,13 @@ def open_image(value):
         img = Image.alpha_composite(Image.new("RGBA", img.size, (255, 255, 255, 255)), img)
     elif img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
         arr = np.asarray(img, dtype=np.float32)
-        arr = arr / 257.0 if arr.max() > 255 else arr  # 16-bit range -> 8-bit
-        img = Image.fromarray(arr.clip(0, 255).astype(np.uint8))
+        if img.mode.startswith("I;16"):  # always the 16-bit range: a dark 16-bit image stays dark
+            arr = arr / 257.0
+        elif img.mode == "F" and arr.max() <= 1.0:  # float images in [0, 1] (e.g. TIFF from image tools)
+            arr = arr * 255.0
+        elif arr.max() > 255:  # 32-bit integers: 16-bit data, unless the values say 8-bit
+            arr = arr / 257.0
+        img = Image.fromarray(arr.round().clip(0, 255).astype(np.uint8))
     return img.convert("RGB")
 
 

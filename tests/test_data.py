@@ -58,6 +58,10 @@ def test_image_modes_are_upright_rgb_and_transparency_is_white(tmp_path):
     assert T.open_image(os.path.join(folder, "la.png")).getpixel((0, 0)) == (255, 255, 255)
     grey = T.open_image(os.path.join(folder, "grey16.png"))
     assert grey.mode == "RGB" and abs(grey.getpixel((0, 0))[0] - 40000 / 257) <= 1
+    dark16 = Image.frombytes("I;16", (4, 4), np.full((4, 4), 200, dtype="<u2").tobytes())
+    assert T.open_image(dark16).getpixel((0, 0)) == (1, 1, 1)  # 200 of 65535 is nearly black, whatever the max
+    unit_float = Image.fromarray(np.full((4, 4), 0.5, dtype=np.float32))  # mode F, values in [0, 1]
+    assert T.open_image(unit_float).getpixel((0, 0)) == (128, 128, 128)
     assert T.open_image(os.path.join(folder, "cmyk.jpg")).mode == "RGB"
     assert T.open_image(os.path.join(folder, "palette.png")).mode == "RGB"
     rotated = T.open_image(os.path.join(folder, "rotated.jpg"))
