@@ -246,8 +246,18 @@ def config_value(action, value, path):
     return items if isinstance(value, list) else items[0]
 
 
+PATH_FLAGS = ("pretrained_model_name_or_path", "pretrained_vae_model_name_or_path", "dataset", "train_data_dir",
+              "output_dir", "cache_dir", "resume_from_checkpoint")
+
+
 def validate(args):
     """Fail fast, before any model loads, with one line that names the problem and what to do."""
+    for name in PATH_FLAGS:  # the shell expands ~ on the command line, but not in a --config file
+        if isinstance(getattr(args, name), str) and getattr(args, name).startswith("~"):
+            setattr(args, name, os.path.expanduser(getattr(args, name)))
+    for name in ("output_dir", "cache_dir"):
+        if getattr(args, name) and os.path.isfile(getattr(args, name)):
+            raise UserError(f"--{name} {getattr(args, name)!r} is a file; pass a folder")
     if not args.dataset and not args.train_data_dir:
         raise UserError("no training data: pass --dataset <hub id or folder> or --train_data_dir <folder>")
     if args.dataset and args.train_data_dir:
@@ -1986,6 +1996,9 @@ def main(argv=None):
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 3 if isinstance(e, TrainingStopped) else 2
+    except KeyboardInterrupt:  # Ctrl-C: checkpoints are complete or absent, so `latest` picks up from the last
+        print("\ninterrupted: rerun with --resume_from_checkpoint latest to continue", file=sys.stderr)
+        return 130
     return 0
 
 

@@ -71,6 +71,28 @@ def test_sigkill_while_checkpointing_then_resume_latest(tiny_model, shapes, tmp_
     assert all(torch.equal(again[k], weights[k]) for k in weights)
 
 
+def test_ctrl_c_ends_in_one_line_and_latest_continues(tiny_model, shapes, tmp_path):
+    """Ctrl-C in a terminal sends SIGINT to the whole process group (loader workers included)."""
+    import signal
+
+    out = str(tmp_path / "run")
+    argv = args_for(tiny_model, shapes, out, "--max_train_steps", "400", "--checkpointing_steps", "2",
+                    "--dataloader_num_workers", "1")
+    proc = subprocess.Popen([sys.executable, TRAINER, *argv], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True, cwd=ROOT, start_new_session=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None and not (os.path.isdir(out) and checkpoints(out)):
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGINT)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "Traceback" not in stderr, stderr[-3000:]
+    assert stderr.strip().splitlines()[-1].startswith("interrupted: rerun with --resume_from_checkpoint latest")
+    end = int(checkpoints(out)[-1].split("-")[1]) + 2
+    resumed = run_trainer(*args_for(tiny_model, shapes, out, "--max_train_steps", str(end), "--resume_from_checkpoint",
+                                    "latest"))
+    assert "resumed from" in resumed.stderr and metrics_steps(out)[-1] == end
+
+
 NAN_INJECTOR = """
 import sys
 sys.path.insert(0, {root!r})
