@@ -537,6 +537,9 @@ def build_pipeline(args, m, unet, text_encoders=None, for_saving=False):
 
 IMAGE_COLUMNS = ("image", "img", "images", "image_path", "file_name", "path")
 CAPTION_COLUMNS = ("text", "caption", "captions", "prompt", "prompts", "description", "sentence")
+# PIL warns above 89 MP and refuses above 179 MP as a guard against decompression bombs; training images are
+# the user's own, and phones now take 200 MP photos. Warn above 256 MP, refuse above 512 MP.
+Image.MAX_IMAGE_PIXELS = 256_000_000
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 METADATA_FILES = ("metadata.jsonl", "metadata.csv", "metadata.parquet")
 
@@ -1083,6 +1086,11 @@ def build_text_cache(args, m, table, cache, namespace, accelerator, chunk=64):
     for c in table["text"]:
         captions.update(str(x) for x in (c if isinstance(c, (list, tuple)) else [c]) if x is not None)
     todo = sorted(c for c in captions if text_key(namespace, c) not in cache)
+    tokenizer = m.tokenizers[0]
+    long = sum(len(ids) > tokenizer.model_max_length for ids in tokenizer(todo).input_ids) if todo else 0
+    if long:
+        logger.info("%d of %d captions are longer than the text encoders' %d tokens and are cut there (as in "
+                    "diffusers and kohya)", long, len(todo), tokenizer.model_max_length)
     mine = todo[accelerator.process_index::accelerator.num_processes]
     with torch.no_grad():
         for j in tqdm_range(len(mine), chunk, "caching text embeddings", accelerator):

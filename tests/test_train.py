@@ -121,10 +121,13 @@ def test_txt_caption_folder_trains(tiny_model, tmp_path):
     data = str(tmp_path / "kohya")
     subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "make_shapes_dataset.py"), data,
                     "--num_images", "4", "--layout", "txt"], check=True, capture_output=True)
+    first = sorted(f for f in os.listdir(data) if f.endswith(".txt"))[0]
+    with open(os.path.join(data, first), "a") as f:
+        f.write(", highly detailed" * 40)  # a captioning model's essay: cut at 77 tokens, and the log says so
     out = str(tmp_path / "out")
     proc = run_trainer("--pretrained_model_name_or_path", tiny_model, "--train_data_dir", data,
                        "--output_dir", out, *COMMON, "--max_train_steps", "2")
-    assert "4 images" in proc.stderr
+    assert "4 images" in proc.stderr and "1 of 5 captions are longer than the text encoders' 77 tokens" in proc.stderr
     assert os.path.exists(os.path.join(out, "pytorch_lora_weights.safetensors"))
 
 
