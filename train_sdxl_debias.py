@@ -535,8 +535,8 @@ def build_pipeline(args, m, unet, text_encoders=None, for_saving=False):
 # 3. data
 # ----------------------------------------------------------------------------------------------------------------
 
-IMAGE_COLUMNS = ("image", "img", "images", "image_path", "file_name", "path")
-CAPTION_COLUMNS = ("text", "caption", "captions", "prompt", "prompts", "description", "sentence")
+IMAGE_COLUMNS = ("image", "img", "images", "image_path", "file_name", "path", "jpg", "png", "webp")  # + webdataset's
+CAPTION_COLUMNS = ("text", "caption", "captions", "prompt", "prompts", "description", "sentence", "txt")
 # PIL warns above 89 MP and refuses above 179 MP as a guard against decompression bombs; training images are
 # the user's own, and phones now take 200 MP photos. Warn above 256 MP, refuse above 512 MP.
 Image.MAX_IMAGE_PIXELS = 256_000_000
@@ -576,8 +576,9 @@ def load_table(args):
         table = table["train"]
     image_col = pick_column(table.column_names, args.image_column, IMAGE_COLUMNS, "image")
     caption_col = pick_column(table.column_names, args.caption_column, CAPTION_COLUMNS, "caption")
-    if isinstance(table.features[image_col], datasets.Image):
-        table = table.cast_column(image_col, datasets.Image(decode=False))
+    feature = table.features[image_col]
+    if isinstance(feature, datasets.Image) or getattr(feature, "dtype", None) in ("binary", "large_binary"):
+        table = table.cast_column(image_col, datasets.Image(decode=False))  # encoded bytes too: {bytes, path}
     elif os.path.isfile(source):  # paths in a data file are relative to that file, as in an imagefolder
         here = os.path.dirname(os.path.abspath(source))
         table = table.map(lambda v: {image_col: v if not isinstance(v, str) or os.path.isabs(v) else

@@ -255,12 +255,17 @@ def dataset_in_every_local_form(shapes, root):
     table.to_parquet(os.path.join(root, "snapshot", "data", "train-00000-of-00001.parquet"))
     table.save_to_disk(os.path.join(root, "saved"))
     table.to_parquet(os.path.join(root, "one.parquet"))
+    os.makedirs(os.path.join(root, "raw"))  # image bytes in a plain binary column, as some Hub datasets have them
+    raw = datasets.Dataset.from_dict({"jpg": [open(os.path.join(folder, r["file_name"]), "rb").read() for r in rows],
+                                      "txt": [r["text"] for r in rows]})
+    raw.to_parquet(os.path.join(root, "raw", "train.parquet"))
     shutil.copytree(folder, os.path.join(root, "jsonl", "pictures"))
     with open(os.path.join(root, "jsonl", "train.jsonl"), "w") as f:
         for r in rows:
             f.write(json.dumps({"file": "pictures/" + r["file_name"], "caption": r["text"]}) + "\n")
     return rows, {"snapshot": [os.path.join(root, "snapshot")], "saved": [os.path.join(root, "saved")],
                   "parquet": [os.path.join(root, "one.parquet")],
+                  "raw_bytes": [os.path.join(root, "raw")],  # webdataset's column names are found by themselves
                   "jsonl": [os.path.join(root, "jsonl", "train.jsonl"), "--image_column", "file"]}
 
 
