@@ -162,9 +162,7 @@ def load_images(source, resolution, limit, seed):
     {pixels, caption, time_ids} with SDXL's size conditioning, exactly as the trainer builds it."""
     import train_sdxl_debias as T
 
-    table_args = argparse.Namespace(dataset=source, train_data_dir=None, dataset_config_name=None, image_column=None,
-                                    caption_column=None, max_train_samples=limit, seed=seed)
-    table, _ = T.load_table(table_args)
+    table, _ = T.load_table(T.parse_args(["--dataset", source, "--max_train_samples", str(limit), "--seed", str(seed)]))
     items = []
     for row in table:
         pixels, original_size, crop = T.transform_image(T.open_image(row["image"]), (resolution, resolution),
