@@ -305,6 +305,11 @@ def validate(args):
     if args.snr_gamma <= 0:
         raise UserError("--snr_gamma must be positive")
     resume = args.resume_from_checkpoint
+    model = args.pretrained_model_name_or_path
+    if os.path.isfile(model):
+        raise UserError(f"--pretrained_model_name_or_path {model!r} is a single file; this trainer reads diffusers "
+                        "folders: convert it once with StableDiffusionXLPipeline.from_single_file(path)"
+                        ".save_pretrained(folder)")
     if resume and resume != "latest" and not os.path.isdir(resume) and os.path.isdir(os.path.join(args.output_dir,
                                                                                                  resume)):
         resume = args.resume_from_checkpoint = os.path.join(args.output_dir, resume)  # diffusers: a name in output_dir
@@ -598,10 +603,18 @@ def load_folder(source, output_dir):
 
     if any(os.path.exists(os.path.join(source, f)) for f in ("state.json", "dataset_dict.json")):
         return guarded_load(source, datasets.load_from_disk, source)
-    files = [os.path.join(r, f) for r, _, fs in os.walk(source) for f in fs]
-    if any(os.path.basename(f) in METADATA_FILES for f in files):
-        return guarded_load(source, datasets.load_dataset, "imagefolder", data_dir=source)
+    ours = os.path.join(os.path.realpath(output_dir), "") if output_dir else None  # may sit inside the dataset
+    files = [os.path.join(r, f) for r, _, fs in os.walk(source) for f in fs
+             if not (ours and os.path.join(os.path.realpath(r), "").startswith(ours))]
+    metadata = any(os.path.basename(f) in METADATA_FILES for f in files)
     images = [f for f in files if os.path.splitext(f)[1].lower() in IMAGE_EXTS]
+    if metadata:
+        table = guarded_load(source, datasets.load_dataset, "imagefolder", data_dir=source)
+        listed = sum(len(split) for split in table.values()) if isinstance(table, datasets.DatasetDict) else len(table)
+        if listed < len(images):  # datasets silently leaves out images the metadata does not name
+            logger.warning("%d of %d images in %s are not listed in its metadata and are not used", len(images) - listed,
+                           len(images), source)
+        return table
     if not images:
         if any(os.path.splitext(f)[1].lower() in DATA_FILES for f in files):
             return guarded_load(source, datasets.load_dataset, source)

@@ -301,3 +301,13 @@ def test_images_without_any_caption_are_a_clear_error(tmp_path):
         Image.new("RGB", (32, 32)).save(tmp_path / f"{i}.png")
     with pytest.raises(T.UserError, match="3 images but no captions"):
         T.load_table(T.parse_args(["--dataset", str(tmp_path)]))
+
+
+def test_images_the_metadata_does_not_name_are_counted(tmp_path, caplog):
+    for i in range(4):
+        Image.new("RGB", (32, 32)).save(tmp_path / f"{i}.png")
+    with open(tmp_path / "metadata.jsonl", "w") as f:
+        for i in range(3):  # 3.png is left out, which datasets does without a word
+            f.write(json.dumps({"file_name": f"{i}.png", "text": f"image {i}"}) + "\n")
+    table, _ = T.load_table(T.parse_args(["--dataset", str(tmp_path), "--output_dir", str(tmp_path / "out")]))
+    assert len(table) == 3 and "1 of 4 images" in caplog.text and "not listed in its metadata" in caplog.text

@@ -151,6 +151,8 @@ USER_ERRORS = {
     "misspelt_lora_target": (["--dataset", "{shapes}", "--pretrained_model_name_or_path", "{tiny_model}",
                               "--lora_target_modules", "to_q, to_kk"], "to_kk matches no layer"),
     "output_dir_is_a_file": (["--dataset", "{shapes}", "--output_dir", "{shapes}/train/metadata.jsonl"], "is a file"),
+    "single_file_model": (["--dataset", "{shapes}", "--pretrained_model_name_or_path", "{shapes}/train/metadata.jsonl"],
+                          "from_single_file"),
     "single_file_with_lora": (["--dataset", "{shapes}", "--save_single_file"], "--save_single_file"),
     "te_lr_without_te": (["--dataset", "{shapes}", "--text_encoder_lr", "1e-5"], "--train_text_encoder"),
     "fp16_on_cpu": (["--dataset", "{shapes}", "--pretrained_model_name_or_path", "{tiny_model}",
