@@ -547,8 +547,6 @@ CAPTION_COLUMNS = ("text", "caption", "captions", "prompt", "prompts", "descript
 Image.MAX_IMAGE_PIXELS = 256_000_000
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 METADATA_FILES = ("metadata.jsonl", "metadata.csv", "metadata.parquet")
-
-
 DATA_FILES = {".parquet": "parquet", ".arrow": "arrow", ".jsonl": "json", ".json": "json", ".csv": "csv"}
 
 
@@ -603,9 +601,7 @@ def load_folder(source, output_dir):
 
     if any(os.path.exists(os.path.join(source, f)) for f in ("state.json", "dataset_dict.json")):
         return guarded_load(source, datasets.load_from_disk, source)
-    ours = os.path.join(os.path.realpath(output_dir), "") if output_dir else None  # may sit inside the dataset
-    files = [os.path.join(r, f) for r, _, fs in os.walk(source) for f in fs
-             if not (ours and os.path.join(os.path.realpath(r), "").startswith(ours))]
+    files = list_files(source, exclude=output_dir)
     metadata = any(os.path.basename(f) in METADATA_FILES for f in files)
     images = [f for f in files if os.path.splitext(f)[1].lower() in IMAGE_EXTS]
     if metadata:
@@ -620,7 +616,7 @@ def load_folder(source, output_dir):
             return guarded_load(source, datasets.load_dataset, source)
         raise UserError(f"dataset folder {source!r} has no images (looked for {', '.join(IMAGE_EXTS)}) and no data "
                         "files")
-    captions = find_captions(source, output_dir)
+    captions = find_captions(images)
     if captions is None:
         raise UserError(f"dataset folder {source!r} has {len(images)} images but no captions: put a same-name .txt "
                         "(or .caption) file next to each image, or a metadata.jsonl with file_name and text columns")
@@ -641,27 +637,30 @@ def guarded_load(name, fn, *a, **kw):
 CAPTION_EXTS = (".txt", ".caption")
 
 
-def find_captions(folder, output_dir=None):
-    """kohya layout: images with a same-name .txt (or .caption) file next to them, subfolders and symlinked
-    folders included, our own output folder excluded (it may sit inside the dataset and holds samples).
-    Returns columns, or None if no image has a non-empty caption."""
-    images, texts, seen = [], [], set()
-    skip = os.path.realpath(output_dir) if output_dir else None
-    for root, dirs, files in os.walk(folder, followlinks=True):
+def list_files(folder, exclude=None):
+    """Every file below `folder`, in a stable order, symlinked subfolders followed once (loops cut), leaving out
+    `exclude`: our output folder, which may sit inside the dataset and holds sample images."""
+    files, seen, skip = [], set(), os.path.realpath(exclude) if exclude else None
+    for root, dirs, names in os.walk(folder, followlinks=True):
         real = os.path.realpath(root)
-        if real in seen or real == skip:  # a symlink loop, or the output folder
+        if real in seen or real == skip:
             dirs[:] = []
             continue
         seen.add(real)
         dirs.sort()
-        for f in sorted(files):
-            stem, ext = os.path.splitext(f)
-            if ext.lower() not in IMAGE_EXTS:
-                continue
-            found = [os.path.join(root, stem + e) for e in CAPTION_EXTS if os.path.exists(os.path.join(root, stem + e))]
-            images.append(os.path.join(root, f))
-            # utf-8-sig: Windows editors start files with a byte-order mark, which would become part of the caption
-            texts.append(open(found[0], encoding="utf-8-sig", errors="replace").read().strip() if found else "")
+        files += [os.path.join(root, n) for n in sorted(names)]
+    return files
+
+
+def find_captions(images):
+    """kohya layout: each image's caption from a same-name .txt (or .caption) file next to it, "" without one.
+    Returns columns, or None if no image has a non-empty caption."""
+    texts = []
+    for path in images:
+        stem = os.path.splitext(path)[0]
+        found = [stem + ext for ext in CAPTION_EXTS if os.path.exists(stem + ext)]
+        # utf-8-sig: Windows editors start files with a byte-order mark, which would become part of the caption
+        texts.append(open(found[0], encoding="utf-8-sig", errors="replace").read().strip() if found else "")
     if not any(texts):
         return None
     if not all(texts):

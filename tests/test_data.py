@@ -289,8 +289,8 @@ def test_kohya_folder_captions_txt_caption_bom_subfolders_and_output_dir_exclude
     out = folder / "my-lora" / "samples"  # an output folder inside the dataset: its images are not data
     out.mkdir(parents=True)
     Image.new("RGB", (32, 32)).save(out / "step_000010.png")
-    captions = T.find_captions(str(folder), str(folder / "my-lora"))
-    found = dict(zip((os.path.relpath(p, folder) for p in captions["image"]), captions["text"]))
+    table, _ = T.load_table(T.parse_args(["--dataset", str(folder), "--output_dir", str(folder / "my-lora")]))
+    found = dict(zip((os.path.relpath(p, folder) for p in table["image"]), table["text"]))
     assert sorted(found.values()) == ["", "", "a caption file", "a red square"]  # BOM gone, my-lora/ left out
     assert sum(p.endswith("b.png") for p in found) == 1  # the symlinked subfolder once, not twice
     assert "2 of" in caplog.text and "empty prompt" in caplog.text
