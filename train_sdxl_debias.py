@@ -14,6 +14,7 @@ are imported inside the sections that use them, so a bad flag is reported in a s
 import argparse
 import hashlib
 import io
+import itertools
 import json
 import logging
 import math
@@ -604,6 +605,7 @@ def load_folder(source, output_dir):
     files = list_files(source, exclude=output_dir)
     metadata = any(os.path.basename(f) in METADATA_FILES for f in files)
     images = [f for f in files if os.path.splitext(f)[1].lower() in IMAGE_EXTS]
+    data_files = any(os.path.splitext(f)[1].lower() in DATA_FILES for f in files)
     if metadata:
         table = guarded_load(source, datasets.load_dataset, "imagefolder", data_dir=source)
         listed = sum(len(split) for split in table.values()) if isinstance(table, datasets.DatasetDict) else len(table)
@@ -611,16 +613,16 @@ def load_folder(source, output_dir):
             logger.warning("%d of %d images in %s are not listed in its metadata and are not used", len(images) - listed,
                            len(images), source)
         return table
+    captions = find_captions(images) if images else None
+    if captions is not None:
+        return datasets.Dataset.from_dict(captions)
+    if data_files:  # a downloaded Hub dataset; an image beside its parquet files is a preview, not data
+        return guarded_load(source, datasets.load_dataset, source)
     if not images:
-        if any(os.path.splitext(f)[1].lower() in DATA_FILES for f in files):
-            return guarded_load(source, datasets.load_dataset, source)
         raise UserError(f"dataset folder {source!r} has no images (looked for {', '.join(IMAGE_EXTS)}) and no data "
                         "files")
-    captions = find_captions(images)
-    if captions is None:
-        raise UserError(f"dataset folder {source!r} has {len(images)} images but no captions: put a same-name .txt "
-                        "(or .caption) file next to each image, or a metadata.jsonl with file_name and text columns")
-    return datasets.Dataset.from_dict(captions)
+    raise UserError(f"dataset folder {source!r} has {len(images)} images but no captions: put a same-name .txt "
+                    "(or .caption) file next to each image, or a metadata.jsonl with file_name and text columns")
 
 
 def guarded_load(name, fn, *a, **kw):
@@ -986,7 +988,11 @@ def encode_prompt(text_encoders, tokenizers, captions, device=None):
     hidden, pooled = [], None
     for tokenizer, encoder in zip(tokenizers, text_encoders):
         ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                        return_tensors="pt").input_ids.to(device or encoder.device)
+                        return_tensors="pt").input_ids
+        target = device or encoder.device
+        if target.type == "cuda":  # a pageable copy blocks until the GPU's queue drains; a pinned one does not
+            ids = ids.pin_memory()
+        ids = ids.to(target, non_blocking=True)
         out = encoder(ids, output_hidden_states=True)
         hidden.append(out.hidden_states[-2])
         pooled = out[0]  # the last encoder's text_embeds (CLIPTextModelWithProjection)
@@ -1237,7 +1243,8 @@ def training_step(batch, m, args, generator):
     if target is None:
         target = sched.get_velocity(latents, noise, timesteps)
     # time_ids stay fp32: bf16 would round sizes above 1024 to multiples of 8 (the UNet embeds them in fp32).
-    added = {"text_embeds": pooled, "time_ids": batch["time_ids"].to(device, dtype=torch.float32)}
+    # non_blocking from the loader's pinned memory: a blocking copy would wait for the previous step to finish.
+    added = {"text_embeds": pooled, "time_ids": batch["time_ids"].to(device, non_blocking=True).float()}
     pred = m.unet(noisy, timesteps, prompt_embeds, added_cond_kwargs=added, return_dict=False)[0]
     per_sample = debias_loss.diffusion_loss(pred, target, timesteps, sched.alphas_cumprod, args.loss_weighting,
                                             prediction_type, args.snr_gamma, reduction="none")
@@ -1392,8 +1399,10 @@ def save_checkpoint(accelerator, args, global_step, epoch, lr_scheduler):
         if os.path.exists(os.path.join(final, STATE_FILE)):  # ours: a resumed run saving the same step again
             shutil.rmtree(final)
         elif os.path.exists(final):  # someone else's folder of that name: keep it, out of the way
-            logger.warning("%s was not written by this trainer; moved to %s.orig", final, final)
-            os.replace(final, final + ".orig")
+            names = (f"{final}.orig{n or ''}" for n in itertools.count())  # .orig, .orig1, .orig2, ...
+            aside = next(name for name in names if not os.path.exists(name))
+            logger.warning("%s was not written by this trainer; moved to %s", final, aside)
+            os.replace(final, aside)
         os.replace(tmp, final)
         if args.checkpoints_total_limit:
             for _, old in list_checkpoints(args.output_dir)[:-args.checkpoints_total_limit]:

@@ -119,6 +119,8 @@ def parse_options(argv=None):
     a("--out", default=None, help="Also append the JSON lines to this file.")
     opts, opts.trainer_flags = p.parse_known_args(argv)  # the rest is the trainer's to parse (and reject)
     opts.device = torch.device(opts.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if opts.device.type == "cuda" and opts.device.index not in (None, 0):  # accelerate would use cuda:0 anyway
+        p.error(f"--device {opts.device}: pick the card with CUDA_VISIBLE_DEVICES={opts.device.index} instead")
     if opts.peak_tflops is None and opts.device.type == "cuda":
         opts.peak_tflops = H100_BF16_PEAK_TFLOPS
     if opts.threads:

@@ -253,6 +253,7 @@ def dataset_in_every_local_form(shapes, root):
                                         "text": [r["text"] for r in rows]}).cast_column("image", datasets.Image())
     os.makedirs(os.path.join(root, "snapshot", "data"))
     table.to_parquet(os.path.join(root, "snapshot", "data", "train-00000-of-00001.parquet"))
+    Image.new("RGB", (8, 8)).save(os.path.join(root, "snapshot", "preview.png"))  # a dataset card's picture
     table.save_to_disk(os.path.join(root, "saved"))
     table.to_parquet(os.path.join(root, "one.parquet"))
     os.makedirs(os.path.join(root, "raw"))  # image bytes in a plain binary column, as some Hub datasets have them
@@ -294,6 +295,11 @@ def test_kohya_folder_captions_txt_caption_bom_subfolders_and_output_dir_exclude
     assert sorted(found.values()) == ["", "", "a caption file", "a red square"]  # BOM gone, my-lora/ left out
     assert sum(p.endswith("b.png") for p in found) == 1  # the symlinked subfolder once, not twice
     assert "2 of" in caplog.text and "empty prompt" in caplog.text
+    only_links = tmp_path / "links"  # kohya's "10_subject" folders are often symlinks to the real ones
+    only_links.mkdir()
+    os.symlink(folder / "sub", only_links / "10_shapes")
+    table, _ = T.load_table(T.parse_args(["--dataset", str(only_links)]))
+    assert table["text"] == ["a caption file"]
 
 
 def test_images_without_any_caption_are_a_clear_error(tmp_path):

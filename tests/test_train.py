@@ -209,6 +209,7 @@ def test_a_foreign_checkpoint_folder_is_moved_aside_not_deleted(tiny_model, shap
     out = tmp_path / "run"
     (out / "checkpoint-2").mkdir(parents=True)  # e.g. from diffusers' script: no trainer_state.json
     (out / "checkpoint-2" / "notes.txt").write_text("mine")
+    (out / "checkpoint-2.orig").mkdir()  # an earlier one already moved aside: neither is overwritten
     proc = run_trainer(*base_args(tiny_model, shapes, str(out), "--max_train_steps", "2", "--checkpointing_steps", "2"))
-    assert (out / "checkpoint-2.orig" / "notes.txt").read_text() == "mine" and "moved to" in proc.stderr
+    assert (out / "checkpoint-2.orig1" / "notes.txt").read_text() == "mine" and "moved to" in proc.stderr
     assert (out / "checkpoint-2" / "trainer_state.json").exists()
