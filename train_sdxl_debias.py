@@ -649,9 +649,9 @@ def list_files(folder, exclude=None):
             dirs[:] = []
             continue
         seen.add(real)
-        dirs.sort()
-        files += [os.path.join(root, n) for n in sorted(names)]
-    return files
+        dirs.sort()  # which path of a folder reached twice is kept: the same on every machine
+        files += [os.path.join(root, n) for n in names]
+    return sorted(files, key=lambda f: (os.path.dirname(f), os.path.basename(f)))  # folder by folder, as always
 
 
 def find_captions(images):

@@ -295,6 +295,11 @@ def test_kohya_folder_captions_txt_caption_bom_subfolders_and_output_dir_exclude
     assert sorted(found.values()) == ["", "", "a caption file", "a red square"]  # BOM gone, my-lora/ left out
     assert sum(p.endswith("b.png") for p in found) == 1  # the symlinked subfolder once, not twice
     assert "2 of" in caplog.text and "empty prompt" in caplog.text
+    for sub in ("cat", "cat/close-ups", "cat-2", "cat 3"):  # the order of earlier versions (resumes stay exact)
+        (tmp_path / "order" / sub).mkdir(parents=True)
+        (tmp_path / "order" / sub / "a.png").touch()
+    assert [os.path.relpath(p, tmp_path / "order") for p in T.list_files(str(tmp_path / "order"))] == [
+        "cat/a.png", "cat 3/a.png", "cat-2/a.png", "cat/close-ups/a.png"]
     only_links = tmp_path / "links"  # kohya's "10_subject" folders are often symlinks to the real ones
     only_links.mkdir()
     os.symlink(folder / "sub", only_links / "10_shapes")
