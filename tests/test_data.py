@@ -71,6 +71,24 @@ def test_image_modes_are_upright_rgb_and_transparency_is_white(tmp_path):
         T.open_image(os.path.join(folder, "truncated.jpg")).load()
 
 
+def test_large_jpegs_decode_at_a_reduced_scale_with_full_size_conditioning(tmp_path):
+    """A photo far larger than its bucket is decoded at 1/2..1/8 scale (libjpeg), but crops and add_time_ids
+    are those of the full image, and the pixels match a full decode."""
+    rng = np.random.RandomState(0)
+    ramp = np.linspace(0, 255, 1600)[None, :, None] * np.ones((1200, 1, 3))
+    photo = Image.fromarray((ramp * 0.8 + rng.randint(0, 40, (1200, 1600, 3))).clip(0, 255).astype(np.uint8))
+    path = str(tmp_path / "photo.jpg")
+    save_jpeg_with_orientation(path, photo, 6)  # stored landscape, displayed portrait
+    img, size = T.decode_image(path, cover=(192, 256))
+    assert size == (1200, 1600) and img.size[0] < 1200 and img.size[0] >= 192 and img.size[1] >= 256
+    full, _ = T.decode_image(path)
+    assert full.size == (1200, 1600)
+    a = T.transform_image(img, (192, 256), True, False, random.Random(0), size=size)
+    b = T.transform_image(full, (192, 256), True, False, random.Random(0))
+    assert a[1:] == b[1:] == ((1600, 1200), (0, 0))  # original (h, w) and crop of the full image
+    assert (a[0] - b[0]).abs().mean() < 0.02  # [-1, 1] pixels: under 1% of the range apart
+
+
 def test_transform_crop_flip_and_time_ids():
     img = Image.new("RGB", (200, 100))
     img.paste((255, 0, 0), (0, 0, 100, 100))  # left half red
@@ -275,7 +293,7 @@ def test_every_local_dataset_form_loads_with_its_captions(shapes, tmp_path):
     for name, (source, *extra) in forms.items():
         table, _ = T.load_table(T.parse_args(["--dataset", source, *extra]))
         assert sorted(table["text"]) == sorted(r["text"] for r in rows), name
-        assert T.decode_image(table[0]["image"]).size[0] >= 96, name  # images resolve (relative paths too)
+        assert T.decode_image(table[0]["image"])[1][0] >= 96, name  # images resolve (relative paths too)
 
 
 def test_kohya_folder_captions_txt_caption_bom_subfolders_and_output_dir_excluded(tmp_path, caplog):
