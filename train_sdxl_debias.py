@@ -13,6 +13,7 @@ are imported inside the sections that use them, so a bad flag is reported in a s
 """
 import argparse
 import hashlib
+import inspect
 import io
 import itertools
 import json
@@ -610,8 +611,8 @@ def load_folder(source, output_dir):
         table = guarded_load(source, datasets.load_dataset, "imagefolder", data_dir=source)
         listed = sum(len(split) for split in table.values()) if isinstance(table, datasets.DatasetDict) else len(table)
         if listed < len(images):  # datasets silently leaves out images the metadata does not name
-            logger.warning("%d of %d images in %s are not listed in its metadata and are not used", len(images) - listed,
-                           len(images), source)
+            logger.warning("%d of %d images in %s are not listed in its metadata and are not used",
+                           len(images) - listed, len(images), source)
         return table
     captions = find_captions(images) if images else None
     if captions is not None:
@@ -1348,7 +1349,13 @@ def export_trained(args, folder, unet, text_encoders=(), ema=None):
         layers = {"unet_lora_layers": lora_layers(unet), "unet_lora_adapter_metadata": adapter_config(unet)}
         for name, te in zip(("text_encoder", "text_encoder_2"), text_encoders):
             layers[f"{name}_lora_layers"], layers[f"{name}_lora_adapter_metadata"] = lora_layers(te), adapter_config(te)
-        StableDiffusionXLPipeline.save_lora_weights(folder, safe_serialization=True, **layers)
+        save = StableDiffusionXLPipeline.save_lora_weights
+        if "unet_lora_adapter_metadata" not in inspect.signature(save).parameters:  # diffusers < 0.34
+            layers = {k: v for k, v in layers.items() if not k.endswith("_metadata")}
+            if args.lora_alpha != args.rank:
+                logger.warning("this diffusers cannot store --lora_alpha in pytorch_lora_weights.safetensors, so it "
+                               "loads at the wrong scale; use %s, or upgrade diffusers", kohya_name(args.output_dir))
+        save(folder, safe_serialization=True, **layers)
         write_kohya_lora(args, folder, unet, text_encoders)
     else:
         unet.save_pretrained(os.path.join(folder, "unet"), safe_serialization=True)
