@@ -479,7 +479,7 @@ def run_all(opts):
 
 COLUMNS = (  # (JSON field, table heading, format)
     ("finetune", "tune", "{}"), ("batch_size", "bs", "{}"), ("resolution", "res", "{}"),
-    ("gradient_checkpointing", "ckpt", "{:d}"), ("compile", "comp", "{:d}"), ("channels_last", "nhwc", "{:d}"),
+    ("gradient_checkpointing", "ckpt", "{:d}"), ("compiled", "compile", "{}"), ("channels_last", "nhwc", "{:d}"),
     ("optimizer", "optim", "{}"),
     ("precision", "prec", "{}"), ("encoders", "encode", "{}"), ("ms_per_step", "ms/step", "{:.1f}"),
     ("img_per_s", "img/s", "{:.2f}"), ("peak_mem_gib", "peak GiB", "{:.2f}"),
@@ -490,6 +490,7 @@ def print_table(rows):
     head = [title for _, title, _ in COLUMNS]
     body = []
     for row in rows:
+        row = {**row, "compiled": row["compile_mode"] if row["compile"] else "off"}  # off, default, reduce-overhead
         cells = [fmt.format(row[k]) if row.get(k) is not None else "-" for k, _, fmt in COLUMNS]
         body.append(cells + ([row["error"][:80]] if "error" in row else []))
     widths = [max(len(r[i]) for r in [head] + body) for i in range(len(head))]
