@@ -24,12 +24,12 @@ x₀-errors by SNR, i.e. almost nothing at high t (low SNR); the paper weights t
 min_snr: "Efficient Diffusion Training via Min-SNR Weighting Strategy", Hang et al. 2023, arXiv:2303.09556
 (diffusers' --snr_gamma).
 
-Clamp: SNR is clamped to [SNR_MIN, SNR_MAX] = [1e-4, 1e4] before weighting. Real schedules only leave that
-range at the two ends: SNR = 0 at t = T with zero-terminal-SNR schedules, and SNR → ∞ where ᾱ rounds to 1.
-Without the clamp, ε-debias (1/√SNR) and sample-debias (√SNR) become infinite there, and the v-prediction
-ratios become ∞/∞. With it, every weight is finite and > 0 (no weight exceeds 100), and weights are exact
-wherever 1e-4 ≤ SNR ≤ 1e4, which covers every timestep of SD/SDXL's schedule (SNR from 0.0047 at t = 999
-to ≈ 1175 at t = 0).
+Clamp: SNR is clamped to [SNR_MIN, SNR_MAX] = [1e-4, 1e4] before weighting. Real schedules leave that range
+only near the two ends: SNR → 0 as t → T with zero-terminal-SNR schedules (SDXL's rescaled: the last ~20
+timesteps), and SNR → ∞ where ᾱ rounds to 1. Without the clamp, ε-debias (1/√SNR) and sample-debias (√SNR)
+become infinite there, and the v-prediction ratios become ∞/∞. With it, every weight is finite and > 0 (the
+debias weights are at most 100), and weights are exact wherever 1e-4 ≤ SNR ≤ 1e4, which covers every timestep
+of SD/SDXL's own schedule (SNR from 0.0047 at t = 999 to ≈ 1175 at t = 0).
 """
 import torch
 

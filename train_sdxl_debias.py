@@ -102,8 +102,9 @@ def parse_args(argv=None):
     a("--use_ema", action="store_true", help="Full fine-tune: keep an EMA of the UNet for validation and saving.")
     a("--ema_decay", type=float, default=0.9999)
     # loss
-    a("--loss_weighting", choices=debias_loss.WEIGHTINGS, default="debias")
-    a("--snr_gamma", type=float, default=5.0, help="γ of --loss_weighting min_snr.")
+    a("--loss_weighting", choices=debias_loss.WEIGHTINGS, default=None,
+      help="Default debias; min_snr when --snr_gamma is given (as it is in diffusers' scripts).")
+    a("--snr_gamma", type=float, default=None, help="γ of --loss_weighting min_snr (default 5).")
     a("--prediction_type", choices=debias_loss.PREDICTION_TYPES, default=None,
       help="Default: the scheduler's (epsilon for SDXL base).")
     a("--normalize_loss_weights", action="store_true",
@@ -173,7 +174,15 @@ def parse_args(argv=None):
         if any(a.startswith("--validation_prompt") for a in argv):
             values.pop("validation_prompt", None)  # the command line's prompts replace the file's, not add to them
         p.set_defaults(**values)
-    args = p.parse_args(argv)
+    args, unknown = p.parse_known_args(argv)
+    if unknown:  # one line, with the replacement when a diffusers flag has one, instead of a usage dump
+        flag = next((u for u in unknown if u.startswith("-")), unknown[0])
+        hint = FOREIGN_FLAGS.get(flag.split("=")[0], "see --help for the flags")
+        raise UserError(f"unrecognized argument {flag!r}: {hint}")
+    if args.loss_weighting is None:  # a diffusers command line turns min-SNR on with --snr_gamma alone
+        args.loss_weighting = "min_snr" if args.snr_gamma is not None else "debias"
+    if args.snr_gamma is None:
+        args.snr_gamma = 5.0
     # LoRA-only flags: remember which were given (an error with --finetune full), then fill their defaults.
     args.lora_flags_given = [n for n, _ in LORA_DEFAULTS if getattr(args, n) is not None]
     if args.finetune == "lora":
@@ -183,6 +192,20 @@ def parse_args(argv=None):
     return args
 
 
+# Flags of diffusers' and kohya's scripts that this one does differently.
+FOREIGN_FLAGS = {
+    "--use_8bit_adam": "use --optimizer adamw8bit",
+    "--enable_xformers_memory_efficient_attention": "not needed: PyTorch's scaled-dot-product attention is used",
+    "--validation_epochs": "use --validation_steps (in optimizer steps)",
+    "--debug_loss": "the loss per timestep bucket is always in metrics.jsonl",
+    "--image_interpolation_mode": "images are resized with Lanczos",
+    "--timestep_bias_strategy": "use --min_timestep / --max_timestep to train on a range of timesteps",
+    "--instance_data_dir": "DreamBooth-style: put the images with same-name .txt captions (your instance prompt) "
+                           "in a folder and pass --train_data_dir",
+    "--instance_prompt": "write the prompt into a same-name .txt caption next to each image (--train_data_dir)",
+    "--network_dim": "use --rank", "--network_alpha": "use --lora_alpha",
+    "--local_rank": "launch with accelerate launch or torchrun, which pass the rank in the environment",
+}
 LORA_DEFAULTS = (("rank", 4), ("lora_alpha", None), ("lora_dropout", 0.0), ("lora_target_modules",
                  "to_q,to_k,to_v,to_out.0"), ("use_dora", False), ("init_lora_weights", "gaussian"))
 COMMA_LISTS = ("lora_target_modules",)  # flags whose one value is a comma-separated list
@@ -1387,7 +1410,8 @@ def write_kohya_lora(args, folder, unet, text_encoders):
             out[f"{name}.lora_{'down' if kind == 'A.weight' else 'up'}.weight"] = value.contiguous()
             out[f"{name}.alpha"] = torch.tensor(float(args.lora_alpha))
     save_file(out, os.path.join(folder, kohya_name(args.output_dir)), metadata={"ss_network_dim": str(args.rank),
-              "ss_network_alpha": str(args.lora_alpha), "ss_base_model_version": "sdxl_base_v1-0"})
+              "ss_network_alpha": str(args.lora_alpha), "ss_base_model_version": "sdxl_base_v1-0",
+              "ss_v_parameterization": str(args.prediction_type == "v_prediction")})
 
 
 def load_trained(args, folder, unet, text_encoders=(), ema=None):
@@ -1576,11 +1600,16 @@ def write_model_card(args, m, source, num_images):
     base = args.pretrained_model_name_or_path
     lora = args.finetune == "lora"
     samples = sorted(os.listdir(os.path.join(args.output_dir, "samples"))) if args.validation_prompt else []
-    usage = (f'pipe = StableDiffusionXLPipeline.from_pretrained("{base}", torch_dtype=torch.float16).to("cuda")\n'
-             f'pipe.load_lora_weights("{args.hub_model_id or args.output_dir}")' if lora else
-             f'pipe = StableDiffusionXLPipeline.from_pretrained("{args.hub_model_id or args.output_dir}", '
+    prediction = m.noise_scheduler.config.prediction_type
+    usage = (f'pipe = StableDiffusionXLPipeline.from_pretrained({base!r}, torch_dtype=torch.float16).to("cuda")\n'
+             f'pipe.load_lora_weights({args.hub_model_id or args.output_dir!r})' if lora else
+             f'pipe = StableDiffusionXLPipeline.from_pretrained({args.hub_model_id or args.output_dir!r}, '
              'torch_dtype=torch.float16).to("cuda")')
+    if lora and args.prediction_type:  # the base model's scheduler samples its own type, not the one trained here
+        usage += f'\npipe.scheduler.register_to_config(prediction_type={prediction!r})'
     prompt = args.validation_prompt[0] if args.validation_prompt else "your prompt"
+    weight = {"epsilon": "ε-loss weighted by 1/√SNR(t)", "v_prediction": "v-loss weighted by √SNR/(SNR+1)",
+              "sample": "x0-loss weighted by √SNR(t)"}.get(prediction)
     lines = [
         "---", f"base_model: {base}", "library_name: diffusers", "license: openrail++",
         "tags: [stable-diffusion-xl, text-to-image, diffusers, train_sdxl_debias" + (", lora]" if lora else "]"), "---",
@@ -1589,15 +1618,15 @@ def write_model_card(args, m, source, num_images):
         f"({num_images} images), trained with `train_sdxl_debias.py`.", "",
         f"**Loss:** `{args.loss_weighting}` weighting"
         + (" — the debiased estimation loss of [Debias the Training of Diffusion Models](https://arxiv.org/abs/2310.08442)"
-           " (ε-loss weighted by 1/√SNR(t))" if args.loss_weighting == "debias" else "")
-        + f", prediction type `{m.noise_scheduler.config.prediction_type}`"
+           f" ({weight})" if args.loss_weighting == "debias" else "")
+        + f", prediction type `{prediction}`"
         + (", weights normalised to mean 1" if args.normalize_loss_weights else "") + ".", "",
         "| setting | value |", "|---|---|",
         *[f"| {k} | {getattr(args, k)} |" for k in ("resolution", "train_batch_size", "gradient_accumulation_steps",
           "learning_rate", "lr_scheduler", "max_train_steps", "num_train_epochs", "mixed_precision",
           "aspect_ratio_bucketing", "train_text_encoder", "use_ema", "noise_offset", "seed")],
         "", "## Use it", "", "```python", "import torch", "from diffusers import StableDiffusionXLPipeline",
-        usage, f'image = pipe("{prompt}").images[0]', "```", ""]
+        usage, f'image = pipe({prompt!r}).images[0]', "```", ""]
     if lora:
         lines += [f"`{kohya_name(args.output_dir)}` is the same LoRA in kohya's format (A1111/Forge, ComfyUI).", ""]
     if samples:
@@ -2039,6 +2068,8 @@ def after_step(accelerator, args, m, metrics, nonfinite, progress, global_step, 
         save_checkpoint(accelerator, args, global_step, epoch, lr_scheduler)
     if sample and accelerator.is_main_process:
         run_validation(accelerator, args, m, global_step, accelerator.trackers)
+    if save or sample:  # samples_per_s measures training, not checkpoint writing or sampling
+        metrics.t0 = time.perf_counter()
 
 
 def push_to_hub(args):

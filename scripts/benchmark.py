@@ -508,7 +508,11 @@ def main(argv=None):
     from transformers import logging as transformers_logging
     diffusers_logging.set_verbosity_error()
     transformers_logging.set_verbosity_error()
-    rows = run_all(opts)
+    try:
+        rows = run_all(opts)
+    except T.UserError as e:  # a flag the trainer rejects: its one-line message
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     print_table(rows)
     return 1 if all("error" in r for r in rows) else 0
 

@@ -158,3 +158,33 @@ def test_timestep_range_is_respected(tiny_model, shapes, tmp_path):
     for row in (json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))):
         filled = [k for k in row if k.startswith("loss_t_") and row[k] is not None]
         assert filled == ["loss_t_500_599"]
+
+
+def test_v_prediction_lora_card_samples_it_as_v_and_its_code_runs_as_python(tiny_model, shapes, tmp_path):
+    import ast
+    import re
+    from safetensors import safe_open
+
+    out = str(tmp_path / "v-lora")
+    run_trainer("--pretrained_model_name_or_path", tiny_model, "--dataset", shapes, "--output_dir", out,
+                "--resolution", "64", "--train_batch_size", "2", "--max_train_steps", "1",
+                "--prediction_type", "v_prediction", "--validation_prompt", 'a "quoted" square',
+                "--num_validation_images", "1", "--validation_inference_steps", "1")
+    card = open(os.path.join(out, "README.md")).read()
+    code = re.search(r"```python\n(.*?)```", card, re.S).group(1)
+    ast.parse(code)  # a prompt with quotes must not break the snippet
+    assert "prediction_type='v_prediction'" in code  # the base model's scheduler would sample ε
+    assert "√SNR/(SNR+1)" in card and "prediction type `v_prediction`" in card
+    with safe_open(os.path.join(out, "v-lora.safetensors"), "pt") as f:
+        assert f.metadata()["ss_v_parameterization"] == "True"  # kohya's flag, read by A1111/Forge
+
+
+def test_diffusers_command_lines_mean_the_same_here():
+    assert T.parse_args(["--dataset", "x", "--snr_gamma", "5.0"]).loss_weighting == "min_snr"  # as in diffusers
+    default = T.parse_args(["--dataset", "x"])
+    assert (default.loss_weighting, default.snr_gamma) == ("debias", 5.0)
+    assert T.parse_args(["--dataset", "x", "--loss_weighting", "debias", "--snr_gamma", "3"]).loss_weighting == "debias"
+    with pytest.raises(T.UserError, match="--use_8bit_adam.*--optimizer adamw8bit"):
+        T.parse_args(["--dataset", "x", "--use_8bit_adam"])
+    with pytest.raises(T.UserError, match="--bogus_flag.*--help"):
+        T.parse_args(["--dataset", "x", "--bogus_flag", "1"])
