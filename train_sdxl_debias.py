@@ -1595,7 +1595,7 @@ def image_grid(rows):
     return grid
 
 
-def write_model_card(args, m, source, num_images):
+def write_model_card(args, m, source, num_images, run):
     """output_dir/README.md: what was trained, on what, with which loss and settings, and how to use it."""
     base = args.pretrained_model_name_or_path
     lora = args.finetune == "lora"
@@ -1622,9 +1622,10 @@ def write_model_card(args, m, source, num_images):
         + f", prediction type `{prediction}`"
         + (", weights normalised to mean 1" if args.normalize_loss_weights else "") + ".", "",
         "| setting | value |", "|---|---|",
+        *[f"| {k} | {v} |" for k, v in run.items()],  # what the run resolved: steps, epochs, precision, last loss
         *[f"| {k} | {getattr(args, k)} |" for k in ("resolution", "train_batch_size", "gradient_accumulation_steps",
-          "learning_rate", "lr_scheduler", "max_train_steps", "num_train_epochs", "mixed_precision",
-          "aspect_ratio_bucketing", "train_text_encoder", "use_ema", "noise_offset", "seed")],
+          "learning_rate", "lr_scheduler", "aspect_ratio_bucketing", "train_text_encoder", "use_ema", "noise_offset",
+          "seed")],
         "", "## Use it", "", "```python", "import torch", "from diffusers import StableDiffusionXLPipeline",
         usage, f'image = pipe({prompt!r}).images[0]', "```", ""]
     if lora:
@@ -1875,19 +1876,24 @@ def loader_workers(args, accelerator, decoding=True):
     return max(0, min(8, cpus // accelerator.num_processes - 1))
 
 
-def make_loader(args, table, plan, groups, accelerator):
+def make_sampler(args, groups, accelerator):
+    """This rank's batches; a dataset too small for one optimizer step is refused here, before the models load."""
     world, accum = accelerator.num_processes, args.gradient_accumulation_steps
     sampler = BatchSampler(groups, args.train_batch_size, args.seed, world, accelerator.process_index, accum)
     if len(sampler) == 0:
-        raise UserError(f"the dataset has {len(table)} usable images, fewer than one optimizer step needs "
+        raise UserError(f"the dataset has {len(groups)} usable images, fewer than one optimizer step needs "
                         f"(batch {args.train_batch_size} × accumulation {accum} × {world} processes"
                         + (", per aspect-ratio bucket" if args.aspect_ratio_bucketing else "") + ")")
+    return sampler
+
+
+def make_loader(args, table, plan, sampler, accelerator):
     # Its own generator: iterating must not draw from the global RNG, or a resumed run's dropout would shift.
     workers = loader_workers(args, accelerator, decoding=plan.latent_cache is None)
     loader = torch.utils.data.DataLoader(ImageCaptionDataset(table, args, plan), batch_sampler=sampler,
                                          collate_fn=collate, num_workers=workers, persistent_workers=workers > 0,
                                          pin_memory=torch.cuda.is_available(), generator=torch.Generator())
-    return loader, sampler
+    return loader
 
 
 def make_optimization(args, m, accelerator, max_steps):
@@ -1918,10 +1924,11 @@ def train(args):
     accelerator = setup(args)
     table, source = load_table(args)  # data errors surface before the (slow) model load
     table, plan, groups = plan_data(args, table, accelerator.is_local_main_process)
+    sampler = make_sampler(args, groups, accelerator)
     m = load_models(args, accelerator)
     if args.cache_latents or caches_text(args):
         build_caches(args, m, table, plan, accelerator)
-    loader, sampler = make_loader(args, table, plan, groups, accelerator)
+    loader = make_loader(args, table, plan, sampler, accelerator)
     world, rank, accum = accelerator.num_processes, accelerator.process_index, args.gradient_accumulation_steps
     steps_per_epoch = len(sampler) // accum
     max_steps = args.max_train_steps or args.num_train_epochs * steps_per_epoch
@@ -1990,7 +1997,11 @@ def train(args):
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         save_final(accelerator, args, m)
-        write_model_card(args, m, source, len(table))
+        log = os.path.join(args.output_dir, "metrics.jsonl")
+        rows = [json.loads(line) for line in open(log)] if os.path.exists(log) else []
+        write_model_card(args, m, source, len(table), {
+            "steps": global_step, "epochs": num_epochs, "processes": world, "mixed_precision":
+            accelerator.mixed_precision, "last logged loss": f"{rows[-1]['loss']:.4g}" if rows else "-"})
         plot_losses(args.output_dir)
         if args.push_to_hub:
             push_to_hub(args)

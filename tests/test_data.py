@@ -146,7 +146,8 @@ def test_bucketed_batches_have_one_shape_and_true_time_ids(shapes):
                          "--train_batch_size", "2", "--random_flip"])
     table, _ = T.load_table(args)
     table, plan, groups = T.plan_data(args, table, show_progress=False)
-    loader, sampler = T.make_loader(args, table, plan, groups, _FakeAccelerator())
+    sampler = T.make_sampler(args, groups, _FakeAccelerator())
+    loader = T.make_loader(args, table, plan, sampler, _FakeAccelerator())
     assert len(set(groups)) > 1
     for batch in loader:
         pixels, ids = batch["pixel_values"], batch["time_ids"]

@@ -81,7 +81,8 @@ def test_validation_grids_model_card_and_metrics(te_lora_run, tiny_model, shapes
     assert Image.open(os.path.join(out, "samples", grids[0])).size == (2 * 64, 2 * 64)  # 2 images x 2 prompts
     card = open(os.path.join(out, "README.md")).read()
     for needle in (tiny_model, shapes, "arxiv.org/abs/2310.08442", "debias", "load_lora_weights",
-                   "samples/step_000000.png", "my-lora.safetensors", "| learning_rate | 0.01 |"):
+                   "samples/step_000000.png", "my-lora.safetensors", "| learning_rate | 0.01 |",
+                   "| steps | 4 |", "| mixed_precision | no |", "| last logged loss | "):
         assert needle in card, needle
     rows = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
     buckets = [f"t_{b * 100:03d}_{b * 100 + 99:03d}" for b in range(10)]

@@ -153,6 +153,9 @@ USER_ERRORS = {
     "output_dir_is_a_file": (["--dataset", "{shapes}", "--output_dir", "{shapes}/train/metadata.jsonl"], "is a file"),
     "single_file_model": (["--dataset", "{shapes}", "--pretrained_model_name_or_path", "{shapes}/train/metadata.jsonl"],
                           "from_single_file"),
+    "dataset_smaller_than_a_step": (["--dataset", "{shapes}", "--train_batch_size", "64",  # checked before the
+                                     "--pretrained_model_name_or_path", "/nonexistent/model"],  # model loads
+                                    "fewer than one optimizer step"),
     "diffusers_only_flag": (["--dataset", "{shapes}", "--use_8bit_adam"], "--optimizer adamw8bit"),
     "single_file_with_lora": (["--dataset", "{shapes}", "--save_single_file"], "--save_single_file"),
     "te_lr_without_te": (["--dataset", "{shapes}", "--text_encoder_lr", "1e-5"], "--train_text_encoder"),
