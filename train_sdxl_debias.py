@@ -1888,12 +1888,11 @@ def make_sampler(args, groups, accelerator):
 
 
 def make_loader(args, table, plan, sampler, accelerator):
-    # Its own generator: iterating must not draw from the global RNG, or a resumed run's dropout would shift.
     workers = loader_workers(args, accelerator, decoding=plan.latent_cache is None)
-    loader = torch.utils.data.DataLoader(ImageCaptionDataset(table, args, plan), batch_sampler=sampler,
-                                         collate_fn=collate, num_workers=workers, persistent_workers=workers > 0,
-                                         pin_memory=torch.cuda.is_available(), generator=torch.Generator())
-    return loader
+    # Its own generator: iterating must not draw from the global RNG, or a resumed run's dropout would shift.
+    return torch.utils.data.DataLoader(ImageCaptionDataset(table, args, plan), batch_sampler=sampler,
+                                       collate_fn=collate, num_workers=workers, persistent_workers=workers > 0,
+                                       pin_memory=torch.cuda.is_available(), generator=torch.Generator())
 
 
 def make_optimization(args, m, accelerator, max_steps):
