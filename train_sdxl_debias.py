@@ -505,6 +505,9 @@ def compile_blocks(unet, mode="default"):
     from diffusers.models.attention import BasicTransformerBlock
     from diffusers.models.resnet import ResnetBlock2D
 
+    # SDXL's UNet has 12 distinct resnet shapes (channels x resolution) and every aspect-ratio bucket adds more;
+    # past dynamo's default of 8 compiles per function the rest would silently run eager.
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
     for module in unet.modules():
         if isinstance(module, (BasicTransformerBlock, ResnetBlock2D)):
             module.compile(mode=None if mode == "default" else mode)
@@ -1266,6 +1269,9 @@ def training_step(batch, m, args, generator):
     `batch` holds either pixel_values or cached `latents` (scaled, in weight_dtype), either captions or cached
     `prompt_embeds` + `pooled_prompt_embeds`, and `time_ids`. Returns (loss, per-sample stats, detached)."""
     device = generator.device
+    if args.compile and args.compile_mode in ("reduce-overhead", "max-autotune"):
+        # CUDA graphs reuse their output memory: tell them a new step begins, so the last one's may be overwritten.
+        torch.compiler.cudagraph_mark_step_begin()
     if "latents" in batch:
         latents = batch["latents"].to(device, non_blocking=True)
     else:
