@@ -33,6 +33,7 @@ Each configuration prints one JSON line: its settings and
   mfu             (tflop_per_step / step time) / --peak_tflops; null on the CPU
   setup_s         building the models, the optimizer and the FLOP-counting pass (the first, cold one)
   warmup_s        the --warmup steps after that (torch.compile's compilation lands here)
+  compiled_graphs, graph_breaks  --compile only: what dynamo compiled of the blocks
   host_syncs_per_step, sync_sites  CUDA only: over 10 more steps in torch's sync debug mode, how often the host
                   waited for the GPU, and at which lines (the trainer's intent: once per --max_nonfinite_steps)
 A configuration that fails (out of memory, a missing package) prints a line with `error` and the run goes on.
@@ -400,6 +401,8 @@ def run_config(cfg, opts):
     model_gib = torch.cuda.memory_allocated(device) / 2**30 if device.type == "cuda" else None
     tflop = trainer.count_tflop()  # before compiling: the counter sees eager ops only
     if args.compile:
+        from torch._dynamo.utils import counters
+        counters.clear()
         T.compile_blocks(m.unet, args.compile_mode)
     setup_s = time.perf_counter() - t0
 
@@ -413,6 +416,7 @@ def run_config(cfg, opts):
     trainer.finish()
     peak_gib = peak_memory(device, mem_kind)
     syncs, sync_sites = count_host_syncs(trainer, opts.warmup + opts.steps, 10, device)
+    graphs = compile_stats() if args.compile else {}
 
     ms = statistics.median(per_step)
     achieved = tflop / (ms / 1e3)
@@ -424,7 +428,15 @@ def run_config(cfg, opts):
         img_per_s=cfg["batch_size"] / (ms / 1e3), peak_mem_gib=peak_gib, mem_kind=mem_kind,
         model_mem_gib=model_gib, tflop_per_step=tflop, tflop_per_s=achieved,
         mfu=achieved / opts.peak_tflops if opts.peak_tflops else None, warmup_s=warmup_s, setup_s=setup_s,
-        host_syncs_per_step=syncs, sync_sites=sync_sites)
+        host_syncs_per_step=syncs, sync_sites=sync_sites, **graphs)
+
+
+def compile_stats():
+    """What dynamo made of the compiled blocks: graphs compiled, and graph breaks (each one splits a block back
+    into eager pieces)."""
+    from torch._dynamo.utils import counters
+    return dict(compiled_graphs=counters["stats"]["unique_graphs"],
+                graph_breaks=sum(counters["graph_break"].values()))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -483,7 +495,8 @@ COLUMNS = (  # (JSON field, table heading, format)
     ("optimizer", "optim", "{}"),
     ("precision", "prec", "{}"), ("encoders", "encode", "{}"), ("ms_per_step", "ms/step", "{:.1f}"),
     ("img_per_s", "img/s", "{:.2f}"), ("peak_mem_gib", "peak GiB", "{:.2f}"),
-    ("tflop_per_step", "TFLOP/step", "{:.4g}"), ("mfu", "MFU", "{:.1%}"), ("warmup_s", "warmup s", "{:.1f}"))
+    ("tflop_per_step", "TFLOP/step", "{:.4g}"), ("mfu", "MFU", "{:.1%}"), ("warmup_s", "warmup s", "{:.1f}"),
+    ("host_syncs_per_step", "syncs/step", "{:.2f}"))
 
 
 def print_table(rows):

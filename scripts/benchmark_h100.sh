@@ -6,7 +6,7 @@
 #
 # The GPU machine has torch, transformers, accelerate and peft but no diffusers and no network. Every
 # configuration appends its JSON line to $OUT/h100.jsonl as soon as it finishes, so a run cut short keeps what
-# it measured; the most wanted configurations come first. Estimated 6-8 minutes, most of it compile warm-up.
+# it measured; the most wanted configurations come first. It stops itself after BUDGET_S seconds.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -24,19 +24,37 @@ nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=c
 
 # SIZE=tiny PRECISION=fp32 runs the same sequence on a CPU in a few minutes: a dry run before spending GPU time.
 B="python3 scripts/benchmark.py --size ${SIZE:-full} --precision ${PRECISION:-bf16} --steps 10 --warmup 3 --out $OUT/h100.jsonl"
-# 1. eager: the issue's targets (LoRA batch 1 and 4; LoRA batch 1 with checkpointing for the 10 GB goal; full
-#    batch 1 with checkpointing), then channels-last and the per-step VAE (what the latent cache saves).
-$B --finetune lora --batch_size 1,4 --channels_last off,on
-$B --finetune lora --batch_size 1 --gradient_checkpointing on
-$B --finetune full --batch_size 1 --gradient_checkpointing on
-$B --finetune lora --batch_size 4 --with_encoders vae
-# 2. regional compile (warm-up in warmup_s), then CUDA graphs on top, then the batch that may fit best.
-$B --finetune lora --batch_size 1,4 --compile
-$B --finetune full --batch_size 1 --gradient_checkpointing on --compile
-$B --finetune lora --batch_size 1 --compile reduce-overhead
-$B --finetune lora --batch_size 8 --compile
+# Every invocation gets what is left of BUDGET_S (default 540 s, inside a 600 s device call), so a slow compile
+# costs only the configurations after it; one with under 20 s left is skipped.
+deadline=$(( $(date +%s) + ${BUDGET_S:-540} ))
+run() {
+  local left=$(( deadline - $(date +%s) ))
+  if [ "$left" -lt 20 ]; then echo "skipped (time): $*"; return; fi
+  echo "== $* (${left} s left)"
+  timeout "$left" $B "$@" || echo "ended with status $?: $*"
+}
+# 1. eager: the issue's targets (LoRA batch 1 and 4; full batch 1 with checkpointing; LoRA batch 1 with
+#    checkpointing for the 10 GB goal).
+run --finetune lora --batch_size 1,4
+run --finetune full --batch_size 1 --gradient_checkpointing on
+run --finetune lora --batch_size 1 --gradient_checkpointing on
+# 2. compiled: regional compile at batch 4 (GPU-bound), CUDA graphs at batch 1 (launch-bound), the full fine-tune.
+run --finetune lora --batch_size 4 --compile
+run --finetune lora --batch_size 1 --compile reduce-overhead
+run --finetune full --batch_size 1 --gradient_checkpointing on --compile
+# 3. if time is left: plain compile at batch 1, channels-last, the per-step VAE, the largest batch.
+run --finetune lora --batch_size 1 --compile
+run --finetune lora --batch_size 4 --channels_last on
+run --finetune lora --batch_size 4 --with_encoders vae
+run --finetune lora --batch_size 8 --compile
 python3 - "$OUT/h100.jsonl" <<'EOF'
 import json, sys
+sys.path.insert(0, "scripts")
+from benchmark import print_table
 rows = [json.loads(line) for line in open(sys.argv[1])]
+print_table(rows)
 print(f"{len(rows)} configurations, {sum('error' in r for r in rows)} failed")
+for r in rows:
+    print(r["finetune"], r["batch_size"], r.get("compile_mode") if r.get("compile") else "eager",
+          "graphs", r.get("compiled_graphs"), "breaks", r.get("graph_breaks"), "sync sites", r.get("sync_sites"))
 EOF
