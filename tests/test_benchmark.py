@@ -97,3 +97,54 @@ def test_a_failing_configuration_is_reported_and_the_run_goes_on(monkeypatch, ca
     assert failed["batch_size"] == 2 and failed["error"].startswith("OutOfMemoryError: CUDA out of memory")
     assert "ms_per_step" not in failed
     assert ok["batch_size"] == 1 and "error" not in ok and ok["ms_per_step"] > 0
+
+
+@pytest.mark.parametrize("lora_flags", [[], ["--lora_target_modules", "to_q,to_k,to_v,to_out.0,conv1,conv2"]])
+def test_bf16_lora_skips_peft_input_casts_with_bitwise_equal_loss_and_gradients(lora_flags):
+    """Under autocast the trainer turns off peft's cast of each LoRA input to fp32 (a copy there and back per
+    layer): the same loss and gradients to the bit, with fewer copy kernels."""
+    import benchmark
+    import train_sdxl_debias as T
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class CountCopies(TorchDispatchMode):
+        copies = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.copies += func.overloadpacket == torch.ops.aten._to_copy
+            return func(*args, **(kwargs or {}))
+
+    opts = benchmark.parse_options(["--precision", "bf16", "--device", "cpu", *lora_flags])
+    cfg = benchmark.configurations(opts)[0]
+    args = benchmark.trainer_args(cfg, opts)
+    m = benchmark.prepare_models(benchmark.build_parts(cfg, opts.device, 0), args, opts.device, torch.bfloat16)
+    trainer = benchmark.Trainer(m, args, benchmark.synthetic_batch(cfg, m, 0, pin=False), opts.device)
+    layers = [mod for mod in m.unet.modules() if hasattr(mod, "cast_input_dtype_enabled")]
+    assert layers and not any(layer.cast_input_dtype_enabled for layer in layers)
+
+    def loss_and_grads():
+        trainer.generator.manual_seed(0)
+        with CountCopies() as counter:
+            loss, _ = T.training_step(trainer.batch, m, args, trainer.generator)
+            loss.backward()
+        grads = [p.grad.clone() for p in trainer.params]
+        trainer.optimizer.zero_grad(set_to_none=True)
+        return loss.detach(), grads, counter.copies
+
+    loss, grads, copies = loss_and_grads()
+    for layer in layers:
+        layer.cast_input_dtype_enabled = True  # peft's default
+    peft_loss, peft_grads, peft_copies = loss_and_grads()
+    assert torch.equal(loss, peft_loss) and all(map(torch.equal, grads, peft_grads))
+    assert copies < peft_copies - len(layers)  # at least one copy fewer per LoRA layer
+
+
+def test_dora_keeps_peft_input_casts():
+    import benchmark
+
+    opts = benchmark.parse_options(["--precision", "bf16", "--device", "cpu", "--use_dora"])
+    cfg = benchmark.configurations(opts)[0]
+    m = benchmark.prepare_models(benchmark.build_parts(cfg, opts.device, 0), benchmark.trainer_args(cfg, opts),
+                                 opts.device, torch.bfloat16)
+    layers = [mod for mod in m.unet.modules() if hasattr(mod, "cast_input_dtype_enabled")]
+    assert layers and all(layer.cast_input_dtype_enabled for layer in layers)
