@@ -34,6 +34,9 @@ Each configuration prints one JSON line: its settings and
   setup_s         building the models, the optimizer and the FLOP-counting pass (the first, cold one)
   warmup_s        the --warmup steps after that (torch.compile's compilation lands here)
   compiled_graphs, graph_breaks  --compile only: what dynamo compiled of the blocks
+  profile, device_busy  with --profile N: kernel (CPU: aten op) time per step by kind (gemm, conv, attention,
+                  norm, copy, compiled, optimizer, other), kernels (ops) per step, the top 10; device_busy = kernel
+                  time / step time, under 1 when the GPU waits for the host
   host_syncs_per_step, sync_sites  CUDA only: over 10 more steps in torch's sync debug mode, how often the host
                   waited for the GPU, and at which lines (the trainer's intent: once per --max_nonfinite_steps)
 A configuration that fails (out of memory, a missing package) prints a line with `error` and the run goes on.
@@ -104,6 +107,8 @@ def parse_options(argv=None):
       help="The trainer's --compile (regional torch.compile). Bare flag = on; or a comma list of off, on and "
            "compile modes (= --compile --compile_mode M): off,on,reduce-overhead.")
     a("--channels_last", nargs="?", const="on", default="off", help="The trainer's --channels_last: on, or off,on.")
+    a("--cudnn_benchmark", nargs="?", const="on", default="off",
+      help="torch.backends.cudnn.benchmark (cuDNN times its convolution algorithms per shape): on, or off,on.")
     a("--with_encoders", nargs="?", const="all", default="none",
       help="What each step encodes: none (all cached), vae, text, all (nothing cached). Bare flag = all.")
     a("--optimizer", default="adamw", help="Comma list of the trainer's optimizers.")
@@ -116,6 +121,9 @@ def parse_options(argv=None):
     a("--device", default=None, help="Default: cuda if available, else cpu.")
     a("--threads", type=int, default=None,
       help="torch CPU threads (default: torch's). On a busy CPU, 1 thread is far steadier than several.")
+    a("--profile", type=int, default=0, metavar="N",
+      help="After timing, run N more steps under torch.profiler: the JSON line gets `profile` (where the time "
+           "goes: kernel time per step by kind, launches, the top kernels) and `device_busy`.")
     a("--seed", type=int, default=0)
     a("--out", default=None, help="Also append the JSON lines to this file.")
     opts, opts.trainer_flags = p.parse_known_args(argv)  # the rest is the trainer's to parse (and reject)
@@ -126,8 +134,8 @@ def parse_options(argv=None):
         opts.peak_tflops = H100_BF16_PEAK_TFLOPS
     if opts.threads:
         torch.set_num_threads(opts.threads)
-    if opts.steps < 1 or opts.warmup < 0:
-        p.error("--steps must be at least 1 and --warmup at least 0")
+    if opts.steps < 1 or opts.warmup < 0 or opts.profile < 0:
+        p.error("--steps must be at least 1, --warmup and --profile at least 0")
     return opts
 
 
@@ -156,6 +164,7 @@ def configurations(opts):
                                                          on_off)],
         compile=[{"off": None, "on": "default"}.get(v, v) for v in split(opts.compile, "compile", COMPILE_CHOICES)],
         channels_last=[on_off[v] for v in split(opts.channels_last, "channels_last", on_off)],
+        cudnn_benchmark=[on_off[v] for v in split(opts.cudnn_benchmark, "cudnn_benchmark", on_off)],
         optimizer=split(opts.optimizer, "optimizer"),
         precision=split(opts.precision or default_precision, "precision", DTYPES),
         encoders=split(opts.with_encoders, "with_encoders", ENCODER_MODES))
@@ -362,6 +371,54 @@ def count_host_syncs(trainer, first, n, device):
     return len(sites) / n, sorted(set(sites))
 
 
+KINDS = (  # kernel (CUDA) or aten op (CPU) names -> kind; the first match wins
+    ("attention", r"flash|fmha|attention|sdpa"),
+    ("conv", r"conv|implicit_gemm|fprop|dgrad|wgrad|winograd|nchwtonhwc|nhwctonchw"),
+    ("gemm", r"gemm|cutlass|nvjet|cublas|aten::(mm|addmm|bmm|baddbmm|linear)$"),
+    ("norm", r"norm"),
+    ("optimizer", r"adam|foreach|multi_tensor"),
+    ("compiled", r"^triton_"),
+    ("copy", r"copy|cast|convert|transpose|cat|contiguous|clone|index"))
+
+
+def profile_steps(trainer, first, n, device):
+    """Where a step's time goes, from torch.profiler over n steps. On CUDA: kernel time per step by kind, kernel
+    launches per step (calls_per_step), the top kernels. On the CPU the same for aten ops and their own time."""
+    import re
+
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        for k in range(n):
+            trainer.step(first + k)
+        sync(device)
+    per_name = {}  # name -> [microseconds, calls]
+    for e in prof.events():
+        if cuda and e.device_type == DeviceType.CUDA:
+            us = e.time_range.elapsed_us()
+        elif not cuda and e.name.startswith("aten::"):
+            us = e.self_cpu_time_total
+        else:
+            continue
+        entry = per_name.setdefault(e.name, [0.0, 0])
+        entry[0] += us
+        entry[1] += 1
+    by_kind = {}
+    for name, (us, _) in per_name.items():
+        kind = next((k for k, pattern in KINDS if re.search(pattern, name.lower())), "other")
+        by_kind[kind] = by_kind.get(kind, 0.0) + us / n / 1e3
+    top = sorted(per_name.items(), key=lambda item: -item[1][0])[:10]
+    return dict(
+        unit="kernels" if cuda else "aten ops (self CPU time)",
+        ms_per_step=sum(us for us, _ in per_name.values()) / n / 1e3,
+        calls_per_step=sum(calls for _, calls in per_name.values()) / n,
+        by_kind_ms={k: round(v, 3) for k, v in sorted(by_kind.items(), key=lambda kv: -kv[1])},
+        top=[[name[:90], round(us / n / 1e3, 3), calls / n] for name, (us, calls) in top])
+
+
 def reset_peak_memory(device):
     """Start a fresh peak; returns what peak_memory will measure. On Linux, writing 5 to clear_refs resets the
     process's peak RSS (VmHWM); elsewhere the CPU figure is the process's peak since it started."""
@@ -417,9 +474,17 @@ def run_config(cfg, opts):
     peak_gib = peak_memory(device, mem_kind)
     syncs, sync_sites = count_host_syncs(trainer, opts.warmup + opts.steps, 10, device)
     graphs = compile_stats() if args.compile else {}
+    extra = {}
+    if opts.profile:
+        try:
+            extra["profile"] = profile_steps(trainer, opts.warmup + opts.steps + 10, opts.profile, device)
+        except Exception as e:  # the profiler is a diagnostic: its failure must not cost the timings
+            extra["profile"] = {"error": f"{type(e).__name__}: {T.first_line(e)}"}
 
     ms = statistics.median(per_step)
     achieved = tflop / (ms / 1e3)
+    if "ms_per_step" in extra.get("profile", {}) and device.type == "cuda":
+        extra["device_busy"] = extra["profile"]["ms_per_step"] / ms  # under 1: the GPU waits for the host
     return dict(
         rank=args.rank if args.finetune == "lora" else None, loss_weighting=args.loss_weighting,
         trainable_params_m=sum(p.numel() for p in trainer.params) / 1e6,
@@ -428,7 +493,7 @@ def run_config(cfg, opts):
         img_per_s=cfg["batch_size"] / (ms / 1e3), peak_mem_gib=peak_gib, mem_kind=mem_kind,
         model_mem_gib=model_gib, tflop_per_step=tflop, tflop_per_s=achieved,
         mfu=achieved / opts.peak_tflops if opts.peak_tflops else None, warmup_s=warmup_s, setup_s=setup_s,
-        host_syncs_per_step=syncs, sync_sites=sync_sites, **graphs)
+        host_syncs_per_step=syncs, sync_sites=sync_sites, **graphs, **extra)
 
 
 def compile_stats():
@@ -474,6 +539,7 @@ def run_all(opts):
     for cfg in configs:
         if opts.device.type == "cpu":
             common["load_avg_1m"] = os.getloadavg()[0]
+        torch.backends.cudnn.benchmark = cfg["cudnn_benchmark"]
         try:
             result = run_config(cfg, opts)
         except Exception as e:  # OOM, a missing optional package, a compile failure: report it, go on
@@ -496,7 +562,7 @@ COLUMNS = (  # (JSON field, table heading, format)
     ("precision", "prec", "{}"), ("encoders", "encode", "{}"), ("ms_per_step", "ms/step", "{:.1f}"),
     ("img_per_s", "img/s", "{:.2f}"), ("peak_mem_gib", "peak GiB", "{:.2f}"),
     ("tflop_per_step", "TFLOP/step", "{:.4g}"), ("mfu", "MFU", "{:.1%}"), ("warmup_s", "warmup s", "{:.1f}"),
-    ("host_syncs_per_step", "syncs/step", "{:.2f}"))
+    ("host_syncs_per_step", "syncs/step", "{:.2f}"), ("device_busy", "GPU busy", "{:.0%}"))
 
 
 def print_table(rows):

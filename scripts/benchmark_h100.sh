@@ -33,13 +33,15 @@ run() {
   echo "== $* (${left} s left)"
   timeout "$left" $B "$@" || echo "ended with status $?: $*"
 }
-# 1. LoRA eager at batch 1 and 4, then CUDA graphs at batch 1 (host-bound: ~31k aten ops a step) with
-#    plain compile after it (inductor's cache is warm by then), compile at batch 4 (GPU-bound).
-run --finetune lora --batch_size 1,4
-run --finetune lora --batch_size 1 --compile reduce-overhead,on
-run --finetune lora --batch_size 4 --compile
+# 1. LoRA eager at batch 1 and 4 with a profile (where the time goes: GPU busy share, kernel time by kind), and
+#    cuDNN's autotuning at batch 4 (GPU-bound); then CUDA graphs at batch 1 (host-bound: ~29k aten ops a step)
+#    with plain compile after it (inductor's cache is warm by then), and compile at batch 4.
+run --finetune lora --batch_size 1,4 --profile 3
+run --finetune lora --batch_size 4 --cudnn_benchmark on --profile 3
+run --finetune lora --batch_size 1 --compile reduce-overhead,on --profile 3
+run --finetune lora --batch_size 4 --compile --profile 3
 # 2. the full fine-tune's target, eager and compiled; LoRA batch 1 with checkpointing (the 10 GB goal).
-run --finetune full --batch_size 1 --gradient_checkpointing on --compile off,on
+run --finetune full --batch_size 1 --gradient_checkpointing on --compile off,on --profile 3
 run --finetune lora --batch_size 1 --gradient_checkpointing on
 # 3. if time is left: the largest batch, the per-step VAE (what the latent cache saves).
 run --finetune lora --batch_size 8 --compile
@@ -54,4 +56,6 @@ print(f"{len(rows)} configurations, {sum('error' in r for r in rows)} failed")
 for r in rows:
     print(r["finetune"], r["batch_size"], r.get("compile_mode") if r.get("compile") else "eager",
           "graphs", r.get("compiled_graphs"), "breaks", r.get("graph_breaks"), "sync sites", r.get("sync_sites"))
+    if "profile" in r:
+        print("   ", json.dumps(r["profile"])[:600])
 EOF

@@ -26,7 +26,7 @@ def cli_run(tmp_path_factory):
     # One thread: on a busy 2-core machine several threads spin against each other and a step takes seconds.
     cmd = [sys.executable, SCRIPT, "--size", "tiny", "--steps", "5", "--warmup", "1", "--finetune", "lora,full",
            "--with_encoders", "none,all", "--threads", "1", "--out", str(out),
-           "--rank", "8"]  # a trainer flag, passed through: it applies to the LoRA rows only
+           "--profile", "1", "--rank", "8"]  # --rank: a trainer flag, passed through; it applies to the LoRA rows only
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT,
                           env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -47,6 +47,11 @@ def test_every_configuration_prints_a_complete_json_line(cli_run):
         assert (r["size"], r["batch_size"], r["resolution"], r["precision"], r["steps"]) == ("tiny", 1, 64, "fp32", 5)
         assert r["gradient_checkpointing"] is False and r["compile"] is False and r["channels_last"] is False
         assert r["host_syncs_per_step"] is None  # counted with CUDA's sync debug mode only
+        assert r["cudnn_benchmark"] is False and "device_busy" not in r  # kernel time / step time: CUDA only
+        prof = r["profile"]  # --profile 1: where the CPU step's time went, by aten op
+        assert prof["ms_per_step"] > 0 and prof["calls_per_step"] > 100 and len(prof["top"]) == 10
+        assert prof["by_kind_ms"]["gemm"] > 0 and prof["by_kind_ms"]["conv"] > 0
+        assert sum(prof["by_kind_ms"].values()) == pytest.approx(prof["ms_per_step"], rel=0.01)
     lora, lora_enc, full, full_enc = rows
     assert lora["rank"] == 8 and full["rank"] is None
     assert lora["trainable_params_m"] < lora["unet_params_m"] / 10
