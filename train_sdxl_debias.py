@@ -508,7 +508,7 @@ def add_lora(model, args, targets, half_precision):
                 module.cast_input_dtype_enabled = False
 
 
-def compile_blocks(unet, mode="default"):
+def compile_blocks(unet, mode="default", backend="inductor"):
     """Regional compilation: each transformer/resnet block is compiled once per distinct shape and reused,
     instead of tracing the whole UNet (which took 322 s to warm up on an H100)."""
     from diffusers.models.attention import BasicTransformerBlock
@@ -519,7 +519,15 @@ def compile_blocks(unet, mode="default"):
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
     for module in unet.modules():
         if isinstance(module, (BasicTransformerBlock, ResnetBlock2D)):
-            module.compile(mode=None if mode == "default" else mode)
+            module.compile(mode=None if mode == "default" else mode, backend=backend)
+
+
+def eager_inference(args):
+    """Validation runs the compiled blocks eagerly. Its no-grad, classifier-free-guidance shapes would otherwise
+    compile anew in the middle of the run (a minute or more), and under CUDA graphs every denoising step would
+    record new graphs. (torch < 2.6 has no stances: there it compiles.)"""
+    set_stance = getattr(torch.compiler, "set_stance", None)
+    return set_stance("force_eager") if args.compile and set_stance else nullcontext()
 
 
 def param_groups(args, m, lr_scale=1.0):
@@ -1578,7 +1586,7 @@ def run_validation(accelerator, args, m, step, trackers):
     try:
         for n, prompt in enumerate(args.validation_prompt):
             generator = torch.Generator(accelerator.device).manual_seed(args.seed + n)
-            with accelerator.autocast(), torch.no_grad():
+            with accelerator.autocast(), torch.no_grad(), eager_inference(args):
                 rows.append(pipe(prompt, num_inference_steps=args.validation_inference_steps,
                                  num_images_per_prompt=args.num_validation_images, generator=generator,
                                  height=args.resolution, width=args.resolution).images)

@@ -217,3 +217,45 @@ def test_a_foreign_checkpoint_folder_is_moved_aside_not_deleted(tiny_model, shap
     proc = run_trainer(*base_args(tiny_model, shapes, str(out), "--max_train_steps", "2", "--checkpointing_steps", "2"))
     assert (out / "checkpoint-2.orig1" / "notes.txt").read_text() == "mine" and "moved to" in proc.stderr
     assert (out / "checkpoint-2" / "trainer_state.json").exists()
+
+
+@pytest.mark.skipif(not hasattr(torch.compiler, "set_stance"), reason="torch < 2.6 has no compile stances")
+def test_validation_runs_compiled_blocks_eagerly_instead_of_compiling_them_again():
+    """--compile compiles the blocks for training's shapes; validation (no grad, classifier-free guidance's
+    doubled batch) runs them eagerly instead of stalling the run to compile again. Dynamo's eager backend
+    stands in for inductor: it traces the same graphs without the code generation."""
+    import argparse
+    import sys
+    from diffusers import UNet2DConditionModel
+    from torch._dynamo.utils import counters
+
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts"))
+    import make_tiny_sdxl
+    import train_sdxl_debias as T
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(**make_tiny_sdxl.tiny_unet_config())
+    cfg = unet.config
+    pooled = cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim
+
+    def forward(batch, grad):
+        with torch.set_grad_enabled(grad):
+            return unet(torch.randn(batch, 4, 8, 8), torch.tensor([500] * batch),
+                        torch.randn(batch, 77, cfg.cross_attention_dim),
+                        added_cond_kwargs={"text_embeds": torch.randn(batch, pooled),
+                                           "time_ids": torch.tensor([[64.0, 64, 0, 0, 64, 64]] * batch)}).sample
+
+    torch._dynamo.reset()
+    counters.clear()
+    try:
+        T.compile_blocks(unet, backend="eager")
+        forward(1, grad=True)
+        graphs = counters["stats"]["unique_graphs"]
+        assert graphs > 0
+        with T.eager_inference(argparse.Namespace(compile=True)):
+            forward(2, grad=False)
+        assert counters["stats"]["unique_graphs"] == graphs
+        forward(2, grad=False)  # without the stance, the same call compiles new graphs
+        assert counters["stats"]["unique_graphs"] > graphs
+    finally:
+        torch._dynamo.reset()
