@@ -259,3 +259,34 @@ def test_validation_runs_compiled_blocks_eagerly_instead_of_compiling_them_again
         assert counters["stats"]["unique_graphs"] > graphs
     finally:
         torch._dynamo.reset()
+
+
+def test_a_compiled_run_saves_the_same_lora_as_an_eager_run(tiny_model, shapes, tmp_path):
+    """--compile end to end: training, validation and saving through the compiled blocks give the LoRA an eager
+    run gives (same keys, no `_orig_mod.` prefixes, same values). Dynamo's eager backend stands in for inductor,
+    whose code generation alone would take minutes on this CPU."""
+    import subprocess
+    import sys
+
+    outputs = {}
+    for name, extra in (("eager", []), ("compiled", ["--compile"])):
+        out = str(tmp_path / name)
+        launcher = ("import functools, sys, train_sdxl_debias as T; "
+                    "T.compile_blocks = functools.partial(T.compile_blocks, backend='eager'); "
+                    "sys.exit(T.main(sys.argv[1:]))")
+        proc = subprocess.run(
+            [sys.executable, "-c", launcher, *base_args(tiny_model, shapes, out, "--max_train_steps", "3",
+                                                        "--learning_rate", "1e-2", "--validation_prompt", "a circle",
+                                                        "--validation_steps", "3", "--validation_inference_steps", "2",
+                                                        "--num_validation_images", "1", *extra)],
+            capture_output=True, text=True, timeout=600, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+            env=os.environ.copy())
+        assert proc.returncode == 0, proc.stderr[-4000:]
+        outputs[name] = load_file(os.path.join(out, "pytorch_lora_weights.safetensors"))
+        assert os.path.exists(os.path.join(out, "samples", "step_000003.png"))
+    eager, compiled = outputs["eager"], outputs["compiled"]
+    assert sorted(compiled) == sorted(eager) and not any("_orig_mod" in k for k in compiled)
+    trained = [v for k, v in eager.items() if "lora_B" in k or "lora.up" in k]  # zero at initialisation
+    assert trained and any(v.abs().max() > 0 for v in trained)
+    for key in eager:
+        torch.testing.assert_close(compiled[key], eager[key], rtol=1e-4, atol=1e-6)
