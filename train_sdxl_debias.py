@@ -303,6 +303,10 @@ def validate(args):
         raise UserError("--use_ema applies to --finetune full (a LoRA is small; average checkpoints instead)")
     if args.compile_mode != "default" and not args.compile:
         raise UserError("--compile_mode needs --compile")
+    if (args.compile and args.compile_mode in ("reduce-overhead", "max-autotune") and args.validation_prompt
+            and not hasattr(torch.compiler, "set_stance")):
+        raise UserError(f"--compile_mode {args.compile_mode} with --validation_prompt needs torch 2.6 or newer "
+                        f"(this is {torch.__version__}): upgrade torch, or use --compile_mode default")
     if args.max_timestep is not None and not 0 <= args.min_timestep < args.max_timestep:
         raise UserError("--min_timestep must be >= 0 and below --max_timestep")
     if not 0 < args.ema_decay < 1:
@@ -498,11 +502,12 @@ def add_lora(model, args, targets, half_precision):
     for p in model.parameters():
         if p.requires_grad:
             p.data = p.data.float()
-    if half_precision and not args.use_dora:
+    if half_precision and not args.use_dora and not args.lora_dropout:
         # Mixed precision runs the forward under autocast, where the LoRA matmuls are half precision whatever
         # their input's dtype. peft's cast of each input to the fp32 LoRA weights' dtype is then a full-size copy
-        # there and back for nothing: ~4,000 kernels a step on SDXL, which is host time at batch 1 and memory
-        # traffic at batch 4. The result is bit for bit the same (not so for DoRA, whose norms use the cast).
+        # there and back for nothing: ~2,000 ops a step on SDXL, which is host time at batch 1 and memory
+        # traffic at batch 4. The result is bit for bit the same; not so with DoRA's norms or dropout's scale,
+        # which are computed on the cast input, so those keep it.
         for module in model.modules():
             if hasattr(module, "cast_input_dtype_enabled"):
                 module.cast_input_dtype_enabled = False
@@ -525,7 +530,7 @@ def compile_blocks(unet, mode="default", backend="inductor"):
 def eager_inference(args):
     """Validation runs the compiled blocks eagerly. Its no-grad, classifier-free-guidance shapes would otherwise
     compile anew in the middle of the run (a minute or more), and under CUDA graphs every denoising step would
-    record new graphs. (torch < 2.6 has no stances: there it compiles.)"""
+    record new graphs. (torch < 2.6 has no stances: there it compiles, and validate() refuses CUDA graphs.)"""
     set_stance = getattr(torch.compiler, "set_stance", None)
     return set_stance("force_eager") if args.compile and set_stance else nullcontext()
 

@@ -34,9 +34,10 @@ Each configuration prints one JSON line: its settings and
   setup_s         building the models, the optimizer and the FLOP-counting pass (the first, cold one)
   warmup_s        the --warmup steps after that (torch.compile's compilation lands here)
   compiled_graphs, graph_breaks  --compile only: what dynamo compiled of the blocks
-  profile, device_busy  with --profile N: kernel (CPU: aten op) time per step by kind (gemm, conv, attention,
-                  norm, copy, compiled, optimizer, other), kernels (ops) per step, the top 10; device_busy = kernel
-                  time / step time, under 1 when the GPU waits for the host
+  profile, device_busy  with --profile N: kernel (CPU: aten op) time per step by kind (compiled, attention,
+                  conv, gemm, optimizer, norm, copy, other), kernels (ops) per step, the top 10; on CUDA memcpy and
+                  memset count as kernels. device_busy = kernel time / step time: under 1 when the GPU waits for
+                  the host (over 1 only if streams overlap)
   host_syncs_per_step, sync_sites  CUDA only: over 10 more steps in torch's sync debug mode, how often the host
                   waited for the GPU, and at which lines (the trainer's intent: once per --max_nonfinite_steps)
 A configuration that fails (out of memory, a missing package) prints a line with `error` and the run goes on.
@@ -372,13 +373,13 @@ def count_host_syncs(trainer, first, n, device):
 
 
 KINDS = (  # kernel (CUDA) or aten op (CPU) names -> kind; the first match wins
+    ("compiled", r"^triton_"),  # inductor's fused kernels, named after the ops they fused: before those ops
     ("attention", r"flash|fmha|attention|sdpa"),
     ("conv", r"conv|implicit_gemm|fprop|dgrad|wgrad|winograd|nchwtonhwc|nhwctonchw"),
     ("gemm", r"gemm|cutlass|nvjet|cublas|aten::(mm|addmm|bmm|baddbmm|linear)$"),
+    ("optimizer", r"adam|foreach|multi_tensor"),  # with gradient clipping's foreach norm: before "norm"
     ("norm", r"norm"),
-    ("optimizer", r"adam|foreach|multi_tensor"),
-    ("compiled", r"^triton_"),
-    ("copy", r"copy|cast|convert|transpose|cat|contiguous|clone|index"))
+    ("copy", r"copy|memcpy|memset|cast|convert|transpose|aten::cat$|catarray|contiguous|clone|index"))
 
 
 def profile_steps(trainer, first, n, device):
@@ -558,6 +559,7 @@ def run_all(opts):
 COLUMNS = (  # (JSON field, table heading, format)
     ("finetune", "tune", "{}"), ("batch_size", "bs", "{}"), ("resolution", "res", "{}"),
     ("gradient_checkpointing", "ckpt", "{:d}"), ("compiled", "compile", "{}"), ("channels_last", "nhwc", "{:d}"),
+    ("cudnn_benchmark", "cudnn", "{:d}"),
     ("optimizer", "optim", "{}"),
     ("precision", "prec", "{}"), ("encoders", "encode", "{}"), ("ms_per_step", "ms/step", "{:.1f}"),
     ("img_per_s", "img/s", "{:.2f}"), ("peak_mem_gib", "peak GiB", "{:.2f}"),

@@ -50,7 +50,12 @@ python3 - "$OUT/h100.jsonl" <<'EOF'
 import json, sys
 sys.path.insert(0, "scripts")
 from benchmark import print_table
-rows = [json.loads(line) for line in open(sys.argv[1])]
+try:
+    rows = [json.loads(line) for line in open(sys.argv[1])]
+except FileNotFoundError:
+    rows = []
+if not rows:
+    sys.exit("no configuration finished")
 print_table(rows)
 print(f"{len(rows)} configurations, {sum('error' in r for r in rows)} failed")
 for r in rows:

@@ -144,10 +144,12 @@ def test_bf16_lora_skips_peft_input_casts_with_bitwise_equal_loss_and_gradients(
     assert copies < peft_copies - len(layers)  # at least one copy fewer per LoRA layer
 
 
-def test_dora_keeps_peft_input_casts():
+@pytest.mark.parametrize("flag", [["--use_dora"], ["--lora_dropout", "0.1"]])
+def test_dora_and_dropout_keep_peft_input_casts(flag):
+    """Their norms and scale are computed on the cast input: without the cast the gradients would change."""
     import benchmark
 
-    opts = benchmark.parse_options(["--precision", "bf16", "--device", "cpu", "--use_dora"])
+    opts = benchmark.parse_options(["--precision", "bf16", "--device", "cpu", *flag])
     cfg = benchmark.configurations(opts)[0]
     m = benchmark.prepare_models(benchmark.build_parts(cfg, opts.device, 0), benchmark.trainer_args(cfg, opts),
                                  opts.device, torch.bfloat16)

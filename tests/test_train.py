@@ -290,3 +290,16 @@ def test_a_compiled_run_saves_the_same_lora_as_an_eager_run(tiny_model, shapes, 
     assert trained and any(v.abs().max() > 0 for v in trained)
     for key in eager:
         torch.testing.assert_close(compiled[key], eager[key], rtol=1e-4, atol=1e-6)
+
+
+def test_cuda_graphs_with_validation_are_refused_on_a_torch_without_compile_stances(monkeypatch, tmp_path):
+    """Validation can only keep CUDA graphs out of its denoising loop with torch >= 2.6's stances."""
+    import train_sdxl_debias as T
+
+    (tmp_path / "a.png").write_bytes(b"")
+    argv = ["--train_data_dir", str(tmp_path), "--output_dir", str(tmp_path / "out"), "--compile",
+            "--compile_mode", "reduce-overhead", "--validation_prompt", "a cat"]
+    monkeypatch.delattr(torch.compiler, "set_stance", raising=False)
+    with pytest.raises(T.UserError, match="reduce-overhead with --validation_prompt needs torch 2.6"):
+        T.validate(T.parse_args(argv))
+    T.validate(T.parse_args(argv[:-2]))  # without validation: fine
