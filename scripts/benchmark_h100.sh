@@ -35,15 +35,17 @@ run() {
 }
 # 1. LoRA eager at batch 1 and 4 with a profile (where the time goes: GPU busy share, kernel time by kind), and
 #    cuDNN's autotuning at batch 4 (GPU-bound); then CUDA graphs at batch 1 (host-bound: ~29k aten ops a step)
-#    with plain compile after it (inductor's cache is warm by then), and compile at batch 4.
+#    with plain compile after it (inductor's cache is warm by then). Compile at batch 4 was no faster in NCHW
+#    (2026-11-26), so try it with channels-last: inductor writes its own NHWC GroupNorm kernels.
 run --finetune lora --batch_size 1,4 --profile 3
 run --finetune lora --batch_size 4 --cudnn_benchmark on --profile 3
 run --finetune lora --batch_size 1 --compile reduce-overhead,on --profile 3
-run --finetune lora --batch_size 4 --compile --profile 3
-# 2. the full fine-tune's target, eager and compiled; LoRA batch 1 with checkpointing (the 10 GB goal).
-run --finetune full --batch_size 1 --gradient_checkpointing on --compile off,on --profile 3
+run --finetune lora --batch_size 4 --compile --channels_last on --profile 3
+# 2. where the full fine-tune's time goes; LoRA batch 1 with checkpointing (the 10 GB goal).
+run --finetune full --batch_size 1 --gradient_checkpointing on --profile 3
 run --finetune lora --batch_size 1 --gradient_checkpointing on
-# 3. if time is left: the largest batch, the per-step VAE (what the latent cache saves).
+# 3. if time is left: the full fine-tune compiled, the largest batch, the per-step VAE (what the cache saves).
+run --finetune full --batch_size 1 --gradient_checkpointing on --compile
 run --finetune lora --batch_size 8 --compile
 run --finetune lora --batch_size 4 --with_encoders vae
 python3 - "$OUT/h100.jsonl" <<'EOF'
