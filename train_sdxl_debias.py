@@ -303,8 +303,7 @@ def validate(args):
         raise UserError("--use_ema applies to --finetune full (a LoRA is small; average checkpoints instead)")
     if args.compile_mode != "default" and not args.compile:
         raise UserError("--compile_mode needs --compile")
-    if (args.compile and args.compile_mode in ("reduce-overhead", "max-autotune") and args.validation_prompt
-            and not hasattr(torch.compiler, "set_stance")):
+    if uses_cuda_graphs(args) and args.validation_prompt and not hasattr(torch.compiler, "set_stance"):
         raise UserError(f"--compile_mode {args.compile_mode} with --validation_prompt needs torch 2.6 or newer "
                         f"(this is {torch.__version__}): upgrade torch, or use --compile_mode default")
     if args.max_timestep is not None and not 0 <= args.min_timestep < args.max_timestep:
@@ -427,15 +426,16 @@ def prepare_models(args, tokenizers, text_encoders, vae, unet, noise_scheduler, 
 
     for m in text_encoders + [unet] + ([vae] if vae is not None else []):
         m.requires_grad_(False)
+    half = weight_dtype != torch.float32  # frozen weights in fp16/bf16, the forward under autocast
     for te in text_encoders:
         place(te, device, weight_dtype)
         if args.train_text_encoder:
-            add_lora(te, args, TEXT_ENCODER_LORA_TARGETS, weight_dtype != torch.float32)
+            add_lora(te, args, TEXT_ENCODER_LORA_TARGETS, half)
     if vae is not None:  # SDXL's own VAE overflows in fp16: fp32 unless the user supplied a (fixed) VAE
         place(vae, device, weight_dtype if args.pretrained_vae_model_name_or_path else torch.float32)
     if args.finetune == "lora":
         place(unet, device, weight_dtype)
-        add_lora(unet, args, args.lora_target_modules.split(","), weight_dtype != torch.float32)
+        add_lora(unet, args, args.lora_target_modules.split(","), half)
     else:
         place(unet, device, torch.float32)  # trained weights stay fp32; autocast does the mixed precision
         unet.requires_grad_(True)
@@ -525,6 +525,11 @@ def compile_blocks(unet, mode="default", backend="inductor"):
     for module in unet.modules():
         if isinstance(module, (BasicTransformerBlock, ResnetBlock2D)):
             module.compile(mode=None if mode == "default" else mode, backend=backend)
+
+
+def uses_cuda_graphs(args):
+    """--compile modes that capture the compiled blocks as CUDA graphs."""
+    return args.compile and args.compile_mode in ("reduce-overhead", "max-autotune")
 
 
 def eager_inference(args):
@@ -1291,7 +1296,7 @@ def training_step(batch, m, args, generator):
     `batch` holds either pixel_values or cached `latents` (scaled, in weight_dtype), either captions or cached
     `prompt_embeds` + `pooled_prompt_embeds`, and `time_ids`. Returns (loss, per-sample stats, detached)."""
     device = generator.device
-    if args.compile and args.compile_mode in ("reduce-overhead", "max-autotune"):
+    if uses_cuda_graphs(args):
         # CUDA graphs reuse their output memory: tell them a new step begins, so the last one's may be overwritten.
         torch.compiler.cudagraph_mark_step_begin()
     if "latents" in batch:

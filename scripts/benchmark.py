@@ -353,6 +353,9 @@ def time_steps(trainer, first, n, device):
     return per_step, (time.perf_counter() - start) * 1e3 / n
 
 
+SYNC_STEPS = 10  # steps run in CUDA's sync debug mode after the timed ones
+
+
 def count_host_syncs(trainer, first, n, device):
     """Host syncs per step on CUDA, and where they happen (torch's sync debug mode warns at each one). The
     trainer means to make one per --max_nonfinite_steps steps: the guard's batched read of its flags."""
@@ -473,12 +476,12 @@ def run_config(cfg, opts):
     per_step, wall_ms = time_steps(trainer, opts.warmup, opts.steps, device)
     trainer.finish()
     peak_gib = peak_memory(device, mem_kind)
-    syncs, sync_sites = count_host_syncs(trainer, opts.warmup + opts.steps, 10, device)
+    syncs, sync_sites = count_host_syncs(trainer, opts.warmup + opts.steps, SYNC_STEPS, device)
     graphs = compile_stats() if args.compile else {}
     extra = {}
     if opts.profile:
         try:
-            extra["profile"] = profile_steps(trainer, opts.warmup + opts.steps + 10, opts.profile, device)
+            extra["profile"] = profile_steps(trainer, opts.warmup + opts.steps + SYNC_STEPS, opts.profile, device)
         except Exception as e:  # the profiler is a diagnostic: its failure must not cost the timings
             extra["profile"] = {"error": f"{type(e).__name__}: {T.first_line(e)}"}
 
