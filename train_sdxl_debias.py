@@ -65,6 +65,8 @@ def parse_args(argv=None):
       help="A VAE to use instead of the pipeline's, e.g. madebyollin/sdxl-vae-fp16-fix (then it may run in fp16).")
     a("--revision", default=None)
     a("--variant", default=None, help="Weight variant to load, e.g. fp16.")
+    a("--cache_dir", default=None, help="Where Hub downloads (models and datasets) are cached, as in diffusers' "
+                                        "scripts (default: the Hugging Face cache).")
     # data
     a("--dataset", "--dataset_name", dest="dataset", default=None,
       help="Hub dataset id, or a local folder (imagefolder with metadata.jsonl/csv, or images + same-name .txt).")
@@ -83,10 +85,11 @@ def parse_args(argv=None):
       help="Probability of training on an empty prompt (for classifier-free guidance).")
     a("--aspect_ratio_bucketing", action="store_true",
       help="Batch images by aspect ratio (SDXL's ~1 MP buckets scaled to --resolution) instead of square crops.")
-    a("--cache_latents", action="store_true", help="VAE-encode every image (and flip) once, to --cache_dir.")
+    a("--cache_latents", action="store_true", help="VAE-encode every image (and flip) once, to --data_cache_dir.")
     a("--no_text_cache", action="store_true",
       help="Encode captions every step instead of caching their embeddings (e.g. millions of unique captions).")
-    a("--cache_dir", default=None, help="Latent/embedding cache folder (default: <output_dir>/cache).")
+    a("--data_cache_dir", default=None,
+      help="Folder of the cached latents and text embeddings (default: <output_dir>/cache).")
     a("--cache_batch_size", type=int, default=8, help="Images per VAE call while building the cache.")
     # what to train
     a("--finetune", choices=("lora", "full"), default="lora")
@@ -272,7 +275,7 @@ def config_value(action, value, path):
 
 
 PATH_FLAGS = ("pretrained_model_name_or_path", "pretrained_vae_model_name_or_path", "dataset", "train_data_dir",
-              "output_dir", "cache_dir", "resume_from_checkpoint")
+              "output_dir", "cache_dir", "data_cache_dir", "resume_from_checkpoint")
 
 
 def validate(args):
@@ -280,7 +283,7 @@ def validate(args):
     for name in PATH_FLAGS:  # the shell expands ~ on the command line, but not in a --config file
         if isinstance(getattr(args, name), str) and getattr(args, name).startswith("~"):
             setattr(args, name, os.path.expanduser(getattr(args, name)))
-    for name in ("output_dir", "cache_dir"):
+    for name in ("output_dir", "cache_dir", "data_cache_dir"):
         if getattr(args, name) and os.path.isfile(getattr(args, name)):
             raise UserError(f"--{name} {getattr(args, name)!r} is a file; pass a folder")
     if not args.dataset and not args.train_data_dir:
@@ -374,6 +377,7 @@ def load_part(cls, args, subfolder, path=None, own_repo=False, **kw):
     """from_pretrained with the base model's revision/variant (not for a separate repo such as a VAE's),
     turning 'not found / offline' into a UserError."""
     path = path or args.pretrained_model_name_or_path
+    kw["cache_dir"] = args.cache_dir
     if not own_repo:
         kw["revision"] = args.revision
         if not subfolder.startswith("tokenizer"):
@@ -585,7 +589,8 @@ def build_pipeline(args, m, unet, text_encoders=None, for_saving=False):
         parts = dict(vae=m.vae, text_encoder=te1, text_encoder_2=te2, tokenizer=m.tokenizers[0],
                      tokenizer_2=m.tokenizers[1])
     pipe = StableDiffusionXLPipeline.from_pretrained(args.pretrained_model_name_or_path, unet=unet,
-                                                     revision=args.revision, variant=args.variant, **parts)
+                                                     revision=args.revision, variant=args.variant,
+                                                     cache_dir=args.cache_dir, **parts)
     if args.prediction_type:  # what the UNet was trained to predict, for sampling and in the saved config
         pipe.scheduler.register_to_config(prediction_type=args.prediction_type)
     return pipe
@@ -617,17 +622,18 @@ def load_table(args):
 
     source = os.path.expanduser(args.train_data_dir or args.dataset)
     if os.path.isdir(source):
-        table = load_folder(source, args.output_dir)
+        table = load_folder(source, args.output_dir, args.cache_dir)
     elif os.path.isfile(source):
         builder = DATA_FILES.get(os.path.splitext(source)[1].lower())
         if builder is None:
             raise UserError(f"dataset file {source!r} is not one of {', '.join(DATA_FILES)}: pass a folder or "
                             "such a file")
-        table = guarded_load(source, datasets.load_dataset, builder, data_files=source)
+        table = guarded_load(source, datasets.load_dataset, builder, data_files=source, cache_dir=args.cache_dir)
     elif source.startswith((".", "/", "~")):
         raise UserError(f"dataset folder {source!r} does not exist")
     else:
-        table = guarded_load(source, datasets.load_dataset, source, args.dataset_config_name)
+        table = guarded_load(source, datasets.load_dataset, source, args.dataset_config_name,
+                             cache_dir=args.cache_dir)
     if isinstance(table, datasets.DatasetDict):
         if "train" not in table:
             raise UserError(f"dataset {source!r} has no 'train' split (it has: {', '.join(table)})")
@@ -649,7 +655,7 @@ def load_table(args):
     return table, source
 
 
-def load_folder(source, output_dir):
+def load_folder(source, output_dir, cache_dir=None):
     """A local folder: saved with save_to_disk, an imagefolder with metadata, kohya's image + caption files, or
     data files (a Hub dataset downloaded with `huggingface-cli download --local-dir`)."""
     import datasets
@@ -661,7 +667,7 @@ def load_folder(source, output_dir):
     images = [f for f in files if os.path.splitext(f)[1].lower() in IMAGE_EXTS]
     data_files = any(os.path.splitext(f)[1].lower() in DATA_FILES for f in files)
     if metadata:
-        table = guarded_load(source, datasets.load_dataset, "imagefolder", data_dir=source)
+        table = guarded_load(source, datasets.load_dataset, "imagefolder", data_dir=source, cache_dir=cache_dir)
         listed = sum(len(split) for split in table.values()) if isinstance(table, datasets.DatasetDict) else len(table)
         if listed < len(images):  # datasets silently leaves out images the metadata does not name
             logger.warning("%d of %d images in %s are not listed in its metadata and are not used",
@@ -671,7 +677,7 @@ def load_folder(source, output_dir):
     if captions is not None:
         return datasets.Dataset.from_dict(captions)
     if data_files:  # a downloaded Hub dataset; an image beside its parquet files is a preview, not data
-        return guarded_load(source, datasets.load_dataset, source)
+        return guarded_load(source, datasets.load_dataset, source, cache_dir=cache_dir)
     if not images:
         raise UserError(f"dataset folder {source!r} has no images (looked for {', '.join(IMAGE_EXTS)}) and no data "
                         "files")
@@ -1091,7 +1097,7 @@ def encode_latents(vae, pixels, dtype):
 # ----------------------------------------------------------------------------------------------------------------
 # 5. cache — text embeddings (whenever the text encoders are frozen) and, with --cache_latents, VAE latents
 # ----------------------------------------------------------------------------------------------------------------
-# Entries live in safetensors shards under --cache_dir, keyed by a hash of everything that determines them
+# Entries live in safetensors shards under --data_cache_dir, keyed by a hash of everything that determines them
 # (model, revision, variant, dtype, caption / image file, target size, crop, flip). A second run with the same
 # settings finds every key and computes nothing; a changed setting computes only the entries it changes.
 # Old entries are never deleted by the trainer: delete the folder to reclaim the space.
@@ -1260,7 +1266,7 @@ def build_caches(args, m, table, plan, accelerator):
     """Fill the caches this run uses, then move the frozen models it no longer needs off the accelerator."""
     text_ns, latent_ns = cache_namespaces(args, m.weight_dtype)
     plan.text_ns, plan.latent_ns = text_ns, latent_ns
-    folder = args.cache_dir or os.path.join(args.output_dir, "cache")
+    folder = args.data_cache_dir or os.path.join(args.output_dir, "cache")
     start = time.perf_counter()
     plan.text_cache = TensorCache(folder, "text") if caches_text(args) else None
     plan.latent_cache = TensorCache(folder, "latents") if args.cache_latents else None

@@ -230,12 +230,15 @@ def test_every_image_unreadable_is_a_clear_error(tiny_model, tmp_path):
 def test_cache_gives_the_same_loss_and_is_reused(tiny_model, shapes, tmp_path):
     common = ["--pretrained_model_name_or_path", tiny_model, "--dataset", shapes, "--resolution", "64",
               "--train_batch_size", "2", "--max_train_steps", "3", "--logging_steps", "1", "--center_crop",
-              "--random_flip", "--seed", "5", "--cache_dir", str(tmp_path / "cache")]
+              "--random_flip", "--seed", "5", "--data_cache_dir", str(tmp_path / "cache"),
+              "--cache_dir", str(tmp_path / "hub-cache")]
     plain = str(tmp_path / "plain")
     run_trainer(*common, "--output_dir", plain, "--no_text_cache")
     cached = str(tmp_path / "cached")
     first = run_trainer(*common, "--output_dir", cached, "--cache_latents")
     assert "24 new latent entries" not in first.stderr and "48 new latent entries" in first.stderr
+    # --cache_dir is diffusers' Hub/datasets download cache; ours goes to --data_cache_dir, not the output folder
+    assert os.listdir(tmp_path / "hub-cache") and not os.path.exists(os.path.join(cached, "cache"))
     rows = lambda d: [json.loads(x) for x in open(os.path.join(d, "metrics.jsonl"))]
     for a, b in zip(rows(plain), rows(cached)):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-4) and a["mse"] == pytest.approx(b["mse"], rel=1e-4)
