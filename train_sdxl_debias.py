@@ -172,12 +172,16 @@ def parse_args(argv=None):
                                      "line wins. Every run writes its resolved config to train_config.json.")
     argv = sys.argv[1:] if argv is None else list(argv)
     known, _ = p.parse_known_args(argv)
+    values = {}
     if known.config:
         values = read_config(known.config, p)
         if any(a.startswith("--validation_prompt") for a in argv):
             values.pop("validation_prompt", None)  # the command line's prompts replace the file's, not add to them
         p.set_defaults(**values)
     args, unknown = p.parse_known_args(argv)
+    # Which flags the file set (the command line did not override), so an error about one can say where it is.
+    args.config_flags = sorted(o for a in p._actions for o in a.option_strings
+                               if a.dest in values and getattr(args, a.dest) == values[a.dest])
     if unknown:  # one line, with the replacement when a diffusers flag has one, instead of a usage dump
         flag = next((u for u in unknown if u.startswith("-")), unknown[0])
         hint = FOREIGN_FLAGS.get(flag.split("=")[0], "see --help for the flags")
@@ -212,7 +216,7 @@ FOREIGN_FLAGS = {
 LORA_DEFAULTS = (("rank", 4), ("lora_alpha", None), ("lora_dropout", 0.0), ("lora_target_modules",
                  "to_q,to_k,to_v,to_out.0"), ("use_dora", False), ("init_lora_weights", "gaussian"))
 COMMA_LISTS = ("lora_target_modules",)  # flags whose one value is a comma-separated list
-NOT_CONFIG = ("config", "lora_flags_given", "hub_token")  # never read from or written to a config file
+NOT_CONFIG = ("config", "lora_flags_given", "config_flags", "hub_token")  # never read from or written to a config file
 NOT_SAVED = NOT_CONFIG + ("resume_from_checkpoint", "overwrite_output_dir")  # rerunning a config reproduces the run
 
 
@@ -2134,13 +2138,24 @@ def push_to_hub(args):
     logger.info("pushed %s to https://huggingface.co/%s", args.output_dir, repo_id)
 
 
+def config_origin(message, args):
+    """' (--x is set in --config f)' when the error names a flag that came from the config file, not the
+    command line the user is looking at."""
+    named = [f for f in re.findall(r"--\w+", message) if f in getattr(args, "config_flags", ())]
+    if not named or message.startswith("--config"):
+        return ""
+    return f" ({', '.join(dict.fromkeys(named))} {'is' if len(set(named)) == 1 else 'are'} set in --config " \
+           f"{args.config!r})"
+
+
 def main(argv=None):
+    args = None
     try:
         args = parse_args(argv)
         validate(args)
         train(args)
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {e}{config_origin(str(e), args)}", file=sys.stderr)
         return 3 if isinstance(e, TrainingStopped) else 2
     except KeyboardInterrupt:  # Ctrl-C: checkpoints are complete or absent, so `latest` picks up from the last
         print("\ninterrupted: rerun with --resume_from_checkpoint latest to continue", file=sys.stderr)

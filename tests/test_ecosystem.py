@@ -133,6 +133,22 @@ def test_config_values_are_checked_like_flags(tmp_path, values, needle):
     assert args.lora_target_modules == "to_q,to_k"
 
 
+def test_an_error_about_a_flag_from_the_config_file_says_so(tmp_path, capsys):
+    path = str(tmp_path / "run.yaml")
+    with open(path, "w") as f:
+        yaml.safe_dump({"dataset": str(tmp_path), "resolution": 100, "proportion_empty_prompts": 2.0}, f)
+    out = ["--output_dir", str(tmp_path / "out")]
+    assert T.main(["--config", path, *out]) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last == f"error: --resolution 100 must be a positive multiple of 8 (the VAE downsamples by 8) " \
+                   f"(--resolution is set in --config {path!r})"
+    assert T.main(["--config", path, *out, "--resolution", "64"]) == 2  # next problem, under its other name
+    assert f"(--caption_dropout is set in --config {path!r})" in capsys.readouterr().err
+    assert T.main(["--config", path, *out, "--resolution", "60"]) == 2  # typed: the command line is the origin
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("error: --resolution 60 must") and "set in --config" not in last
+
+
 def test_ema_weights_are_validated_and_saved(tiny_model, shapes, tmp_path):
     from diffusers import UNet2DConditionModel
 
