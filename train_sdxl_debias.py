@@ -579,15 +579,15 @@ def build_optimizer(args, params, device):
 def build_pipeline(args, m, unet, text_encoders=None, for_saving=False):
     """`unet` with the base model's other parts and inference scheduler, as a StableDiffusionXLPipeline.
 
-    For validation it reuses the loaded (possibly half-precision) frozen parts. For saving it reloads them as
-    stored, so a full fine-tune's output keeps the base model's precision everywhere but the trained UNet."""
+    For validation it reuses the loaded (possibly half-precision) frozen parts. For saving it reloads them in
+    fp32, the trained UNet's precision, so the output has one dtype (load it with torch_dtype as any pipeline)."""
     from diffusers import AutoencoderKL, StableDiffusionXLPipeline
 
-    if for_saving:
-        parts = {}
+    if for_saving:  # fp32 like the trained UNet, also when --variant loaded fp16 files: one dtype in the output
+        parts = {"torch_dtype": torch.float32}
         if args.pretrained_vae_model_name_or_path:  # the output carries the VAE it was trained with
             parts["vae"] = load_part(AutoencoderKL, args, "", path=args.pretrained_vae_model_name_or_path,
-                                     own_repo=True)
+                                     own_repo=True, torch_dtype=torch.float32)
     else:
         te1, te2 = text_encoders or m.text_encoders
         parts = dict(vae=m.vae, text_encoder=te1, text_encoder_2=te2, tokenizer=m.tokenizers[0],

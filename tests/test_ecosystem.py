@@ -167,6 +167,25 @@ def test_ema_weights_are_validated_and_saved(tiny_model, shapes, tmp_path):
     assert single.keys() == saved.keys()
 
 
+def test_a_full_fine_tune_of_an_fp16_variant_saves_one_dtype(tiny_model, shapes, tmp_path):
+    from diffusers import StableDiffusionXLPipeline
+
+    base = str(tmp_path / "base")  # a base model that has fp16-variant files, as stabilityai's repos do
+    StableDiffusionXLPipeline.from_pretrained(tiny_model).to(torch.float16).save_pretrained(base, variant="fp16")
+    out = str(tmp_path / "full")
+    run_trainer("--pretrained_model_name_or_path", base, "--variant", "fp16", "--dataset", shapes, "--output_dir",
+                out, "--resolution", "64", "--finetune", "full", "--max_train_steps", "1")
+    dtypes = set()
+    for root, _, names in os.walk(out):
+        for name in names:
+            if name.endswith(".safetensors"):
+                part = os.path.relpath(root, out)
+                dtypes |= {(part, v.dtype) for v in load_file(os.path.join(root, name)).values()}
+    assert {d for _, d in dtypes} == {torch.float32}, dtypes
+    assert {"unet", "vae", "text_encoder", "text_encoder_2"} <= {part for part, _ in dtypes}
+    StableDiffusionXLPipeline.from_pretrained(out)  # no variant needed to load it
+
+
 def test_timestep_range_is_respected(tiny_model, shapes, tmp_path):
     out = str(tmp_path / "trange")
     run_trainer("--pretrained_model_name_or_path", tiny_model, "--dataset", shapes, "--output_dir", out,
