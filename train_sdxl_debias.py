@@ -1300,14 +1300,17 @@ def build_caches(args, m, table, plan, accelerator):
 # 6. step
 # ----------------------------------------------------------------------------------------------------------------
 
-def training_step(batch, m, args, generator):
+def training_step(batch, m, args, generator, new_step=True):
     """One micro-batch: encode (unless cached), noise, predict, weighted loss.
 
     `batch` holds either pixel_values or cached `latents` (scaled, in weight_dtype), either captions or cached
-    `prompt_embeds` + `pooled_prompt_embeds`, and `time_ids`. Returns (loss, per-sample stats, detached)."""
+    `prompt_embeds` + `pooled_prompt_embeds`, and `time_ids`. `new_step`: the first micro-batch of an optimizer
+    step. Returns (loss, per-sample stats, detached)."""
     device = generator.device
-    if uses_cuda_graphs(args):
-        # CUDA graphs reuse their output memory: tell them a new step begins, so the last one's may be overwritten.
+    if uses_cuda_graphs(args) and new_step:
+        # CUDA graphs reuse their output memory once a new step begins. Marked by hand, a step is one generation:
+        # left to torch, each frozen (no-grad) block call began one and overwrote a skip connection still in use.
+        # Not at later micro-batches, whose backward adds to the gradients the earlier ones left in that memory.
         torch.compiler.cudagraph_mark_step_begin()
     if "latents" in batch:
         latents = batch["latents"].to(device, non_blocking=True)
@@ -2018,7 +2021,7 @@ def train(args):
                     work, weight = last_good, 0.0
                 if "captions" in work:
                     with no_sync(accelerator, trained, not last_micro):  # gradients all-reduce once per step
-                        loss, stats = training_step(work, m, args, generator)
+                        loss, stats = training_step(work, m, args, generator, new_step=micro == 0)
                         accelerator.backward(loss * weight / accum)
                     if weight:
                         metrics.add(stats)
