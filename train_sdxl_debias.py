@@ -609,7 +609,7 @@ CAPTION_COLUMNS = ("text", "caption", "captions", "prompt", "prompts", "descript
 # PIL warns above 89 MP and refuses above 179 MP as a guard against decompression bombs; training images are
 # the user's own, and phones now take 200 MP photos. Warn above 256 MP, refuse above 512 MP.
 Image.MAX_IMAGE_PIXELS = 256_000_000
-IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".jpe", ".jfif", ".webp", ".avif", ".bmp", ".gif", ".tif", ".tiff")
 METADATA_FILES = ("metadata.jsonl", "metadata.csv", "metadata.parquet")
 DATA_FILES = {".parquet": "parquet", ".arrow": "arrow", ".jsonl": "json", ".json": "json", ".csv": "csv"}
 
@@ -638,25 +638,58 @@ def load_table(args):
     else:
         table = guarded_load(source, datasets.load_dataset, source, args.dataset_config_name,
                              cache_dir=args.cache_dir)
-    if isinstance(table, datasets.DatasetDict):
-        if "train" not in table:
-            raise UserError(f"dataset {source!r} has no 'train' split (it has: {', '.join(table)})")
-        table = table["train"]
+    table = train_split(table, source)
     image_col = pick_column(table.column_names, args.image_column, IMAGE_COLUMNS, "image")
     caption_col = pick_column(table.column_names, args.caption_column, CAPTION_COLUMNS, "caption")
+    if image_col == caption_col:
+        raise UserError(f"--image_column and --caption_column are both {image_col!r}: name two different columns "
+                        f"(the dataset has: {', '.join(table.column_names)})")
     feature = table.features[image_col]
     if isinstance(feature, datasets.Image) or getattr(feature, "dtype", None) in ("binary", "large_binary"):
         table = table.cast_column(image_col, datasets.Image(decode=False))  # encoded bytes too: {bytes, path}
-    elif os.path.isfile(source):  # paths in a data file are relative to that file, as in an imagefolder
-        here = os.path.dirname(os.path.abspath(source))
+    elif os.path.exists(source):  # relative paths in local data are relative to it, as in an imagefolder
+        here = source if os.path.isdir(source) else os.path.dirname(os.path.abspath(source))
         table = table.map(lambda v: {image_col: v if not isinstance(v, str) or os.path.isabs(v) else
                                      os.path.join(here, v)}, input_columns=image_col)
     table = table.select_columns([image_col, caption_col]).rename_columns({image_col: "image", caption_col: "text"})
     if len(table) == 0:
         raise UserError(f"dataset {source!r} has no rows")
+    check_captions(table, source, caption_col)
     if args.max_train_samples:
         table = table.shuffle(seed=args.seed).select(range(min(args.max_train_samples, len(table))))
     return table, source
+
+
+def train_split(table, source):
+    """The 'train' split of a DatasetDict; its only split when it has one (a local folder named val/ or test/)."""
+    import datasets
+
+    if not isinstance(table, datasets.DatasetDict):
+        return table
+    if "train" not in table and len(table) == 1:
+        logger.info("dataset %s has one split, %r: training on it", source, next(iter(table)))
+        return next(iter(table.values()))
+    if "train" not in table:
+        raise UserError(f"dataset {source!r} has no 'train' split (it has: {', '.join(table)}); name a folder "
+                        "train/, or pass the folder of the split you want")
+    return table["train"]
+
+
+def blank(caption):
+    return caption is None or (not caption.strip() if isinstance(caption, str) else
+                               isinstance(caption, (list, tuple)) and all(blank(c) for c in caption))
+
+
+def check_captions(table, source, column):
+    """Rows without a caption (missing, null or empty) train on an empty prompt: say how many, or stop when
+    none has one (the wrong column, or metadata datasets did not match to the images)."""
+    empty = [i for i, c in enumerate(table["text"]) if blank(c)]
+    if len(empty) == len(table):
+        raise UserError(f"every caption in column {column!r} of dataset {source!r} is empty: check --caption_column "
+                        "and the captions")
+    if empty:
+        logger.warning("%d of %d images have no caption (missing, null or empty) and train with an empty prompt, "
+                       "e.g. %s", len(empty), len(table), describe_image(table[empty[0]]["image"], empty[0]))
 
 
 def load_folder(source, output_dir, cache_dir=None):
@@ -669,13 +702,15 @@ def load_folder(source, output_dir, cache_dir=None):
     files = list_files(source, exclude=output_dir)
     metadata = any(os.path.basename(f) in METADATA_FILES for f in files)
     images = [f for f in files if os.path.splitext(f)[1].lower() in IMAGE_EXTS]
-    data_files = any(os.path.splitext(f)[1].lower() in DATA_FILES for f in files)
+    # Data files make a dataset; a lone .json beside images is more likely an info file than the data.
+    data_files = any(os.path.splitext(f)[1].lower() in DATA_FILES and not (f.endswith(".json") and images)
+                     for f in files)
     if metadata:
-        table = guarded_load(source, datasets.load_dataset, "imagefolder", data_dir=source, cache_dir=cache_dir)
-        listed = sum(len(split) for split in table.values()) if isinstance(table, datasets.DatasetDict) else len(table)
-        if listed < len(images):  # datasets silently leaves out images the metadata does not name
-            logger.warning("%d of %d images in %s are not listed in its metadata and are not used",
-                           len(images) - listed, len(images), source)
+        table = train_split(guarded_load(source, datasets.load_dataset, "imagefolder", data_dir=source,
+                                         cache_dir=cache_dir), source)
+        if len(table) < len(images):  # datasets silently leaves out images the metadata does not name
+            logger.warning("%d of %d images in %s are not used: the metadata does not name them, or they are in "
+                           "another split", len(images) - len(table), len(images), source)
         return table
     captions = find_captions(images) if images else None
     if captions is not None:
@@ -705,34 +740,66 @@ CAPTION_EXTS = (".txt", ".caption")
 
 def list_files(folder, exclude=None):
     """Every file below `folder`, in a stable order, symlinked subfolders followed once (loops cut), leaving out
-    `exclude`: our output folder, which may sit inside the dataset and holds sample images."""
+    `exclude` (our output folder, which may sit inside the dataset and holds sample images) and hidden files and
+    folders (.ipynb_checkpoints copies, macOS' ._ resource forks and __MACOSX, as datasets' imagefolder does)."""
     files, seen, skip = [], set(), os.path.realpath(exclude) if exclude else None
-    for root, dirs, names in os.walk(folder, followlinks=True):
+    hidden = lambda n: n.startswith((".", "__MACOSX"))
+
+    def unreadable(e):
+        logger.warning("cannot read folder %s (%s): its images are not used", e.filename, e.strerror)
+
+    for root, dirs, names in os.walk(folder, followlinks=True, onerror=unreadable):
         real = os.path.realpath(root)
         if real in seen or real == skip:
             dirs[:] = []
             continue
         seen.add(real)
-        dirs.sort()  # which path of a folder reached twice is kept: the same on every machine
-        files += [os.path.join(root, n) for n in names]
+        dirs[:] = sorted(d for d in dirs if not hidden(d))  # sorted: which path of a folder seen twice is kept
+        for n in names:
+            if not hidden(n) and utf8_name(os.path.join(root, n)):
+                files.append(os.path.join(root, n))
     return sorted(files, key=lambda f: (os.path.dirname(f), os.path.basename(f)))  # folder by folder, as always
+
+
+def utf8_name(path):
+    """False (with a warning) for a name that is not valid UTF-8, as unzipped Windows archives have: datasets
+    cannot store it."""
+    try:
+        path.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        logger.warning("skipping %r: its name is not valid UTF-8; rename it to use it", path)
+        return False
+
+
+def read_caption(path):
+    """A caption file's text: UTF-8 (a byte-order mark dropped), UTF-16 with its mark (Notepad's "Unicode"), or
+    else Windows-1252 (older Western editors), said in a warning, rather than garbled silently."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise UserError(f"cannot read caption file {path!r}: {e.strerror}; fix its permissions or remove it") from None
+    if data.startswith((b"\xff\xfe", b"\xfe\xff")):
+        return data.decode("utf-16").strip()
+    try:
+        return data.decode("utf-8-sig").strip()
+    except UnicodeDecodeError:
+        logger.warning("caption file %s is not UTF-8; read as Windows-1252 (save it as UTF-8 to be sure)", path)
+        return data.decode("cp1252", errors="replace").strip()
 
 
 def find_captions(images):
     """kohya layout: each image's caption from a same-name .txt (or .caption) file next to it, "" without one.
-    Returns columns, or None if no image has a non-empty caption."""
+    Returns columns (absolute paths), or None if no image has a non-empty caption."""
     texts = []
     for path in images:
         stem = os.path.splitext(path)[0]
         found = [stem + ext for ext in CAPTION_EXTS if os.path.exists(stem + ext)]
-        # utf-8-sig: Windows editors start files with a byte-order mark, which would become part of the caption
-        texts.append(open(found[0], encoding="utf-8-sig", errors="replace").read().strip() if found else "")
+        texts.append(read_caption(found[0]) if found else "")
     if not any(texts):
         return None
-    if not all(texts):
-        logger.warning("%d of %d images have no (or an empty) caption file and train with an empty prompt, e.g. %s",
-                       texts.count(""), len(texts), images[texts.index("")])
-    return {"image": images, "text": texts}
+    return {"image": [os.path.abspath(p) for p in images], "text": texts}  # check_captions counts the empty
 
 
 def pick_column(columns, requested, candidates, kind):
@@ -743,7 +810,11 @@ def pick_column(columns, requested, candidates, kind):
     for c in candidates:
         if c in columns:
             return c
-    raise UserError(f"no {kind} column found among: {', '.join(columns)}; name it with --{kind}_column")
+    hint = ""
+    if kind == "caption" and "label" in columns:  # imagefolder without usable metadata: subfolders as classes
+        hint = (" (datasets found no metadata for these images and read their subfolders as class labels: put a "
+                "metadata.jsonl beside the images, in each split folder such as train/)")
+    raise UserError(f"no {kind} column found among: {', '.join(columns)}; name it with --{kind}_column{hint}")
 
 
 def open_file(value):
@@ -753,6 +824,8 @@ def open_file(value):
         return value
     if isinstance(value, dict):
         value = value["bytes"] if value.get("bytes") else value["path"]
+    if not value:  # b"" or None: a row without image data
+        raise ValueError("empty image data")
     return Image.open(io.BytesIO(value) if isinstance(value, bytes) else value)
 
 
@@ -766,7 +839,8 @@ def upright_rgb(img):
     """EXIF orientation applied, and RGB: transparency composited on white, 16-bit and float greyscale scaled to
     8 bits."""
     img = ImageOps.exif_transpose(img)
-    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+    # Transparency is an alpha channel, or one colour marked transparent (palette, greyscale and RGB PNGs).
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode in ("P", "L", "RGB") and "transparency" in img.info):
         img = img.convert("RGBA")  # transparent pixels become white, not black
         img = Image.alpha_composite(Image.new("RGBA", img.size, (255, 255, 255, 255)), img)
     elif img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
@@ -786,7 +860,7 @@ def open_image(value):
     return upright_rgb(open_file(value))
 
 
-def decode_image(value, cover=None):
+def decode_image(value, cover=None, row=None):
     """The upright RGB image with every pixel decoded, and its full displayed (w, h); None (with a warning naming
     the file) when decoding fails. `cover`: the (w, h) the image will be resized to cover. A JPEG far larger than
     that is decoded at the smallest of libjpeg's 1/2, 1/4, 1/8 scales that still covers it: a 24 MP photo for a
@@ -801,7 +875,7 @@ def decode_image(value, cover=None):
         img.load()
         return img, size
     except Exception as e:  # unreadable, truncated, or gone since the scan
-        logger.warning("skipping unreadable image %s: %s", describe_image(value), first_line(e))
+        logger.warning("skipping unreadable image %s: %s", describe_image(value, row), first_line(e))
         return None
 
 
@@ -824,9 +898,10 @@ def image_identity(value):
     return f"file:{os.path.abspath(path)}:{st.st_size}:{st.st_mtime_ns}"
 
 
-def describe_image(value):
+def describe_image(value, row=None):
+    """How messages name an image: its path, or its row for bytes stored in the dataset."""
     if isinstance(value, dict):
-        return value.get("path") or "<embedded image bytes>"
+        return value.get("path") or (f"the image in row {row}" if row is not None else "an image stored in the data")
     return str(value)
 
 
@@ -882,7 +957,7 @@ def scan_images(table, show_progress=True):
                 except Exception as e:
                     sizes.append(None)
                     idents.append(None)
-                    bad.append((describe_image(value), first_line(e)))
+                    bad.append((describe_image(value, bar.n), first_line(e)))
                 bar.update(1)
     return sizes, idents, bad
 
@@ -895,14 +970,16 @@ def transform_image(img, target, center_crop, flip, rng, crop=None, size=None):
     (w, h), (tw, th) = size or img.size, target
     scale = max(tw / w, th / h)
     rw, rh = max(tw, round(w * scale)), max(th, round(h * scale))
-    img = img.resize((rw, rh), Image.Resampling.LANCZOS)
     if crop is not None:
         top, left = crop
     elif center_crop:
         top, left = (rh - th) // 2, (rw - tw) // 2
     else:
         top, left = rng.randint(0, rh - th), rng.randint(0, rw - tw)
-    img = img.crop((left, top, left + tw, top + th))
+    # Resize only the crop's box of the source: the same pixels as resizing all of it and cropping, without
+    # building the whole resized image (a 2000x10 banner for a 1024² bucket would be 204800x1024, a gigabyte).
+    sx, sy = img.size[0] / rw, img.size[1] / rh
+    img = img.resize((tw, th), Image.Resampling.LANCZOS, box=(left * sx, top * sy, (left + tw) * sx, (top + th) * sy))
     if flip:
         img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         left = rw - left - tw  # the crop's left edge, as seen in the flipped image
@@ -973,17 +1050,17 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
         if plan.latent_cache is not None:
             key = latent_key(plan.latent_ns, plan.idents[i], target, flip, args)
             if key not in plan.latent_cache:  # its file failed to decode while the cache was built
-                return {"skipped": describe_image(row["image"])}
+                return {"skipped": describe_image(row["image"], i)}
             sample.update(plan.latent_cache.get(key))
             return sample
-        decoded = decode_image(row["image"], cover=target)
+        decoded = decode_image(row["image"], cover=target, row=i)
         if decoded is None:  # unreadable or truncated: named, and replaced by another row
-            return {"skipped": describe_image(row["image"])}
+            return {"skipped": describe_image(row["image"], i)}
         img, size = decoded
         pixels, original, crop = transform_image(img, target, args.center_crop, flip, rng, size=size)
         sample.update(pixel_values=pixels, time_ids=time_ids(original, crop, target))
         if size[0] < target[0] or size[1] < target[1]:
-            sample["upscaled"] = describe_image(row["image"])
+            sample["upscaled"] = describe_image(row["image"], i)
         return sample
 
 
@@ -1250,7 +1327,7 @@ class LatentJobs(torch.utils.data.Dataset):
     def __getitem__(self, n):
         i, flip = self.jobs[n]
         value, target = self.table[i]["image"], self.plan.targets[i]
-        decoded = decode_image(value, cover=target)
+        decoded = decode_image(value, cover=target, row=i)
         if decoded is None:
             return None
         img, size = decoded

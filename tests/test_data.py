@@ -69,6 +69,9 @@ def test_image_modes_are_upright_rgb_and_transparency_is_white(tmp_path):
     assert T.read_size(os.path.join(folder, "rotated.jpg")) == (64, 96)
     with pytest.raises(Exception):
         T.open_image(os.path.join(folder, "truncated.jpg")).load()
+    for mode, key in (("L", 0), ("RGB", (0, 0, 0))):  # one colour marked transparent, no alpha channel
+        Image.new(mode, (8, 8), key).save(tmp_path / f"key-{mode}.png", transparency=key)
+        assert T.open_image(str(tmp_path / f"key-{mode}.png")).getpixel((0, 0)) == (255, 255, 255), mode
 
 
 def test_large_jpegs_decode_at_a_reduced_scale_with_full_size_conditioning(tmp_path):
@@ -87,6 +90,17 @@ def test_large_jpegs_decode_at_a_reduced_scale_with_full_size_conditioning(tmp_p
     b = T.transform_image(full, (192, 256), True, False, random.Random(0))
     assert a[1:] == b[1:] == ((1600, 1200), (0, 0))  # original (h, w) and crop of the full image
     assert (a[0] - b[0]).abs().mean() < 0.02  # [-1, 1] pixels: under 1% of the range apart
+
+
+def test_an_extreme_aspect_ratio_is_cropped_without_resizing_all_of_it():
+    banner = Image.linear_gradient("L").convert("RGB").resize((4000, 8))  # a 1024² crop of 512000x1024 resized
+    pixels, original, (top, left) = T.transform_image(banner, (64, 64), True, False, random.Random(0))
+    assert pixels.shape == (3, 64, 64) and original == (8, 4000) and left == (32000 - 64) // 2
+    small = Image.linear_gradient("L").convert("RGB").resize((400, 300))
+    full = np.asarray(small.resize((85, 64), Image.Resampling.LANCZOS).crop((10, 0, 74, 64)), dtype=np.float32)
+    pixels, _, crop = T.transform_image(small, (64, 64), False, False, random.Random(0), crop=(0, 10))
+    assert crop == (0, 10)  # the same pixels as resizing the whole image and cropping (to rounding)
+    assert np.abs((pixels.permute(1, 2, 0).numpy() + 1) * 127.5 - full).max() <= 1.0
 
 
 def test_transform_crop_flip_and_time_ids():
@@ -343,4 +357,63 @@ def test_images_the_metadata_does_not_name_are_counted(tmp_path, caplog):
         for i in range(3):  # 3.png is left out, which datasets does without a word
             f.write(json.dumps({"file_name": f"{i}.png", "text": f"image {i}"}) + "\n")
     table, _ = T.load_table(T.parse_args(["--dataset", str(tmp_path), "--output_dir", str(tmp_path / "out")]))
-    assert len(table) == 3 and "1 of 4 images" in caplog.text and "not listed in its metadata" in caplog.text
+    assert len(table) == 3 and "1 of 4 images" in caplog.text and "metadata does not name them" in caplog.text
+    caplog.clear()
+    val = tmp_path / "only-val" / "val"  # one split, named val/: datasets calls it 'validation'
+    val.mkdir(parents=True)
+    Image.new("RGB", (32, 32)).save(val / "0.png")
+    (val / "metadata.jsonl").write_text(json.dumps({"file_name": "0.png", "text": "a val image"}) + "\n")
+    table, _ = T.load_table(T.parse_args(["--dataset", str(tmp_path / "only-val")]))
+    assert table["text"] == ["a val image"] and "not used" not in caplog.text
+
+
+def test_captions_missing_in_metadata_are_counted_and_all_missing_is_an_error(tmp_path, caplog):
+    for i in range(4):
+        Image.new("RGB", (32, 32)).save(tmp_path / f"{i}.png")
+    rows = [{"file_name": "0.png", "text": "a cat"}, {"file_name": "1.png", "text": None},
+            {"file_name": "2.png", "text": "  "}, {"file_name": "3.png"}]
+    (tmp_path / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    table, _ = T.load_table(T.parse_args(["--dataset", str(tmp_path)]))
+    assert len(table) == 4 and "3 of 4 images have no caption" in caplog.text
+    rows = [{"file_name": "0.png", "text": ""}] + [{"file_name": f"{i}.png", "Text": "misspelt"} for i in (1, 2, 3)]
+    (tmp_path / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(T.UserError, match="every caption in column 'text'"):
+        T.load_table(T.parse_args(["--dataset", str(tmp_path)]))
+    with pytest.raises(T.UserError, match="both 'text'"):
+        T.load_table(T.parse_args(["--dataset", str(tmp_path), "--image_column", "text"]))
+
+
+def test_caption_encodings_hidden_files_and_odd_names(tmp_path, caplog):
+    folder = tmp_path / "kohya"
+    (folder / ".ipynb_checkpoints").mkdir(parents=True)
+    (folder / "__MACOSX").mkdir()
+    for name in ("latin", "notepad", "photo", ".ipynb_checkpoints/photo-checkpoint", "__MACOSX/._photo", "._photo"):
+        Image.new("RGB", (32, 32)).save(folder / f"{name}.png" if "photo" not in name else folder / f"{name}.jfif",
+                                        format="PNG" if "photo" not in name else "JPEG")
+        (folder / f"{name}.txt").write_text("a copy", encoding="utf-8")
+    (folder / "latin.txt").write_bytes("un café".encode("latin-1"))
+    (folder / "notepad.txt").write_bytes("a naïve ninja".encode("utf-16"))  # Notepad's "Unicode", with its mark
+    (folder / "photo.txt").write_text("a .jfif photo", encoding="utf-8")
+    Image.new("RGB", (32, 32)).save(os.path.join(os.fsencode(folder), b"caf\xe9.png"))  # not UTF-8: skipped
+    table, _ = T.load_table(T.parse_args(["--dataset", str(folder)]))
+    found = {os.path.basename(p): t for p, t in zip(table["image"], table["text"])}
+    assert found == {"latin.png": "un café", "notepad.png": "a naïve ninja", "photo.jfif": "a .jfif photo"}
+    assert "not UTF-8; read as Windows-1252" in caplog.text and "not valid UTF-8" in caplog.text
+
+
+def test_relative_paths_in_a_data_folder_and_images_stored_in_rows(tmp_path, caplog):
+    import datasets
+
+    folder = tmp_path / "parquet"
+    folder.mkdir()
+    Image.new("RGB", (40, 32), "blue").save(folder / "img0.png")
+    datasets.Dataset.from_dict({"image": ["img0.png"], "text": ["blue"]}).to_parquet(str(folder / "train.parquet"))
+    table, _ = T.load_table(T.parse_args(["--dataset", str(folder)]))
+    assert T.decode_image(table[0]["image"])[1] == (40, 32)  # relative to the dataset folder, not the cwd
+    png = io.BytesIO()
+    Image.new("RGB", (32, 32)).save(png, format="PNG")
+    stored = datasets.Dataset.from_dict({"image": [png.getvalue(), b"junk", b""], "text": ["a", "b", "c"]})
+    stored.to_parquet(str(tmp_path / "stored.parquet"))
+    table, _ = T.load_table(T.parse_args(["--dataset", str(tmp_path / "stored.parquet")]))
+    assert T.decode_image(table[1]["image"], row=1) is None and T.decode_image(table[2]["image"], row=2) is None
+    assert "the image in row 1" in caplog.text and "row 2: empty image data" in caplog.text
