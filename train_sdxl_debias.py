@@ -23,9 +23,10 @@ import os
 import random
 import re
 import shutil
+import signal
 import sys
 import time
-from contextlib import ExitStack, nullcontext
+from contextlib import ExitStack, nullcontext, suppress
 from dataclasses import dataclass
 
 import numpy as np
@@ -350,6 +351,12 @@ def validate(args):
         resume = args.resume_from_checkpoint = os.path.join(args.output_dir, resume)  # diffusers: a name in output_dir
     if resume and resume != "latest" and not os.path.isdir(resume):
         raise UserError(f"--resume_from_checkpoint {resume!r} does not exist; pass a checkpoint folder or 'latest'")
+    if resume and resume != "latest" and os.path.exists(os.path.join(resume, STATE_FILE)):
+        step = read_state(resume)["global_step"]
+        newer = [os.path.basename(p) for s, p in list_checkpoints(args.output_dir) if s > step]
+        if newer:  # they would outrank the new run's checkpoints for `latest` and be kept by pruning instead
+            raise UserError(f"{args.output_dir} holds checkpoints past step {step} ({', '.join(newer)}) from the run "
+                            f"{resume} belongs to: move or delete them to go back to step {step}, or resume latest")
     if not resume and not args.overwrite_output_dir and list_checkpoints(args.output_dir):
         raise UserError(f"{args.output_dir} holds checkpoints of another run: pass --resume_from_checkpoint latest "
                         "to continue it, --overwrite_output_dir to start afresh, or another --output_dir")
@@ -1213,9 +1220,17 @@ class TensorCache:
         for name in sorted(os.listdir(self.folder)):
             if name.startswith(self.kind + "-") and name.endswith(".safetensors"):
                 path = os.path.join(self.folder, name)
-                with safe_open(path, "pt") as f:
-                    for k in f.keys():
-                        self.index[k.split(".", 1)[0]] = path
+                try:
+                    with safe_open(path, "pt") as f:
+                        keys = list(f.keys())
+                except Exception as e:  # damaged (a full disk, a copy cut short): computed again, not trusted
+                    logger.warning("cache shard %s is damaged (%s): removed, its entries are computed again", path,
+                                   first_line(e))
+                    with suppress(OSError):  # another process may have removed it first
+                        os.remove(path)
+                    continue
+                for k in keys:
+                    self.index[k.split(".", 1)[0]] = path
 
     def __contains__(self, key):
         return key in self.index
@@ -1301,7 +1316,8 @@ def build_latent_cache(args, m, table, plan, cache, accelerator):
     batches = [ns[k:k + args.cache_batch_size] for ns in by_size.values()
                for k in range(0, len(ns), args.cache_batch_size)]
     loader = torch.utils.data.DataLoader(LatentJobs(table, args, plan, mine), batch_sampler=batches,
-                                         num_workers=loader_workers(args, accelerator), collate_fn=list)
+                                         num_workers=loader_workers(args, accelerator), collate_fn=list,
+                                         worker_init_fn=leave_stop_requests_to_the_trainer)
     from tqdm.auto import tqdm
     with torch.no_grad():
         for batch in tqdm(loader, desc="caching latents", disable=not accelerator.is_local_main_process):
@@ -1437,6 +1453,10 @@ def training_step(batch, m, args, generator, new_step=True):
 # What a checkpoint's weights and optimizer state are shaped by: resuming with another value cannot work.
 RUN_SHAPE = ("finetune", "rank", "lora_alpha", "lora_target_modules", "use_dora", "train_text_encoder", "optimizer",
              "use_ema")
+# What a resume may change but should say it changed: the schedule's length and shape, and the data order.
+RUN_SETTINGS = ("lr_scheduler", "lr_warmup_steps", "max_train_steps", "num_train_epochs", "train_batch_size",
+                "gradient_accumulation_steps", "dataset", "train_data_dir", "max_train_samples", "resolution",
+                "aspect_ratio_bucketing", "seed")
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 STATE_FILE = "trainer_state.json"  # marks a complete checkpoint written by this trainer
 
@@ -1564,6 +1584,20 @@ def load_trained(args, folder, unet, text_encoders=(), ema=None):
             ema.to(next(unet.parameters()).device)
 
 
+def read_state(path):
+    """A checkpoint's trainer_state.json, or a UserError naming it."""
+    try:
+        with open(os.path.join(path, STATE_FILE)) as f:
+            return json.load(f)
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot read {os.path.join(path, STATE_FILE)} ({first_line(e)}): resume from another "
+                        "checkpoint") from None
+
+
+def run_settings(args, accelerator):
+    return {**{k: getattr(args, k) for k in RUN_SETTINGS}, "processes": accelerator.num_processes}
+
+
 def save_checkpoint(accelerator, args, global_step, epoch, lr_scheduler):
     """Write to a temporary folder, then rename: a kill at any moment leaves checkpoint-N complete or absent.
     The LR schedule's state goes into trainer_state.json (plain JSON): a pickled scheduler, as accelerate would
@@ -1578,7 +1612,8 @@ def save_checkpoint(accelerator, args, global_step, epoch, lr_scheduler):
     if accelerator.is_main_process:
         with open(os.path.join(tmp, STATE_FILE), "w") as f:
             json.dump({"global_step": global_step, "epoch": epoch, "lr_scheduler": lr_scheduler.state_dict(),
-                       "run": {k: getattr(args, k) for k in RUN_SHAPE}, "learning_rate": args.learning_rate}, f)
+                       "run": {k: getattr(args, k) for k in RUN_SHAPE}, "learning_rate": args.learning_rate,
+                       "settings": run_settings(args, accelerator)}, f)
         if os.path.exists(os.path.join(final, STATE_FILE)):  # ours: a resumed run saving the same step again
             shutil.rmtree(final)
         elif os.path.exists(final):  # someone else's folder of that name: keep it, out of the way
@@ -1605,8 +1640,7 @@ def resume(accelerator, args, lr_scheduler):
         path = found[-1][1]
     if not os.path.exists(os.path.join(path, STATE_FILE)):
         raise UserError(f"{path} is not a complete checkpoint of this trainer (no {STATE_FILE})")
-    with open(os.path.join(path, STATE_FILE)) as f:
-        state = json.load(f)
+    state = read_state(path)
     changed = [f"--{k} {state['run'][k]!r} -> {getattr(args, k)!r}" for k in RUN_SHAPE
                if k in state.get("run", {}) and state["run"][k] != getattr(args, k)]
     if changed:
@@ -1618,21 +1652,58 @@ def resume(accelerator, args, lr_scheduler):
         raise
     except Exception as e:  # a missing or damaged file, or a checkpoint of an older trainer version
         raise UserError(f"cannot resume from {path}: {first_line(e)}") from None
-    lr_scheduler.load_state_dict(state["lr_scheduler"])
+    check_random_state(path, accelerator.process_index)
+    step = state["global_step"]
+    restore_schedule(lr_scheduler, state["lr_scheduler"])
     if state.get("learning_rate", args.learning_rate) != args.learning_rate:
         logger.warning("--learning_rate %g is ignored: a resumed run keeps its checkpoint's schedule (from %g)",
                        args.learning_rate, state["learning_rate"])
-    step = state["global_step"]
+    was, now = state.get("settings", {}), run_settings(args, accelerator)
+    changed = [f"--{k} {was[k]!r} -> {now[k]!r}" for k in now if k in was and was[k] != now[k]]
+    if changed:
+        logger.warning("resuming with other settings than %s was trained with (%s): the learning rate continues on "
+                       "the new schedule from step %d, and the data order is not the original run's", path,
+                       "; ".join(changed), step)
     if accelerator.is_main_process:  # rows a killed run logged after this checkpoint will be logged again
         truncate_metrics(os.path.join(args.output_dir, "metrics.jsonl"), step)
     logger.info("resumed from %s at step %d", path, step)
     return step
 
 
+def check_random_state(path, rank):
+    """accelerate skips an unreadable RNG state with a message at INFO level; the run would then draw other
+    dropout masks than the uninterrupted one without a word."""
+    try:
+        torch.load(os.path.join(path, f"random_states_{rank}.pkl"), weights_only=False)
+    except Exception as e:
+        logger.warning("cannot restore the random state of %s (%s): the run goes on, but its dropout draws differ "
+                       "from an uninterrupted run's", path, first_line(e))
+
+
+def restore_schedule(lr_scheduler, state):
+    """Load the schedule's position, then set the learning rate the current flags' schedule gives there: the
+    optimizer's saved value is the old schedule's (0 at the end of a finished cosine run resumed for more steps)."""
+    lr_scheduler.load_state_dict(state)
+    inner = getattr(lr_scheduler, "scheduler", lr_scheduler)  # accelerate's wrapper
+    if hasattr(inner, "lr_lambdas"):  # diffusers' schedules are LambdaLR: lr = base_lr * f(step)
+        lrs = [base * f(inner.last_epoch) for f, base in zip(inner.lr_lambdas, inner.base_lrs)]
+        for group, lr in zip(inner.optimizer.param_groups, lrs):
+            group["lr"] = lr
+        inner._last_lr = lrs
+
+
 def truncate_metrics(path, step):
+    """Keep the rows up to `step` (all of them but a torn last line a kill may have left)."""
+    def row_step(line):
+        try:
+            return json.loads(line)["step"]
+        except (ValueError, KeyError, TypeError):
+            return None
+
     if os.path.exists(path):
         with open(path) as f:
-            rows = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
+            steps = ((line, row_step(line)) for line in f)
+            rows = [line.rstrip("\n") + "\n" for line, s in steps if s is not None and s <= step]
         with open(path + ".tmp", "w") as f:
             f.writelines(rows)
         os.replace(path + ".tmp", path)
@@ -1676,7 +1747,9 @@ def run_validation(accelerator, args, m, step, trackers):
     """One grid per step (a row per prompt, fixed seeds) in samples/step_NNNNNN.png, and to the trackers.
     With --use_ema the EMA weights are shown."""
     unet, text_encoders = unwrapped(accelerator, m)
-    was_training = unet.training
+    was_training = [(model, model.training) for model in (unet, *text_encoders)]
+    for model, _ in was_training:  # LoRA dropout off: it would blur the samples and draw from the global RNG,
+        model.eval()               # so a resumed run (whose RNG the checkpoint saved) would train differently
     pipe = build_pipeline(args, m, unet, text_encoders)
     pipe.set_progress_bar_config(disable=True)
     if m.ema is not None:
@@ -1693,7 +1766,8 @@ def run_validation(accelerator, args, m, step, trackers):
     finally:
         if m.ema is not None:
             m.ema.restore(unet.parameters())
-        unet.train(was_training)
+        for model, training in was_training:
+            model.train(training)
     folder = os.path.join(args.output_dir, "samples")
     os.makedirs(folder, exist_ok=True)
     grid = image_grid(rows)
@@ -1974,15 +2048,17 @@ def setup(args):
     return accelerator
 
 
-def claim_output_dir(args, accelerator):
+def claim_output_dir(args, accelerator, global_step):
     """Just before training, once data, models and caches are known good (a failed start loses nothing):
-    --overwrite_output_dir removes the previous run's checkpoints and metrics; the run's config is written."""
+    --overwrite_output_dir removes the previous run's checkpoints; a run from step 0 the metrics of one killed
+    before its first checkpoint (it would log the same steps again); the run's config is written."""
     if accelerator.is_main_process:
         if args.overwrite_output_dir and not args.resume_from_checkpoint:
             for _, old in list_checkpoints(args.output_dir):
                 shutil.rmtree(old)
-            if os.path.exists(os.path.join(args.output_dir, "metrics.jsonl")):
-                os.remove(os.path.join(args.output_dir, "metrics.jsonl"))
+        for name in ("metrics.jsonl", "metrics.jsonl.tmp") if global_step == 0 else ("metrics.jsonl.tmp",):
+            if os.path.exists(os.path.join(args.output_dir, name)):
+                os.remove(os.path.join(args.output_dir, name))
         with open(os.path.join(args.output_dir, "train_config.json"), "w") as f:  # rerun with --config this file
             json.dump({k: v for k, v in vars(args).items() if k not in NOT_SAVED}, f, indent=2)
     accelerator.wait_for_everyone()
@@ -2015,7 +2091,15 @@ def make_loader(args, table, plan, sampler, accelerator):
     # Its own generator: iterating must not draw from the global RNG, or a resumed run's dropout would shift.
     return torch.utils.data.DataLoader(ImageCaptionDataset(table, args, plan), batch_sampler=sampler,
                                        collate_fn=collate, num_workers=workers, persistent_workers=workers > 0,
-                                       pin_memory=torch.cuda.is_available(), generator=torch.Generator())
+                                       pin_memory=torch.cuda.is_available(), generator=torch.Generator(),
+                                       worker_init_fn=leave_stop_requests_to_the_trainer)
+
+
+def leave_stop_requests_to_the_trainer(worker_id):
+    """Loader workers ignore SIGTERM: sent to the whole job (SLURM), it would kill them first, and torch would
+    end the run with "DataLoader worker is killed by signal" instead of the trainer's clean stop. The trainer
+    stops them itself, and they exit on their own if it dies."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def make_optimization(args, m, accelerator, max_steps):
@@ -2058,7 +2142,10 @@ def train(args):
     params, optimizer, lr_scheduler = make_optimization(args, m, accelerator, max_steps)
     torch.manual_seed(derive_seed(args.seed, "dropout", rank))  # distinct dropout per rank; restored on resume
     global_step = resume(accelerator, args, lr_scheduler) if args.resume_from_checkpoint else 0
-    claim_output_dir(args, accelerator)
+    if global_step > max_steps:
+        raise UserError(f"the checkpoint is at step {global_step}, past this run's {max_steps} steps: raise "
+                        "--max_train_steps (or --num_train_epochs) to train on, or resume an earlier checkpoint")
+    claim_output_dir(args, accelerator, global_step)
     if accelerator.is_main_process:
         accelerator.init_trackers("train_sdxl_debias", config={k: v for k, v in vars(args).items() if k not in
                                                                NOT_CONFIG and isinstance(v, (int, float, str, bool))})
@@ -2193,7 +2280,8 @@ def after_step(accelerator, args, m, metrics, nonfinite, progress, global_step, 
     sample = args.validation_prompt and (global_step % args.validation_steps == 0 or last)
     if log or save or sample:
         nonfinite.settle()  # nothing is logged or saved past a step whose verdict is unread
-    if log:
+    # A checkpoint ends a metrics row too: the steps since the last row would otherwise be lost on resume.
+    if log or save:
         row = metrics.flush(global_step, epoch, lr, grad_norm, accelerator)
         progress.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}")
         accelerator.log({k: v for k, v in row.items() if k != "step"}, step=global_step)
@@ -2239,9 +2327,20 @@ def main(argv=None):
         return 3 if isinstance(e, TrainingStopped) else 2
     except KeyboardInterrupt:  # Ctrl-C: checkpoints are complete or absent, so `latest` picks up from the last
         print("\ninterrupted: rerun with --resume_from_checkpoint latest to continue", file=sys.stderr)
-        return 130
+        return 128 + interrupted_by
     return 0
 
 
+interrupted_by = signal.SIGINT
+
+
+def on_sigterm(signum, frame):
+    """A scheduler's (SLURM, Kubernetes) or torchrun's stop request ends the run like Ctrl-C does."""
+    global interrupted_by
+    interrupted_by = signum
+    raise KeyboardInterrupt
+
+
 if __name__ == "__main__":
+    signal.signal(signal.SIGTERM, on_sigterm)
     sys.exit(main())

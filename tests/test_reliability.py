@@ -71,8 +71,10 @@ def test_sigkill_while_checkpointing_then_resume_latest(tiny_model, shapes, tmp_
     assert all(torch.equal(again[k], weights[k]) for k in weights)
 
 
-def test_ctrl_c_ends_in_one_line_and_latest_continues(tiny_model, shapes, tmp_path):
-    """Ctrl-C in a terminal sends SIGINT to the whole process group (loader workers included)."""
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
+def test_ctrl_c_or_a_stop_request_ends_in_one_line_and_latest_continues(tiny_model, shapes, tmp_path, sig):
+    """Ctrl-C in a terminal sends SIGINT to the whole process group (loader workers included); a scheduler
+    (SLURM, Kubernetes) or torchrun stops a run with SIGTERM."""
     import signal
 
     out = str(tmp_path / "run")
@@ -83,9 +85,9 @@ def test_ctrl_c_ends_in_one_line_and_latest_continues(tiny_model, shapes, tmp_pa
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None and not (os.path.isdir(out) and checkpoints(out)):
         time.sleep(0.2)
-    os.killpg(proc.pid, signal.SIGINT)
+    os.killpg(proc.pid, getattr(signal, sig))
     _, stderr = proc.communicate(timeout=120)
-    assert proc.returncode == 130 and "Traceback" not in stderr, stderr[-3000:]
+    assert proc.returncode == 128 + getattr(signal, sig) and "Traceback" not in stderr, stderr[-3000:]
     assert stderr.strip().splitlines()[-1].startswith("interrupted: rerun with --resume_from_checkpoint latest")
     end = int(checkpoints(out)[-1].split("-")[1]) + 2
     resumed = run_trainer(*args_for(tiny_model, shapes, out, "--max_train_steps", str(end), "--resume_from_checkpoint",
@@ -98,8 +100,8 @@ import sys
 sys.path.insert(0, {root!r})
 import train_sdxl_debias as T
 bad, real, calls = {bad!r}, T.training_step, [0]
-def training_step(batch, m, args, generator):
-    loss, stats = real(batch, m, args, generator)
+def training_step(batch, m, args, generator, **kw):
+    loss, stats = real(batch, m, args, generator, **kw)
     calls[0] += 1
     if calls[0] in bad:  # a micro-batch whose loss is NaN, as a diverging run or a bad sample gives
         loss, stats["loss"] = loss * float("nan"), stats["loss"] * float("nan")
@@ -216,3 +218,65 @@ def test_two_processes_train_resume_and_keep_the_lr_schedule(tiny_model, shapes,
     a, b = lora(two), lora(resumed)
     diff = sum((a[k] - b[k]).abs().sum() for k in a) / sum(a[k].abs().sum() for k in a)
     assert diff < 1e-3
+
+
+def test_a_resume_with_more_steps_continues_on_the_new_schedule():
+    from diffusers.optimization import get_scheduler
+
+    def schedule(total):
+        opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=1e-3)
+        return opt, get_scheduler("cosine", optimizer=opt, num_warmup_steps=0, num_training_steps=total)
+
+    opt, finished = schedule(20)
+    for _ in range(20):
+        opt.step()
+        finished.step()
+    assert opt.param_groups[0]["lr"] == 0.0  # the end of the cosine: what the checkpoint's optimizer holds
+    opt, longer = schedule(30)
+    opt.param_groups[0]["lr"] = 0.0
+    T.restore_schedule(longer, finished.state_dict())
+    expected = 1e-3 * 0.5 * (1 + torch.cos(torch.tensor(torch.pi * 20 / 30))).item()
+    assert opt.param_groups[0]["lr"] == pytest.approx(expected) and longer.get_last_lr()[0] == pytest.approx(expected)
+
+
+def test_damaged_state_files_are_named_or_recomputed(tmp_path, caplog):
+    from safetensors.torch import save_file
+
+    cache = T.TensorCache(str(tmp_path / "cache"), "latents")
+    cache.write({"k1": {"latents": torch.ones(4)}}, "r0")
+    shard = next(p for p in os.listdir(tmp_path / "cache") if p.endswith(".safetensors"))
+    with open(tmp_path / "cache" / shard, "r+b") as f:
+        f.truncate(50)  # a full disk or a copy cut short
+    again = T.TensorCache(str(tmp_path / "cache"), "latents")
+    assert "k1" not in again and "is damaged" in caplog.text and not os.path.exists(tmp_path / "cache" / shard)
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_text('{"step": 1, "loss": 1}\n{"step": 2, "loss": 2}\n{"step": 3, "lo')  # killed mid-write
+    T.truncate_metrics(str(metrics), 5)
+    assert metrics.read_text() == '{"step": 1, "loss": 1}\n{"step": 2, "loss": 2}\n'
+    (tmp_path / "ckpt").mkdir()
+    (tmp_path / "ckpt" / T.STATE_FILE).write_text('{"global_step": ')
+    with pytest.raises(T.UserError, match="cannot read .*trainer_state.json"):
+        T.read_state(str(tmp_path / "ckpt"))
+    T.check_random_state(str(tmp_path / "ckpt"), 0)  # no random_states_0.pkl
+    assert "cannot restore the random state" in caplog.text
+
+
+def test_going_back_to_an_older_checkpoint_or_past_the_end_is_refused(tiny_model, shapes, tmp_path):
+    out = str(tmp_path / "run")
+    argv = args_for(tiny_model, shapes, out, "--max_train_steps", "4", "--checkpointing_steps", "2")
+    run_trainer(*argv)
+    (tmp_path / "run" / "metrics.jsonl").write_text('{"step": 9}\n')  # left by a run killed before a checkpoint
+    before = sorted(os.listdir(out))
+    proc = run_trainer(*argv, "--resume_from_checkpoint", "checkpoint-2", check=False)
+    last = proc.stderr.strip().splitlines()[-1]
+    assert proc.returncode == 2 and "past step 2 (checkpoint-4)" in last and "move or delete them" in last, last
+    proc = run_trainer(*args_for(tiny_model, shapes, out, "--max_train_steps", "3", "--resume_from_checkpoint",
+                                 "latest"), check=False)
+    last = proc.stderr.strip().splitlines()[-1]
+    assert proc.returncode == 2 and "at step 4, past this run's 3 steps" in last, last
+    assert sorted(os.listdir(out)) == before
+    fresh = str(tmp_path / "fresh")  # a run killed before its first checkpoint, started again: no duplicate rows
+    os.makedirs(fresh)
+    shutil.copy(os.path.join(out, "metrics.jsonl"), fresh)
+    run_trainer(*args_for(tiny_model, shapes, fresh, "--max_train_steps", "2"))
+    assert metrics_steps(fresh) == [1, 2]
