@@ -1493,11 +1493,15 @@ def register_checkpoint_hooks(accelerator, args, m):
 
 
 def lora_layers(model):
-    from diffusers.utils import convert_state_dict_to_diffusers
+    """The adapter's weights as peft names them (`….lora_A.weight`), which diffusers loads for every layer
+    type. (diffusers' convert_state_dict_to_diffusers renames only the attention projections: a LoRA on convs
+    too became a file of two styles, whose attention half load_lora_weights silently dropped.) The first CLIP
+    encoder's keys keep `text_model.`: transformers 5 flattened that class, and older stacks need it."""
     from peft.utils import get_peft_model_state_dict
 
+    flat = type(model).__name__ == "CLIPTextModel" and not hasattr(model, "text_model")
     # contiguous: safetensors refuses the channels-last conv LoRA weights of --channels_last
-    return {k: v.contiguous() for k, v in convert_state_dict_to_diffusers(get_peft_model_state_dict(model)).items()}
+    return {("text_model." if flat else "") + k: v.contiguous() for k, v in get_peft_model_state_dict(model).items()}
 
 
 def adapter_config(model):
@@ -1522,7 +1526,8 @@ def export_trained(args, folder, unet, text_encoders=(), ema=None):
                 logger.warning("this diffusers cannot store --lora_alpha in pytorch_lora_weights.safetensors, so it "
                                "loads at the wrong scale; use %s, or upgrade diffusers", kohya_name(args.output_dir))
         save(folder, safe_serialization=True, **layers)
-        write_kohya_lora(args, folder, unet, text_encoders)
+        if not write_kohya_lora(args, folder, unet, text_encoders) and not args.use_dora:
+            logger.warning("no kohya file written: the adapter has weights kohya's format cannot hold")
     else:
         unet.save_pretrained(os.path.join(folder, "unet"), safe_serialization=True)
         if ema is not None:
@@ -1534,27 +1539,65 @@ def kohya_name(output_dir):
 
 
 def write_kohya_lora(args, folder, unet, text_encoders):
-    """One file in kohya's LoRA format, which A1111/Forge, ComfyUI and diffusers' load_lora_weights all read:
-    `lora_unet_<module path with _>.lora_down.weight` (= peft's lora_A), `.lora_up.weight` (lora_B) and
-    `.alpha`; text encoders as `lora_te1_…` / `lora_te2_…`. Module paths are diffusers' (down_blocks_1_…)."""
-    from peft.utils import get_peft_model_state_dict
+    """One file in kohya's LoRA format for SDXL, which kohya's sd-scripts, A1111/Forge, ComfyUI and diffusers'
+    load_lora_weights all read: `lora_unet_<module path with _>.lora_down.weight` (= peft's lora_A),
+    `.lora_up.weight` (lora_B) and `.alpha`, with the UNet's paths in the original (SGM) layout kohya trains
+    SDXL on (`input_blocks_4_1_…`, see sgm_path); text encoders as `lora_te1_text_model_…` / `lora_te2_…`.
+    DoRA has no kohya form: then no file (the model card says so)."""
     from safetensors.torch import save_file
 
     out = {}
     for prefix, model in zip(("lora_unet", "lora_te1", "lora_te2"), (unet, *text_encoders)):
-        for key, value in get_peft_model_state_dict(model).items():
+        for key, value in lora_layers(model).items():
             module, _, kind = key.rpartition(".lora_")  # "down_blocks.0...to_q", "A.weight"
             if kind not in ("A.weight", "B.weight"):
-                logger.warning("kohya file not written: %s has no kohya equivalent (DoRA?)", key)
-                return
-            if prefix != "lora_unet" and not module.startswith("text_model."):
-                module = "text_model." + module  # transformers 5 flattened CLIPTextModel; the format predates it
+                return False
+            if prefix == "lora_unet":
+                module = sgm_path(module, unet.config)
             name = f"{prefix}_{module.replace('.', '_')}"
             out[f"{name}.lora_{'down' if kind == 'A.weight' else 'up'}.weight"] = value.contiguous()
             out[f"{name}.alpha"] = torch.tensor(float(args.lora_alpha))
     save_file(out, os.path.join(folder, kohya_name(args.output_dir)), metadata={"ss_network_dim": str(args.rank),
               "ss_network_alpha": str(args.lora_alpha), "ss_base_model_version": "sdxl_base_v1-0",
               "ss_v_parameterization": str(args.prediction_type == "v_prediction")})
+    return True
+
+
+RESNET_SGM = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1",
+              "norm2": "out_layers.0", "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}
+TOP_SGM = {"conv_in": "input_blocks.0.0", "time_embedding.linear_1": "time_embed.0",
+           "time_embedding.linear_2": "time_embed.2", "add_embedding.linear_1": "label_emb.0.0",
+           "add_embedding.linear_2": "label_emb.0.2", "conv_norm_out": "out.0", "conv_out": "out.2"}
+
+
+def sgm_path(path, config):
+    """A diffusers UNet module path in the original (SGM/LDM) layout. Each level of the down path is
+    `layers_per_block` resnet(+attention) blocks then a downsampler, numbered on in `input_blocks` after conv_in;
+    each up level `layers_per_block + 1` blocks, its upsampler inside the last; the middle is resnet,
+    attention, resnet. Inside a block, attention layers keep their names and resnets take SGM's."""
+    for name, sgm in TOP_SGM.items():
+        if path == name or path.startswith(name + "."):
+            return sgm + path[len(name):]
+    per_level = config.layers_per_block + 1
+    parts = path.split(".")
+    if parts[0] == "mid_block":  # resnets.0, attentions.0, resnets.1 -> middle_block.0, .1, .2
+        kind, n, rest = parts[1], int(parts[2]), parts[3:]
+        block = f"middle_block.{2 * n if kind == 'resnets' else 1}"
+    else:
+        level, kind, n, rest = int(parts[1]), parts[2], int(parts[3]), parts[4:]
+        inner = 0 if kind == "resnets" else 1
+        if parts[0] == "down_blocks" and kind == "downsamplers":  # downsamplers.0.conv -> input_blocks.N.0.op
+            block, rest = f"input_blocks.{(level + 1) * per_level}.0", ["op", *rest[1:]]
+        elif parts[0] == "down_blocks":
+            block = f"input_blocks.{1 + level * per_level + n}.{inner}"
+        elif kind == "upsamplers":  # upsamplers.0.conv -> output_blocks.N.(2 after an attention, else 1).conv
+            after_attention = "CrossAttn" in config.up_block_types[level]
+            block = f"output_blocks.{(level + 1) * per_level - 1}.{2 if after_attention else 1}"
+        else:
+            block = f"output_blocks.{level * per_level + n}.{inner}"
+    if kind == "resnets" and rest:
+        rest = [*RESNET_SGM.get(rest[0], rest[0]).split("."), *rest[1:]]
+    return ".".join([block, *rest])
 
 
 def load_trained(args, folder, unet, text_encoders=(), ema=None):
@@ -1568,7 +1611,11 @@ def load_trained(args, folder, unet, text_encoders=(), ema=None):
         for prefix, te in zip(("text_encoder.", "text_encoder_2."), text_encoders):
             parts[prefix] = (te, convert_state_dict_to_peft)
         for prefix, (model, convert) in parts.items():
-            sub = convert({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
+            sub = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+            if not any(".lora_A." in k for k in sub):  # a checkpoint of an earlier version: diffusers' names
+                sub = convert(sub)
+            if not hasattr(model, "text_model"):  # lora_layers' prefix, on a flattened CLIPTextModel
+                sub = {k.removeprefix("text_model."): v for k, v in sub.items()}
             result = set_peft_model_state_dict(model, sub, adapter_name="default")
             if not sub or getattr(result, "unexpected_keys", None):
                 raise UserError(f"checkpoint {folder} does not match this run's LoRA ({prefix[:-1]}: rank, "
@@ -1807,9 +1854,16 @@ def write_model_card(args, m, source, num_images, run):
     prompt = args.validation_prompt[0] if args.validation_prompt else "your prompt"
     weight = {"epsilon": "ε-loss weighted by 1/√SNR(t)", "v_prediction": "v-loss weighted by √SNR/(SNR+1)",
               "sample": "x0-loss weighted by √SNR(t)"}.get(prediction)
+    import yaml
+
+    header = {"library_name": "diffusers", "tags": ["stable-diffusion-xl", "text-to-image", "diffusers",
+                                                    "train_sdxl_debias", *(["lora"] if lora else [])]}
+    if not os.path.exists(base):  # the Hub rejects a model card whose base_model is not a Hub id (a local path)
+        header["base_model"] = base
+    if base.startswith("stabilityai/stable-diffusion-xl"):  # their license; another base's is its author's to say
+        header["license"] = "openrail++"
     lines = [
-        "---", f"base_model: {base}", "library_name: diffusers", "license: openrail++",
-        "tags: [stable-diffusion-xl, text-to-image, diffusers, train_sdxl_debias" + (", lora]" if lora else "]"), "---",
+        "---", yaml.safe_dump(header, sort_keys=True).strip(), "---",
         f"# {os.path.basename(os.path.abspath(args.output_dir))}", "",
         f"{'LoRA (rank ' + str(args.rank) + ')' if lora else 'Full UNet fine-tune'} of `{base}` on `{source}` "
         f"({num_images} images), trained with `train_sdxl_debias.py`.", "",
@@ -1825,8 +1879,11 @@ def write_model_card(args, m, source, num_images, run):
           "seed")],
         "", "## Use it", "", "```python", "import torch", "from diffusers import StableDiffusionXLPipeline",
         usage, f'image = pipe({prompt!r}).images[0]', "```", ""]
-    if lora:
-        lines += [f"`{kohya_name(args.output_dir)}` is the same LoRA in kohya's format (A1111/Forge, ComfyUI).", ""]
+    if lora and not args.use_dora:
+        lines += [f"`{kohya_name(args.output_dir)}` is the same LoRA in kohya's format (kohya's sd-scripts, "
+                  "A1111/Forge, ComfyUI).", ""]
+    elif lora:
+        lines += ["DoRA has no kohya-format equivalent: use `pytorch_lora_weights.safetensors` with diffusers.", ""]
     if samples:
         lines += ["## Validation images", "", f"Prompts: {' | '.join(args.validation_prompt)}; first grid: the base "
                   "model before training.", ""] + [f"![{s}](samples/{s})" for s in samples] + [""]

@@ -45,8 +45,9 @@ def test_both_lora_formats_load_and_give_the_same_image(te_lora_run, tiny_model)
     assert all(k.startswith(("lora_unet_", "lora_te1_", "lora_te2_")) and
                k.endswith((".lora_down.weight", ".lora_up.weight", ".alpha")) for k in kohya)
     diffusers_file = load_file(os.path.join(out, "pytorch_lora_weights.safetensors"))
-    assert any(k.startswith("text_encoder.") for k in diffusers_file)
-    assert any(k.startswith("text_encoder_2.") for k in diffusers_file)
+    for part in ("text_encoder.", "text_encoder_2."):  # text_model. as transformers 4 names it, for older stacks
+        keys = [k for k in diffusers_file if k.startswith(part)]
+        assert keys and all(k.startswith(part + "text_model.encoder.layers.") for k in keys), keys[:3]
     assert os.path.exists(os.path.join(out, "checkpoint-2", "my-lora.safetensors"))  # checkpoints export both
 
     pipe = StableDiffusionXLPipeline.from_pretrained(tiny_model)
@@ -58,6 +59,47 @@ def test_both_lora_formats_load_and_give_the_same_image(te_lora_run, tiny_model)
     from_kohya = generate(pipe)
     assert np.abs(from_diffusers - base).mean() > 1e-3
     np.testing.assert_allclose(from_kohya, from_diffusers, atol=1e-5)
+
+
+def test_a_lora_on_every_layer_type_loads_whole_from_both_files(tiny_model, shapes, tmp_path):
+    """Attention, feed-forward, resnet, sampler, embedding and in/out convs: diffusers must load every trained
+    layer from the diffusers file and from the kohya file (SGM names), none dropped, with our weights."""
+    from diffusers import StableDiffusionXLPipeline
+    from peft.utils import get_peft_model_state_dict
+
+    targets = ("to_q,to_k,to_v,to_out.0,proj_in,proj_out,ff.net.0.proj,ff.net.2,conv1,conv2,conv_shortcut,"
+               "time_emb_proj,conv,conv_in,conv_out,linear_1")
+    out = str(tmp_path / "all-layers")
+    run_trainer("--pretrained_model_name_or_path", tiny_model, "--dataset", shapes, "--output_dir", out,
+                "--resolution", "64", "--train_batch_size", "2", "--max_train_steps", "2", "--learning_rate", "1e-2",
+                "--lora_target_modules", targets)
+    ours = {k.removeprefix("unet."): v for k, v in load_file(os.path.join(out, "pytorch_lora_weights.safetensors")).items()}
+    kohya = load_file(os.path.join(out, "all-layers.safetensors"))
+    assert any("input_blocks" in k for k in kohya) and not any("down_blocks" in k for k in kohya)  # kohya's SDXL names
+    assert len([k for k in kohya if k.endswith(".alpha")]) * 2 == len(ours)
+    for weight_name in ("pytorch_lora_weights.safetensors", "all-layers.safetensors"):
+        pipe = StableDiffusionXLPipeline.from_pretrained(tiny_model)
+        pipe.load_lora_weights(out, weight_name=weight_name, adapter_name="x")
+        loaded = get_peft_model_state_dict(pipe.unet, adapter_name="x")
+        assert sorted(loaded) == sorted(ours), (weight_name, set(ours) ^ set(loaded))
+        for k, v in ours.items():
+            torch.testing.assert_close(loaded[k].reshape(v.shape), v, msg=f"{weight_name}: {k}")
+
+
+def test_a_dora_run_saves_a_diffusers_file_that_loads_and_resumes(tiny_model, shapes, tmp_path):
+    from diffusers import StableDiffusionXLPipeline
+
+    out = str(tmp_path / "dora")
+    argv = ["--pretrained_model_name_or_path", tiny_model, "--dataset", shapes, "--output_dir", out, "--resolution",
+            "64", "--train_batch_size", "2", "--learning_rate", "1e-2", "--use_dora", "--checkpointing_steps", "2"]
+    run_trainer(*argv, "--max_train_steps", "2")
+    proc = run_trainer(*argv, "--max_train_steps", "3", "--resume_from_checkpoint", "latest")
+    assert "resumed from" in proc.stderr and not os.path.exists(os.path.join(out, "dora.safetensors"))
+    assert "DoRA has no kohya-format equivalent" in open(os.path.join(out, "README.md")).read()
+    pipe = StableDiffusionXLPipeline.from_pretrained(tiny_model)
+    base = generate(pipe)
+    pipe.load_lora_weights(out)
+    assert np.abs(generate(pipe) - base).mean() > 1e-4
 
 
 def test_text_encoder_lora_changes_the_text_encoders(te_lora_run, tiny_model):
@@ -84,6 +126,8 @@ def test_validation_grids_model_card_and_metrics(te_lora_run, tiny_model, shapes
                    "samples/step_000000.png", "my-lora.safetensors", "| learning_rate | 0.01 |",
                    "| steps | 4 |", "| mixed_precision | no |", "| last logged loss | "):
         assert needle in card, needle
+    header = yaml.safe_load(card.split("---\n")[1])  # the Hub's metadata: a local base is no Hub id, so left out
+    assert header["library_name"] == "diffusers" and "lora" in header["tags"] and "base_model" not in header
     rows = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
     buckets = [f"t_{b * 100:03d}_{b * 100 + 99:03d}" for b in range(10)]
     for row in rows:

@@ -80,13 +80,19 @@ def test_ctrl_c_or_a_stop_request_ends_in_one_line_and_latest_continues(tiny_mod
     out = str(tmp_path / "run")
     argv = args_for(tiny_model, shapes, out, "--max_train_steps", "400", "--checkpointing_steps", "2",
                     "--dataloader_num_workers", "1")
+    # SIGINT's default action restored: a suite started in the background (nohup, &) passes it on ignored.
     proc = subprocess.Popen([sys.executable, TRAINER, *argv], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            text=True, cwd=ROOT, start_new_session=True)
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None and not (os.path.isdir(out) and checkpoints(out)):
-        time.sleep(0.2)
-    os.killpg(proc.pid, getattr(signal, sig))
-    _, stderr = proc.communicate(timeout=120)
+                            text=True, cwd=ROOT, start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and proc.poll() is None and not (os.path.isdir(out) and checkpoints(out)):
+            time.sleep(0.2)
+        os.killpg(proc.pid, getattr(signal, sig))
+        _, stderr = proc.communicate(timeout=120)
+    finally:  # a failed assertion must not leave a 400-step run taking the CPUs from the rest of the suite
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
     assert proc.returncode == 128 + getattr(signal, sig) and "Traceback" not in stderr, stderr[-3000:]
     assert stderr.strip().splitlines()[-1].startswith("interrupted: rerun with --resume_from_checkpoint latest")
     end = int(checkpoints(out)[-1].split("-")[1]) + 2
