@@ -193,14 +193,22 @@ def test_an_error_about_a_flag_from_the_config_file_says_so(tmp_path, capsys):
     assert last.startswith("error: --resolution 60 must") and "set in --config" not in last
 
 
-def test_ema_weights_are_validated_and_saved(tiny_model, shapes, tmp_path):
-    from diffusers import UNet2DConditionModel
+def test_ema_weights_are_validated_and_saved_in_one_dtype_from_an_fp16_variant(tiny_model, shapes, tmp_path):
+    from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
 
+    base = str(tmp_path / "base")  # a base model with fp16-variant files, as stabilityai's repos have
+    StableDiffusionXLPipeline.from_pretrained(tiny_model).to(torch.float16).save_pretrained(base, variant="fp16")
     out = str(tmp_path / "ema")
-    run_trainer("--pretrained_model_name_or_path", tiny_model, "--dataset", shapes, "--output_dir", out,
-                "--resolution", "64", "--train_batch_size", "2", "--finetune", "full", "--use_ema",
+    run_trainer("--pretrained_model_name_or_path", base, "--variant", "fp16", "--dataset", shapes, "--output_dir",
+                out, "--resolution", "64", "--train_batch_size", "2", "--finetune", "full", "--use_ema",
                 "--ema_decay", "0.5", "--max_train_steps", "3", "--checkpointing_steps", "3", "--learning_rate",
                 "1e-3", "--optimizer", "adafactor", "--save_single_file")
+    dtypes = set()  # the saved pipeline is fp32 throughout, like the trained UNet (not fp16 encoders beside it)
+    for part in ("unet", "vae", "text_encoder", "text_encoder_2"):
+        for name in os.listdir(os.path.join(out, part)):
+            if name.endswith(".safetensors"):
+                dtypes |= {(part, v.dtype) for v in load_file(os.path.join(out, part, name)).values()}
+    assert {d for _, d in dtypes} == {torch.float32} and len({p for p, _ in dtypes}) == 4, dtypes
     saved = UNet2DConditionModel.from_pretrained(out, subfolder="unet").state_dict()
     raw = UNet2DConditionModel.from_pretrained(os.path.join(out, "checkpoint-3"), subfolder="unet").state_dict()
     ema = UNet2DConditionModel.from_pretrained(os.path.join(out, "checkpoint-3"), subfolder="unet_ema").state_dict()
@@ -209,25 +217,6 @@ def test_ema_weights_are_validated_and_saved(tiny_model, shapes, tmp_path):
     assert diff_raw > 1e-3 and diff_ema < 1e-6  # the EMA, not the raw weights, is what got saved
     single = load_file(os.path.join(out, "ema_unet.safetensors"))
     assert single.keys() == saved.keys()
-
-
-def test_a_full_fine_tune_of_an_fp16_variant_saves_one_dtype(tiny_model, shapes, tmp_path):
-    from diffusers import StableDiffusionXLPipeline
-
-    base = str(tmp_path / "base")  # a base model that has fp16-variant files, as stabilityai's repos do
-    StableDiffusionXLPipeline.from_pretrained(tiny_model).to(torch.float16).save_pretrained(base, variant="fp16")
-    out = str(tmp_path / "full")
-    run_trainer("--pretrained_model_name_or_path", base, "--variant", "fp16", "--dataset", shapes, "--output_dir",
-                out, "--resolution", "64", "--finetune", "full", "--max_train_steps", "1")
-    dtypes = set()
-    for root, _, names in os.walk(out):
-        for name in names:
-            if name.endswith(".safetensors"):
-                part = os.path.relpath(root, out)
-                dtypes |= {(part, v.dtype) for v in load_file(os.path.join(root, name)).values()}
-    assert {d for _, d in dtypes} == {torch.float32}, dtypes
-    assert {"unet", "vae", "text_encoder", "text_encoder_2"} <= {part for part, _ in dtypes}
-    StableDiffusionXLPipeline.from_pretrained(out)  # no variant needed to load it
 
 
 def test_timestep_range_is_respected(tiny_model, shapes, tmp_path):

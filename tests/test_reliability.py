@@ -95,6 +95,8 @@ def test_ctrl_c_or_a_stop_request_ends_in_one_line_and_latest_continues(tiny_mod
             os.killpg(proc.pid, signal.SIGKILL)
     assert proc.returncode == 128 + getattr(signal, sig) and "Traceback" not in stderr, stderr[-3000:]
     assert stderr.strip().splitlines()[-1].startswith("interrupted: rerun with --resume_from_checkpoint latest")
+    if sig == "SIGTERM":  # what follows is the same for both
+        return
     end = int(checkpoints(out)[-1].split("-")[1]) + 2
     resumed = run_trainer(*args_for(tiny_model, shapes, out, "--max_train_steps", str(end), "--resume_from_checkpoint",
                                     "latest"))
@@ -270,8 +272,10 @@ def test_damaged_state_files_are_named_or_recomputed(tmp_path, caplog):
 def test_going_back_to_an_older_checkpoint_or_past_the_end_is_refused(tiny_model, shapes, tmp_path):
     out = str(tmp_path / "run")
     argv = args_for(tiny_model, shapes, out, "--max_train_steps", "4", "--checkpointing_steps", "2")
+    os.makedirs(out)
+    (tmp_path / "run" / "metrics.jsonl").write_text('{"step": 3}\n')  # left by a run killed before a checkpoint
     run_trainer(*argv)
-    (tmp_path / "run" / "metrics.jsonl").write_text('{"step": 9}\n')  # left by a run killed before a checkpoint
+    assert metrics_steps(out) == [1, 2, 3, 4]  # started again from step 0: no duplicate rows
     before = sorted(os.listdir(out))
     proc = run_trainer(*argv, "--resume_from_checkpoint", "checkpoint-2", check=False)
     last = proc.stderr.strip().splitlines()[-1]
@@ -281,8 +285,3 @@ def test_going_back_to_an_older_checkpoint_or_past_the_end_is_refused(tiny_model
     last = proc.stderr.strip().splitlines()[-1]
     assert proc.returncode == 2 and "at step 4, past this run's 3 steps" in last, last
     assert sorted(os.listdir(out)) == before
-    fresh = str(tmp_path / "fresh")  # a run killed before its first checkpoint, started again: no duplicate rows
-    os.makedirs(fresh)
-    shutil.copy(os.path.join(out, "metrics.jsonl"), fresh)
-    run_trainer(*args_for(tiny_model, shapes, fresh, "--max_train_steps", "2"))
-    assert metrics_steps(fresh) == [1, 2]
