@@ -23,8 +23,9 @@ Batches are synthetic. `--with_encoders` chooses what each step encodes, i.e. wh
 
 Comma lists (`--finetune lora,full --batch_size 1,4 --gradient_checkpointing off,on`) run the cross product.
 Each configuration prints one JSON line: its settings and
-  ms_per_step     median of the --steps timed steps (CUDA events on a GPU, perf_counter on the CPU)
-  img_per_s       batch size / ms_per_step
+  ms_per_step     median of the --steps timed optimizer steps (CUDA events on a GPU, perf_counter on the CPU)
+  img_per_s       batch size x accumulation / ms_per_step (`--gradient_accumulation_steps N`, passed through to the
+                  trainer, makes a step N micro-batches, as the trainer does)
   peak_mem_gib    torch.cuda.max_memory_allocated on a GPU (weights, optimizer state, activations); on the CPU
                   the process's peak RSS (libraries included). `mem_kind` says which.
   tflop_per_step  torch.utils.flop_counter over one eager forward + backward; with gradient checkpointing the
@@ -300,14 +301,18 @@ class Trainer:
         self.guard = T.NonFiniteGuard(args, self.accelerator, self.optimizer)
         self.generator = torch.Generator(device)
 
-    def forward_backward(self, step):
-        self.generator.manual_seed(T.derive_seed(self.args.seed, "noise", 0, step, 0))
-        loss, stats = T.training_step(self.batch, self.m, self.args, self.generator)
-        self.accelerator.backward(loss)
+    def forward_backward(self, step, micro=0):
+        accum = self.args.gradient_accumulation_steps
+        self.generator.manual_seed(T.derive_seed(self.args.seed, "noise", 0, step, micro))
+        loss, stats = T.training_step(self.batch, self.m, self.args, self.generator, new_step=micro == 0)
+        self.accelerator.backward(loss / accum)
         return stats
 
     def step(self, step):
-        self.metrics.add(self.forward_backward(step))
+        """One optimizer step: --gradient_accumulation_steps micro-batches (the trainer's default, 1), then the
+        update. With CUDA graphs, the later micro-batches add to gradients the first left in the graphs' pool."""
+        for micro in range(self.args.gradient_accumulation_steps):
+            self.metrics.add(self.forward_backward(step, micro))
         T.update_weights(self.accelerator, self.args, self.m, self.params, self.optimizer, self.lr_scheduler,
                          self.metrics, self.guard, step)
 
@@ -460,7 +465,8 @@ def run_config(cfg, opts):
     trainer = Trainer(m, args, synthetic_batch(cfg, m, opts.seed, pin=device.type == "cuda"), device)
     mem_kind = reset_peak_memory(device)  # weights, optimizer state, activations; not the fp32 construction
     model_gib = torch.cuda.memory_allocated(device) / 2**30 if device.type == "cuda" else None
-    tflop = trainer.count_tflop()  # before compiling: the counter sees eager ops only
+    accum = args.gradient_accumulation_steps
+    tflop = trainer.count_tflop() * accum  # before compiling: the counter sees eager ops only
     if args.compile:
         from torch._dynamo.utils import counters
         counters.clear()
@@ -494,8 +500,8 @@ def run_config(cfg, opts):
         trainable_params_m=sum(p.numel() for p in trainer.params) / 1e6,
         unet_params_m=sum(p.numel() for p in m.unet.parameters()) / 1e6,
         ms_per_step=ms, ms_per_step_min=min(per_step), ms_per_step_wall_mean=wall_ms,
-        img_per_s=cfg["batch_size"] / (ms / 1e3), peak_mem_gib=peak_gib, mem_kind=mem_kind,
-        model_mem_gib=model_gib, tflop_per_step=tflop, tflop_per_s=achieved,
+        img_per_s=cfg["batch_size"] * accum / (ms / 1e3), peak_mem_gib=peak_gib, mem_kind=mem_kind,
+        model_mem_gib=model_gib, tflop_per_step=tflop, tflop_per_s=achieved, accumulation=accum,
         mfu=achieved / opts.peak_tflops if opts.peak_tflops else None, warmup_s=warmup_s, setup_s=setup_s,
         host_syncs_per_step=syncs, sync_sites=sync_sites, **graphs, **extra)
 

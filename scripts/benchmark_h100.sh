@@ -40,6 +40,8 @@ run() {
 run --finetune lora --batch_size 1,4 --profile 3
 run --finetune lora --batch_size 4 --cudnn_benchmark on --profile 3
 run --finetune lora --batch_size 1 --compile reduce-overhead,on --profile 3
+# CUDA graphs with gradient accumulation: the later micro-batches add to gradients left in the graphs' pool.
+run --finetune lora --batch_size 1 --compile reduce-overhead --gradient_accumulation_steps 2 --steps 3 --warmup 2
 run --finetune lora --batch_size 4 --compile --channels_last on --profile 3
 # 2. where the full fine-tune's time goes; LoRA batch 1 with checkpointing (the 10 GB goal).
 run --finetune full --batch_size 1 --gradient_checkpointing on --profile 3

@@ -155,3 +155,23 @@ def test_dora_and_dropout_keep_peft_input_casts(flag):
                                  opts.device, torch.bfloat16)
     layers = [mod for mod in m.unet.modules() if hasattr(mod, "cast_input_dtype_enabled")]
     assert layers and all(layer.cast_input_dtype_enabled for layer in layers)
+
+
+def test_accumulation_runs_the_trainers_micro_batches_then_one_update(monkeypatch):
+    """--gradient_accumulation_steps 2: two training_step calls per optimizer step, only the first marked as a
+    new step (under CUDA graphs, a mark at the second would overwrite the first's gradients)."""
+    import benchmark
+    import train_sdxl_debias as T
+
+    opts = benchmark.parse_options(["--device", "cpu", "--gradient_accumulation_steps", "2"])
+    cfg = benchmark.configurations(opts)[0]
+    args = benchmark.trainer_args(cfg, opts)
+    m = benchmark.prepare_models(benchmark.build_parts(cfg, opts.device, 0), args, opts.device, torch.float32)
+    trainer = benchmark.Trainer(m, args, benchmark.synthetic_batch(cfg, m, 0, pin=False), opts.device)
+    calls, real = [], T.training_step
+    monkeypatch.setattr(T, "training_step", lambda *a, new_step: calls.append(new_step) or real(*a, new_step=new_step))
+    updates, real_update = [], T.update_weights
+    monkeypatch.setattr(T, "update_weights", lambda *a: updates.append(1) or real_update(*a))
+    trainer.step(0)
+    trainer.step(1)
+    assert calls == [True, False, True, False] and len(updates) == 2
