@@ -291,6 +291,11 @@ def validate(args):
     for name in ("output_dir", "cache_dir", "data_cache_dir"):
         if getattr(args, name) and os.path.isfile(getattr(args, name)):
             raise UserError(f"--{name} {getattr(args, name)!r} is a file; pass a folder")
+    if args.cache_dir and args.data_cache_dir != args.cache_dir and os.path.isdir(args.cache_dir) and any(
+            re.match(r"(text|latents)-.*\.safetensors$", n) for n in os.listdir(args.cache_dir)):
+        raise UserError(f"--cache_dir {args.cache_dir!r} holds this trainer's latent/text cache, which is now "
+                        "--data_cache_dir (--cache_dir is the Hub download cache, as in diffusers): pass "
+                        f"--data_cache_dir {args.cache_dir!r} to reuse it")
     if not args.dataset and not args.train_data_dir:
         raise UserError("no training data: pass --dataset <hub id or folder> or --train_data_dir <folder>")
     if args.dataset and args.train_data_dir:
@@ -654,13 +659,14 @@ def load_table(args):
     feature = table.features[image_col]
     if isinstance(feature, datasets.Image) or getattr(feature, "dtype", None) in ("binary", "large_binary"):
         table = table.cast_column(image_col, datasets.Image(decode=False))  # encoded bytes too: {bytes, path}
-    elif os.path.exists(source):  # relative paths in local data are relative to it, as in an imagefolder
+    elif os.path.exists(source):  # relative paths in local data: beside it if there, as in an imagefolder
         here = source if os.path.isdir(source) else os.path.dirname(os.path.abspath(source))
-        table = table.map(lambda v: {image_col: v if not isinstance(v, str) or os.path.isabs(v) else
-                                     os.path.join(here, v)}, input_columns=image_col)
+        beside = lambda v: os.path.join(here, v) if isinstance(v, str) and os.path.exists(os.path.join(here, v)) else v
+        table = table.map(lambda v: {image_col: beside(v)}, input_columns=image_col, keep_in_memory=True)
     table = table.select_columns([image_col, caption_col]).rename_columns({image_col: "image", caption_col: "text"})
     if len(table) == 0:
         raise UserError(f"dataset {source!r} has no rows")
+    table = table.add_column("row", np.arange(len(table)))  # the dataset's row, for messages after subsets
     check_captions(table, source, caption_col)
     if args.max_train_samples:
         table = table.shuffle(seed=args.seed).select(range(min(args.max_train_samples, len(table))))
@@ -954,17 +960,17 @@ def scan_images(table, show_progress=True):
     from tqdm.auto import tqdm
 
     sizes, idents, bad = [], [], []
-    rows = table.select_columns(["image"]).iter(batch_size=256)
+    numbers = iter(table["row"] if "row" in table.column_names else range(len(table)))
     with tqdm(total=len(table), desc="scanning images", disable=not show_progress) as bar:
-        for chunk in rows:
-            for value in chunk["image"]:
+        for chunk in table.select_columns(["image"]).iter(batch_size=256):
+            for value, row in zip(chunk["image"], numbers):
                 try:
                     sizes.append(read_size(value))
                     idents.append(image_identity(value))
                 except Exception as e:
                     sizes.append(None)
                     idents.append(None)
-                    bad.append((describe_image(value, bar.n), first_line(e)))
+                    bad.append((describe_image(value, row), first_line(e)))
                 bar.update(1)
     return sizes, idents, bad
 
@@ -983,8 +989,9 @@ def transform_image(img, target, center_crop, flip, rng, crop=None, size=None):
         top, left = (rh - th) // 2, (rw - tw) // 2
     else:
         top, left = rng.randint(0, rh - th), rng.randint(0, rw - tw)
-    # Resize only the crop's box of the source: the same pixels as resizing all of it and cropping, without
-    # building the whole resized image (a 2000x10 banner for a 1024² bucket would be 204800x1024, a gigabyte).
+    # Resize only the crop's box of the source: the pixels of resizing all of it and cropping (up to Pillow's
+    # rounding between its two passes), without building the whole resized image (a 2000x10 banner for a 1024²
+    # bucket would be 204800x1024, a gigabyte).
     sx, sy = img.size[0] / rw, img.size[1] / rh
     img = img.resize((tw, th), Image.Resampling.LANCZOS, box=(left * sx, top * sy, (left + tw) * sx, (top + th) * sy))
     if flip:
@@ -1045,6 +1052,7 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
 
     def load(self, i, rng):
         args, plan, row = self.args, self.plan, self.table[i]
+        number = row.get("row", i)  # the dataset's row, in messages
         caption = row["text"]
         if isinstance(caption, (list, tuple)):
             caption = rng.choice(caption) if caption else ""
@@ -1057,17 +1065,17 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
         if plan.latent_cache is not None:
             key = latent_key(plan.latent_ns, plan.idents[i], target, flip, args)
             if key not in plan.latent_cache:  # its file failed to decode while the cache was built
-                return {"skipped": describe_image(row["image"], i)}
+                return {"skipped": describe_image(row["image"], number)}
             sample.update(plan.latent_cache.get(key))
             return sample
-        decoded = decode_image(row["image"], cover=target, row=i)
+        decoded = decode_image(row["image"], cover=target, row=number)
         if decoded is None:  # unreadable or truncated: named, and replaced by another row
-            return {"skipped": describe_image(row["image"], i)}
+            return {"skipped": describe_image(row["image"], number)}
         img, size = decoded
         pixels, original, crop = transform_image(img, target, args.center_crop, flip, rng, size=size)
         sample.update(pixel_values=pixels, time_ids=time_ids(original, crop, target))
         if size[0] < target[0] or size[1] < target[1]:
-            sample["upscaled"] = describe_image(row["image"], i)
+            sample["upscaled"] = describe_image(row["image"], number)
         return sample
 
 
@@ -1342,8 +1350,9 @@ class LatentJobs(torch.utils.data.Dataset):
 
     def __getitem__(self, n):
         i, flip = self.jobs[n]
-        value, target = self.table[i]["image"], self.plan.targets[i]
-        decoded = decode_image(value, cover=target, row=i)
+        row, target = self.table[i], self.plan.targets[i]
+        value = row["image"]
+        decoded = decode_image(value, cover=target, row=row.get("row", i))
         if decoded is None:
             return None
         img, size = decoded
@@ -1612,7 +1621,9 @@ def load_trained(args, folder, unet, text_encoders=(), ema=None):
             parts[prefix] = (te, convert_state_dict_to_peft)
         for prefix, (model, convert) in parts.items():
             sub = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
-            if not any(".lora_A." in k for k in sub):  # a checkpoint of an earlier version: diffusers' names
+            # Checkpoints of earlier versions have diffusers' names for attention layers (peft's for the rest);
+            # the UNet's renaming leaves peft names alone, the text encoders' refuses them.
+            if prefix == "unet." or not any(".lora_A." in k for k in sub):
                 sub = convert(sub)
             if not hasattr(model, "text_model"):  # lora_layers' prefix, on a flattened CLIPTextModel
                 sub = {k.removeprefix("text_model."): v for k, v in sub.items()}
@@ -1708,8 +1719,8 @@ def resume(accelerator, args, lr_scheduler):
     was, now = state.get("settings", {}), run_settings(args, accelerator)
     changed = [f"--{k} {was[k]!r} -> {now[k]!r}" for k in now if k in was and was[k] != now[k]]
     if changed:
-        logger.warning("resuming with other settings than %s was trained with (%s): the learning rate continues on "
-                       "the new schedule from step %d, and the data order is not the original run's", path,
+        logger.warning("resuming with other settings than %s was trained with (%s): from step %d the run follows "
+                       "the new ones (learning-rate schedule, data order), not the original run's", path,
                        "; ".join(changed), step)
     if accelerator.is_main_process:  # rows a killed run logged after this checkpoint will be logged again
         truncate_metrics(os.path.join(args.output_dir, "metrics.jsonl"), step)

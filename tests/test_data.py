@@ -401,7 +401,7 @@ def test_caption_encodings_hidden_files_and_odd_names(tmp_path, caplog):
     assert "not UTF-8; read as Windows-1252" in caplog.text and "not valid UTF-8" in caplog.text
 
 
-def test_relative_paths_in_a_data_folder_and_images_stored_in_rows(tmp_path, caplog):
+def test_relative_paths_in_a_data_folder_and_images_stored_in_rows(tmp_path, caplog, monkeypatch):
     import datasets
 
     folder = tmp_path / "parquet"
@@ -409,11 +409,25 @@ def test_relative_paths_in_a_data_folder_and_images_stored_in_rows(tmp_path, cap
     Image.new("RGB", (40, 32), "blue").save(folder / "img0.png")
     datasets.Dataset.from_dict({"image": ["img0.png"], "text": ["blue"]}).to_parquet(str(folder / "train.parquet"))
     table, _ = T.load_table(T.parse_args(["--dataset", str(folder)]))
-    assert T.decode_image(table[0]["image"])[1] == (40, 32)  # relative to the dataset folder, not the cwd
+    assert T.decode_image(table[0]["image"])[1] == (40, 32)  # beside the dataset, not in the cwd
+    monkeypatch.chdir(tmp_path)  # a save_to_disk folder whose paths are relative to where it was made
+    (tmp_path / "imgs").mkdir()
+    Image.new("RGB", (24, 32)).save(tmp_path / "imgs" / "a.png")
+    datasets.Dataset.from_dict({"image": ["imgs/a.png"], "text": ["a"]}).save_to_disk("saved")
+    before = sorted(os.listdir("saved"))
+    table, _ = T.load_table(T.parse_args(["--dataset", "saved"]))
+    assert T.decode_image(table[0]["image"])[1] == (24, 32) and sorted(os.listdir("saved")) == before  # not written
     png = io.BytesIO()
     Image.new("RGB", (32, 32)).save(png, format="PNG")
-    stored = datasets.Dataset.from_dict({"image": [png.getvalue(), b"junk", b""], "text": ["a", "b", "c"]})
+    stored = datasets.Dataset.from_dict({"image": [b"junk", png.getvalue(), png.getvalue(), b""],
+                                         "text": ["a", "b", "c", "d"]})
     stored.to_parquet(str(tmp_path / "stored.parquet"))
-    table, _ = T.load_table(T.parse_args(["--dataset", str(tmp_path / "stored.parquet")]))
-    assert T.decode_image(table[1]["image"], row=1) is None and T.decode_image(table[2]["image"], row=2) is None
-    assert "the image in row 1" in caplog.text and "row 2: empty image data" in caplog.text
+    args = T.parse_args(["--dataset", str(tmp_path / "stored.parquet"), "--max_train_samples", "3", "--seed", "1"])
+    table, _ = T.load_table(args)
+    subset = table["row"]  # the dataset's rows in the shuffled subset: messages name these, not positions
+    T.plan_data(args, table, show_progress=False)  # as on every process but the first (no progress bar)
+    bad = [r for r in subset if stored[r]["image"] in (b"junk", b"")]
+    assert bad and all(f"the image in row {r} " in caplog.text for r in bad), (subset, caplog.text)
+    assert not any(f"row {r} " in caplog.text for r in subset if r not in bad)
+    if 3 in bad:
+        assert "the image in row 3 (empty image data)" in caplog.text

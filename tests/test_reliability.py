@@ -285,3 +285,45 @@ def test_going_back_to_an_older_checkpoint_or_past_the_end_is_refused(tiny_model
     last = proc.stderr.strip().splitlines()[-1]
     assert proc.returncode == 2 and "at step 4, past this run's 3 steps" in last, last
     assert sorted(os.listdir(out)) == before
+
+
+def test_lora_checkpoints_of_both_key_styles_load_back(tmp_path):
+    """This version saves peft's names; earlier ones saved diffusers' names for attention layers and peft's for
+    the rest (a conv target): a resume must read both."""
+    sys.path.insert(0, os.path.join(ROOT, "scripts"))
+    import benchmark
+    from diffusers import StableDiffusionXLPipeline
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft.utils import get_peft_model_state_dict
+
+    opts = benchmark.parse_options(["--device", "cpu", "--lora_target_modules", "to_q,to_k,conv1"])
+    cfg = benchmark.configurations(opts)[0]
+    args = benchmark.trainer_args(cfg, opts)
+    fresh = lambda: benchmark.prepare_models(benchmark.build_parts(cfg, opts.device, 0), args, opts.device,
+                                             torch.float32).unet
+    trained = fresh()
+    with torch.no_grad():
+        for name, p in trained.named_parameters():
+            if "lora_" in name:
+                p.normal_()
+    want = get_peft_model_state_dict(trained)
+    old = convert_state_dict_to_diffusers(want)
+    assert any(".lora.down." in k for k in old) and any(".lora_A." in k for k in old)  # the two styles
+    StableDiffusionXLPipeline.save_lora_weights(str(tmp_path / "old"), unet_lora_layers=old)
+    T.export_trained(argparse.Namespace(**{**vars(args), "output_dir": str(tmp_path / "x")}), str(tmp_path), trained)
+    for folder in (tmp_path / "old", tmp_path):
+        unet = fresh()
+        T.load_trained(args, str(folder), unet)
+        got = get_peft_model_state_dict(unet)
+        assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want), folder
+
+
+def test_a_cache_dir_holding_the_old_latent_cache_is_named(tmp_path):
+    (tmp_path / "cache").mkdir()
+    (tmp_path / "cache" / "latents-r0-1-2.safetensors").write_bytes(b"")
+    args = T.parse_args(["--dataset", str(tmp_path), "--output_dir", str(tmp_path / "out"), "--cache_dir",
+                         str(tmp_path / "cache")])
+    with pytest.raises(T.UserError, match="now --data_cache_dir"):
+        T.validate(args)
+    args.data_cache_dir = args.cache_dir  # the same folder for both, on purpose: fine
+    T.validate(args)
