@@ -269,24 +269,6 @@ def test_damaged_state_files_are_named_or_recomputed(tmp_path, caplog):
     assert "cannot restore the random state" in caplog.text
 
 
-def test_going_back_to_an_older_checkpoint_or_past_the_end_is_refused(tiny_model, shapes, tmp_path):
-    out = str(tmp_path / "run")
-    argv = args_for(tiny_model, shapes, out, "--max_train_steps", "4", "--checkpointing_steps", "2")
-    os.makedirs(out)
-    (tmp_path / "run" / "metrics.jsonl").write_text('{"step": 3}\n')  # left by a run killed before a checkpoint
-    run_trainer(*argv)
-    assert metrics_steps(out) == [1, 2, 3, 4]  # started again from step 0: no duplicate rows
-    before = sorted(os.listdir(out))
-    proc = run_trainer(*argv, "--resume_from_checkpoint", "checkpoint-2", check=False)
-    last = proc.stderr.strip().splitlines()[-1]
-    assert proc.returncode == 2 and "past step 2 (checkpoint-4)" in last and "move or delete them" in last, last
-    proc = run_trainer(*args_for(tiny_model, shapes, out, "--max_train_steps", "3", "--resume_from_checkpoint",
-                                 "latest"), check=False)
-    last = proc.stderr.strip().splitlines()[-1]
-    assert proc.returncode == 2 and "at step 4, past this run's 3 steps" in last, last
-    assert sorted(os.listdir(out)) == before
-
-
 def test_lora_checkpoints_of_both_key_styles_load_back(tmp_path):
     """This version saves peft's names; earlier ones saved diffusers' names for attention layers and peft's for
     the rest (a conv target): a resume must read both."""

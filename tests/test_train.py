@@ -193,7 +193,11 @@ def test_existing_checkpoints_need_resume_or_overwrite(tiny_model, shapes, tmp_p
 
 def test_a_failed_start_loses_nothing_and_a_mismatched_resume_says_why(tiny_model, shapes, tmp_path):
     out = str(tmp_path / "run")
-    run_trainer(*base_args(tiny_model, shapes, out, "--max_train_steps", "2", "--checkpointing_steps", "2"))
+    os.makedirs(out)
+    with open(os.path.join(out, "metrics.jsonl"), "w") as f:
+        f.write('{"step": 1}\n')  # left by a run killed before its first checkpoint
+    run_trainer(*base_args(tiny_model, shapes, out, "--max_train_steps", "2", "--checkpointing_steps", "1"))
+    assert [json.loads(line)["step"] for line in open(os.path.join(out, "metrics.jsonl"))] == [1, 2]  # no repeat
     before = sorted(os.listdir(out)), open(os.path.join(out, "train_config.json")).read()
 
     def fails(*argv):
@@ -208,6 +212,12 @@ def test_a_failed_start_loses_nothing_and_a_mismatched_resume_says_why(tiny_mode
     last = fails(*base_args(tiny_model, shapes, out, "--max_train_steps", "4", "--resume_from_checkpoint",
                             "checkpoint-2", "--rank", "8"))  # a name inside output_dir, as diffusers' scripts take
     assert "--rank 4 -> 8" in last and "checkpoint-2" in last
+    # Going back while newer checkpoints of the run exist (they would outrank the new ones), or past the end.
+    last = fails(*base_args(tiny_model, shapes, out, "--max_train_steps", "2", "--resume_from_checkpoint",
+                            "checkpoint-1"))
+    assert "past step 1 (checkpoint-2)" in last and "move or delete them" in last
+    last = fails(*base_args(tiny_model, shapes, out, "--max_train_steps", "1", "--resume_from_checkpoint", "latest"))
+    assert "at step 2, past this run's 1 steps" in last
     os.remove(os.path.join(out, "checkpoint-2", "optimizer.bin"))
     last = fails(*base_args(tiny_model, shapes, out, "--max_train_steps", "4", "--resume_from_checkpoint", "latest"))
     assert last.startswith("error: cannot resume from") and "checkpoint-2" in last
