@@ -248,8 +248,6 @@ def test_a_resume_with_more_steps_continues_on_the_new_schedule():
 
 
 def test_damaged_state_files_are_named_or_recomputed(tmp_path, caplog):
-    from safetensors.torch import save_file
-
     cache = T.TensorCache(str(tmp_path / "cache"), "latents")
     cache.write({"k1": {"latents": torch.ones(4)}}, "r0")
     shard = next(p for p in os.listdir(tmp_path / "cache") if p.endswith(".safetensors"))
