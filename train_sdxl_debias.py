@@ -2374,6 +2374,16 @@ def push_to_hub(args):
     logger.info("pushed %s to https://huggingface.co/%s", args.output_dir, repo_id)
 
 
+interrupted_by = signal.SIGINT
+
+
+def on_sigterm(signum, frame):
+    """A scheduler's (SLURM, Kubernetes) or torchrun's stop request ends the run like Ctrl-C does."""
+    global interrupted_by
+    interrupted_by = signum
+    raise KeyboardInterrupt
+
+
 def config_origin(message, args):
     """' (--x is set in --config f)' when the error names a flag that came from the config file, not the
     command line the user is looking at."""
@@ -2397,16 +2407,6 @@ def main(argv=None):
         print("\ninterrupted: rerun with --resume_from_checkpoint latest to continue", file=sys.stderr)
         return 128 + interrupted_by
     return 0
-
-
-interrupted_by = signal.SIGINT
-
-
-def on_sigterm(signum, frame):
-    """A scheduler's (SLURM, Kubernetes) or torchrun's stop request ends the run like Ctrl-C does."""
-    global interrupted_by
-    interrupted_by = signum
-    raise KeyboardInterrupt
 
 
 if __name__ == "__main__":
