@@ -1508,9 +1508,14 @@ def lora_layers(model):
     encoder's keys keep `text_model.`: transformers 5 flattened that class, and older stacks need it."""
     from peft.utils import get_peft_model_state_dict
 
-    flat = type(model).__name__ == "CLIPTextModel" and not hasattr(model, "text_model")
+    prefix = "text_model." if flattened_clip(model) else ""
     # contiguous: safetensors refuses the channels-last conv LoRA weights of --channels_last
-    return {("text_model." if flat else "") + k: v.contiguous() for k, v in get_peft_model_state_dict(model).items()}
+    return {prefix + k: v.contiguous() for k, v in get_peft_model_state_dict(model).items()}
+
+
+def flattened_clip(model):
+    """transformers 5's CLIPTextModel, which lost the `text_model.` level of its module names."""
+    return type(model).__name__ == "CLIPTextModel" and not hasattr(model, "text_model")
 
 
 def adapter_config(model):
@@ -1625,7 +1630,7 @@ def load_trained(args, folder, unet, text_encoders=(), ema=None):
             # the UNet's renaming leaves peft names alone, the text encoders' refuses them.
             if prefix == "unet." or not any(".lora_A." in k for k in sub):
                 sub = convert(sub)
-            if not hasattr(model, "text_model"):  # lora_layers' prefix, on a flattened CLIPTextModel
+            if flattened_clip(model):  # lora_layers' prefix, taken off again
                 sub = {k.removeprefix("text_model."): v for k, v in sub.items()}
             result = set_peft_model_state_dict(model, sub, adapter_name="default")
             if not sub or getattr(result, "unexpected_keys", None):
