@@ -661,7 +661,8 @@ def load_table(args):
         table = table.cast_column(image_col, datasets.Image(decode=False))  # encoded bytes too: {bytes, path}
     elif os.path.exists(source):  # relative paths in local data: beside it if there, as in an imagefolder
         here = source if os.path.isdir(source) else os.path.dirname(os.path.abspath(source))
-        beside = lambda v: os.path.join(here, v) if isinstance(v, str) and os.path.exists(os.path.join(here, v)) else v
+        beside = lambda v: (os.path.join(here, v) if isinstance(v, str) and not os.path.isabs(v)
+                            and os.path.exists(os.path.join(here, v)) else v)  # absolute: nothing to look up
         table = table.map(lambda v: {image_col: beside(v)}, input_columns=image_col, keep_in_memory=True)
     table = table.select_columns([image_col, caption_col]).rename_columns({image_col: "image", caption_col: "text"})
     if len(table) == 0:
@@ -2392,11 +2393,10 @@ def on_sigterm(signum, frame):
 def config_origin(message, args):
     """' (--x is set in --config f)' when the error names a flag that came from the config file, not the
     command line the user is looking at."""
-    named = [f for f in re.findall(r"--\w+", message) if f in getattr(args, "config_flags", ())]
+    named = list(dict.fromkeys(f for f in re.findall(r"--\w+", message) if f in getattr(args, "config_flags", ())))
     if not named or message.startswith("--config"):
         return ""
-    return f" ({', '.join(dict.fromkeys(named))} {'is' if len(set(named)) == 1 else 'are'} set in --config " \
-           f"{args.config!r})"
+    return f" ({', '.join(named)} {'is' if len(named) == 1 else 'are'} set in --config {args.config!r})"
 
 
 def main(argv=None):
