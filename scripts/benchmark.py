@@ -111,6 +111,9 @@ def parse_options(argv=None):
     a("--channels_last", nargs="?", const="on", default="off", help="The trainer's --channels_last: on, or off,on.")
     a("--cudnn_benchmark", nargs="?", const="on", default="off",
       help="torch.backends.cudnn.benchmark (cuDNN times its convolution algorithms per shape): on, or off,on.")
+    a("--sdpa_backend", default="auto",
+      help="The trainer's --sdpa_backend (the attention kernel tried first): auto, flash, cudnn, efficient, math, "
+           "or a comma list: auto,cudnn.")
     a("--with_encoders", nargs="?", const="all", default="none",
       help="What each step encodes: none (all cached), vae, text, all (nothing cached). Bare flag = all.")
     a("--optimizer", default="adamw", help="Comma list of the trainer's optimizers.")
@@ -167,6 +170,7 @@ def configurations(opts):
         compile=[{"off": None, "on": "default"}.get(v, v) for v in split(opts.compile, "compile", COMPILE_CHOICES)],
         channels_last=[on_off[v] for v in split(opts.channels_last, "channels_last", on_off)],
         cudnn_benchmark=[on_off[v] for v in split(opts.cudnn_benchmark, "cudnn_benchmark", on_off)],
+        sdpa_backend=split(opts.sdpa_backend, "sdpa_backend", ("auto", "flash", "cudnn", "efficient", "math")),
         optimizer=split(opts.optimizer, "optimizer"),
         precision=split(opts.precision or default_precision, "precision", DTYPES),
         encoders=split(opts.with_encoders, "with_encoders", ENCODER_MODES))
@@ -184,7 +188,8 @@ def trainer_args(cfg, opts):
     win: argparse keeps the last value), the trainer's defaults for everything else."""
     argv = [*opts.trainer_flags, "--finetune", cfg["finetune"], "--train_batch_size", str(cfg["batch_size"]),
             "--resolution", str(cfg["resolution"]), "--optimizer", cfg["optimizer"], "--seed", str(opts.seed),
-            "--mixed_precision", {"fp32": "no"}.get(cfg["precision"], cfg["precision"])]
+            "--mixed_precision", {"fp32": "no"}.get(cfg["precision"], cfg["precision"]),
+            "--sdpa_backend", cfg["sdpa_backend"]]
     argv += ["--gradient_checkpointing"] * cfg["gradient_checkpointing"] + ["--channels_last"] * cfg["channels_last"]
     argv += ["--compile", "--compile_mode", cfg["compile_mode"]] if cfg["compile"] else []
     args = T.parse_args(argv)
@@ -406,7 +411,8 @@ def profile_steps(trainer, first, n, device):
         sync(device)
     per_name = {}  # name -> [microseconds, calls]
     for e in prof.events():
-        if cuda and e.device_type == DeviceType.CUDA:
+        if cuda and e.device_type == DeviceType.CUDA and not getattr(e, "is_user_annotation", False):
+            # (a user annotation on the GPU, such as "Optimizer.step#AdamW.step", spans kernels counted anyway)
             us = e.time_range.elapsed_us()
         elif not cuda and e.name.startswith("aten::"):
             us = e.self_cpu_time_total
@@ -550,6 +556,7 @@ def run_all(opts):
         if opts.device.type == "cpu":
             common["load_avg_1m"] = os.getloadavg()[0]
         torch.backends.cudnn.benchmark = cfg["cudnn_benchmark"]
+        T.prefer_sdpa_backend(cfg["sdpa_backend"])  # what the trainer's setup() does
         try:
             result = run_config(cfg, opts)
         except Exception as e:  # OOM, a missing optional package, a compile failure: report it, go on
@@ -568,7 +575,7 @@ def run_all(opts):
 COLUMNS = (  # (JSON field, table heading, format)
     ("finetune", "tune", "{}"), ("batch_size", "bs", "{}"), ("resolution", "res", "{}"),
     ("gradient_checkpointing", "ckpt", "{:d}"), ("compiled", "compile", "{}"), ("channels_last", "nhwc", "{:d}"),
-    ("cudnn_benchmark", "cudnn", "{:d}"),
+    ("cudnn_benchmark", "cudnn", "{:d}"), ("sdpa_backend", "sdpa", "{}"),
     ("optimizer", "optim", "{}"),
     ("precision", "prec", "{}"), ("encoders", "encode", "{}"), ("ms_per_step", "ms/step", "{:.1f}"),
     ("img_per_s", "img/s", "{:.2f}"), ("peak_mem_gib", "peak GiB", "{:.2f}"),

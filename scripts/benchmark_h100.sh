@@ -2,7 +2,7 @@
 # The H100 measurements of benchmarks/RESULTS.md, as one command for a lent GPU machine (shared/GPU.md).
 #
 #   bash scripts/benchmark_h100.sh fetch     # here (pip's registry): the wheels the GPU machine lacks, into .whl/ (git-ignored)
-#   bash scripts/benchmark_h100.sh           # on the GPU machine (device call, carry [".whl"], timeout_s 600)
+#   bash scripts/benchmark_h100.sh [open|measured|all]   # on the GPU machine (device call, carry [".whl"])
 #
 # The GPU machine has torch, transformers, accelerate and peft but no diffusers and no network. Every
 # configuration appends its JSON line to $OUT/h100.jsonl as soon as it finishes, so a run cut short keeps what
@@ -33,23 +33,32 @@ run() {
   echo "== $* (${left} s left)"
   timeout "$left" $B "$@" || echo "ended with status $?: $*"
 }
-# 1. LoRA eager at batch 1 and 4 with a profile (where the time goes: GPU busy share, kernel time by kind), and
-#    cuDNN's autotuning at batch 4 (GPU-bound); then CUDA graphs at batch 1 (host-bound: ~29k aten ops a step)
-#    with plain compile after it (inductor's cache is warm by then). Compile at batch 4 was no faster in NCHW
-#    (2026-11-26), so try it with channels-last: inductor writes its own NHWC GroupNorm kernels.
-run --finetune lora --batch_size 1,4 --profile 3
-run --finetune lora --batch_size 4 --cudnn_benchmark on --profile 3
-run --finetune lora --batch_size 1 --compile reduce-overhead,on --profile 3
-# CUDA graphs with gradient accumulation: the later micro-batches add to gradients left in the graphs' pool.
-run --finetune lora --batch_size 1 --compile reduce-overhead --gradient_accumulation_steps 2 --steps 3 --warmup 2
-run --finetune lora --batch_size 4 --compile --channels_last on --profile 3
-# 2. where the full fine-tune's time goes; LoRA batch 1 with checkpointing (the 10 GB goal).
-run --finetune full --batch_size 1 --gradient_checkpointing on --profile 3
-run --finetune lora --batch_size 1 --gradient_checkpointing on
-# 3. if time is left: the full fine-tune compiled, the largest batch, the per-step VAE (what the cache saves).
-run --finetune full --batch_size 1 --gradient_checkpointing on --compile
-run --finetune lora --batch_size 8 --compile
-run --finetune lora --batch_size 4 --with_encoders vae
+# What runs: `open` (the default) measures what no session has yet, most wanted first; `measured` repeats the
+# configurations whose numbers benchmarks/RESULTS.md gives (two device calls on 2026-11-26, evening); `all` both.
+PART=${1:-open}
+if [ "$PART" = open ] || [ "$PART" = all ]; then
+  # The full fine-tune's target (batch 1, checkpointing) and the 10 GB LoRA under CUDA graphs: both are host-bound
+  # in eager mode (GPU busy 34 % for the full one), and reduce-overhead has not run with checkpointing yet.
+  run --finetune full --batch_size 1 --gradient_checkpointing on --compile reduce-overhead --profile 3
+  run --finetune lora --batch_size 1 --gradient_checkpointing on --compile reduce-overhead
+  # The MFU stretch goal at the largest batch; channels-last convolutions once the GPU is the bottleneck (the
+  # profile of batch 4 shows cuDNN's NCHW->NHWC transposes around every convolution).
+  run --finetune lora --batch_size 8 --compile reduce-overhead
+  run --finetune lora --batch_size 4 --compile reduce-overhead --channels_last on --profile 3
+  run --finetune lora --batch_size 4 --compile reduce-overhead --cudnn_benchmark on
+  run --finetune full --batch_size 1 --compile reduce-overhead
+  run --finetune lora --batch_size 4 --with_encoders vae
+fi
+if [ "$PART" = measured ] || [ "$PART" = all ]; then
+  [ "${SIZE:-full}" = full ] && { timeout 60 python3 scripts/sdpa_kernels.py | tee "$OUT/sdpa.txt"; }
+  run --finetune lora --batch_size 1,4 --profile 3
+  run --finetune lora --batch_size 4 --sdpa_backend cudnn --profile 3
+  run --finetune lora --batch_size 1 --compile reduce-overhead --profile 3
+  run --finetune full --batch_size 1 --gradient_checkpointing on --profile 3
+  run --finetune lora --batch_size 4 --compile reduce-overhead --profile 3
+  # CUDA graphs with gradient accumulation: the later micro-batches add to gradients left in the graphs' pool.
+  run --finetune lora --batch_size 1 --compile reduce-overhead --gradient_accumulation_steps 2 --steps 3 --warmup 2
+fi
 python3 - "$OUT/h100.jsonl" <<'EOF'
 import json, sys
 sys.path.insert(0, "scripts")

@@ -175,3 +175,32 @@ def test_accumulation_runs_the_trainers_micro_batches_then_one_update(monkeypatc
     trainer.step(0)
     trainer.step(1)
     assert calls == [True, False, True, False] and len(updates) == 2
+
+
+def test_sdpa_backend_goes_first_in_torchs_order_and_auto_restores_it():
+    """--sdpa_backend puts one attention kernel ahead of the others for the whole process (the others stay as
+    fallbacks); the benchmark switches it per configuration, and `auto` gives PyTorch's own order back."""
+    import gc
+
+    import benchmark
+    import train_sdxl_debias as T
+    from torch.nn.attention import SDPBackend
+
+    default = torch._C._get_sdp_priority_order()
+    try:
+        T.prefer_sdpa_backend("cudnn")
+        gc.collect()  # the order must outlive the function's locals
+        order = torch._C._get_sdp_priority_order()
+        assert order[0] == int(SDPBackend.CUDNN_ATTENTION) and sorted(order) == sorted(default)
+        assert torch.backends.cuda.flash_sdp_enabled() and torch.backends.cuda.math_sdp_enabled()  # fallbacks
+        T.prefer_sdpa_backend("flash")
+        assert torch._C._get_sdp_priority_order()[0] == int(SDPBackend.FLASH_ATTENTION)
+    finally:
+        T.prefer_sdpa_backend("auto")
+    assert torch._C._get_sdp_priority_order() == default
+
+    configs = benchmark.configurations(benchmark.parse_options(["--sdpa_backend", "auto,cudnn", "--device", "cpu"]))
+    assert [c["sdpa_backend"] for c in configs] == ["auto", "cudnn"]
+    assert benchmark.trainer_args(configs[1], benchmark.parse_options(["--device", "cpu"])).sdpa_backend == "cudnn"
+    with pytest.raises(SystemExit, match="sdpa_backend"):
+        benchmark.configurations(benchmark.parse_options(["--sdpa_backend", "fast", "--device", "cpu"]))
