@@ -1708,14 +1708,21 @@ def save_checkpoint(accelerator, args, global_step, epoch, lr_scheduler):
             json.dump({"global_step": global_step, "epoch": epoch, "lr_scheduler": lr_scheduler.state_dict(),
                        "run": {k: getattr(args, k) for k in RUN_SHAPE}, "learning_rate": args.learning_rate,
                        "settings": run_settings(args, accelerator)}, f)
+        old = None
         if os.path.exists(os.path.join(final, STATE_FILE)):  # ours: a resumed run saving the same step again
-            shutil.rmtree(final)
+            # Set aside by a rename and deleted once the new one is in: a kill in between leaves it to restore
+            # (tidy_output_dir), where deleting it first would have left no checkpoint of this step.
+            old = os.path.join(args.output_dir, f".old-checkpoint-{global_step}")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(final, old)
         elif os.path.exists(final):  # someone else's folder of that name: keep it, out of the way
             names = (f"{final}.orig{n or ''}" for n in itertools.count())  # .orig, .orig1, .orig2, ...
             aside = next(name for name in names if not os.path.exists(name))
             logger.warning("%s was not written by this trainer; moved to %s", final, aside)
             os.replace(final, aside)
         os.replace(tmp, final)
+        if old:
+            shutil.rmtree(old)
         if args.checkpoints_total_limit:
             for _, old in list_checkpoints(args.output_dir)[:-args.checkpoints_total_limit]:
                 shutil.rmtree(old)
@@ -1886,15 +1893,17 @@ def image_grid(rows):
     return grid
 
 
-def write_model_card(args, m, source, num_images, run):
-    """output_dir/README.md: what was trained, on what, with which loss and settings, and how to use it."""
+def write_model_card(args, m, source, num_images, run, repo_id=None):
+    """output_dir/README.md: what was trained, on what, with which loss and settings, and how to use it (from
+    the Hub repository `repo_id` when the outputs are pushed there)."""
     base = args.pretrained_model_name_or_path
+    where = repo_id or args.hub_model_id or args.output_dir
     lora = args.finetune == "lora"
     samples = sorted(os.listdir(os.path.join(args.output_dir, "samples"))) if args.validation_prompt else []
     prediction = m.noise_scheduler.config.prediction_type
     usage = (f'pipe = StableDiffusionXLPipeline.from_pretrained({base!r}, torch_dtype=torch.float16).to("cuda")\n'
-             f'pipe.load_lora_weights({args.hub_model_id or args.output_dir!r})' if lora else
-             f'pipe = StableDiffusionXLPipeline.from_pretrained({args.hub_model_id or args.output_dir!r}, '
+             f'pipe.load_lora_weights({where!r})' if lora else
+             f'pipe = StableDiffusionXLPipeline.from_pretrained({where!r}, '
              'torch_dtype=torch.float16).to("cuda")')
     if lora and args.prediction_type:  # the base model's scheduler samples its own type, not the one trained here
         usage += f'\npipe.scheduler.register_to_config(prediction_type={prediction!r})'
@@ -2146,11 +2155,24 @@ def setup(args):
     prefer_sdpa_backend(args.sdpa_backend)
     if accelerator.is_main_process:
         os.makedirs(args.output_dir, exist_ok=True)
-        for name in os.listdir(args.output_dir):  # what a killed run left half-written (only our own names)
-            if name.startswith((".tmp-checkpoint-", ".tmp-export")):
-                shutil.rmtree(os.path.join(args.output_dir, name), ignore_errors=True)
+        tidy_output_dir(args.output_dir)
     accelerator.wait_for_everyone()
     return accelerator
+
+
+def tidy_output_dir(output_dir):
+    """What a killed run left in output_dir (only our own names): half-written checkpoints and exports go; a
+    checkpoint set aside to be replaced (save_checkpoint) goes back in place if its replacement never arrived."""
+    for name in os.listdir(output_dir):
+        path = os.path.join(output_dir, name)
+        if name.startswith((".tmp-checkpoint-", ".tmp-export")):
+            shutil.rmtree(path, ignore_errors=True)
+        elif name.startswith(".old-checkpoint-"):
+            final = os.path.join(output_dir, name[len(".old-"):])
+            if os.path.exists(final):
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                os.replace(path, final)
 
 
 def claim_output_dir(args, accelerator, global_step):
@@ -2313,12 +2335,13 @@ def train(args):
         save_final(accelerator, args, m)
         log = os.path.join(args.output_dir, "metrics.jsonl")
         rows = [json.loads(line) for line in open(log)] if os.path.exists(log) else []
+        repo_id = create_hub_repo(args) if args.push_to_hub else None
         write_model_card(args, m, source, len(table), {
             "steps": global_step, "epochs": num_epochs, "processes": world, "mixed_precision":
-            accelerator.mixed_precision, "last logged loss": f"{rows[-1]['loss']:.4g}" if rows else "-"})
+            accelerator.mixed_precision, "last logged loss": f"{rows[-1]['loss']:.4g}" if rows else "-"}, repo_id)
         plot_losses(args.output_dir)
-        if args.push_to_hub:
-            push_to_hub(args)
+        if repo_id:
+            push_to_hub(args, repo_id)
     accelerator.end_training()
 
 
@@ -2398,14 +2421,26 @@ def after_step(accelerator, args, m, metrics, nonfinite, progress, global_step, 
         metrics.t0 = time.perf_counter()
 
 
-def push_to_hub(args):
-    from huggingface_hub import create_repo, upload_folder
+def create_hub_repo(args):
+    """The Hub repository for --push_to_hub (created if missing), as "user/name": made before the model card is
+    written, so the card's usage code names it."""
+    from huggingface_hub import create_repo
 
     try:
-        repo_id = create_repo(args.hub_model_id or os.path.basename(os.path.abspath(args.output_dir)),
-                              exist_ok=True, token=args.hub_token).repo_id
+        return create_repo(args.hub_model_id or os.path.basename(os.path.abspath(args.output_dir)),
+                           exist_ok=True, token=args.hub_token).repo_id
+    except Exception as e:
+        raise UserError(f"creating the Hub repository failed ({first_line(e)}); the outputs are safe in "
+                        f"{args.output_dir}") from None
+
+
+def push_to_hub(args, repo_id):
+    from huggingface_hub import upload_folder
+
+    try:
         upload_folder(repo_id=repo_id, folder_path=args.output_dir, commit_message="train_sdxl_debias",
-                      token=args.hub_token, ignore_patterns=["checkpoint-*/**", ".tmp-*/**", f"{args.logging_dir}/**", "cache/**"])
+                      token=args.hub_token, ignore_patterns=["checkpoint-*/**", ".tmp-*/**", ".old-*/**",
+                                                             f"{args.logging_dir}/**", "cache/**"])
     except Exception as e:
         raise UserError(f"push to the Hub failed ({first_line(e)}); the outputs are safe in {args.output_dir}") from None
     logger.info("pushed %s to https://huggingface.co/%s", args.output_dir, repo_id)

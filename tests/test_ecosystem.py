@@ -257,3 +257,54 @@ def test_diffusers_command_lines_mean_the_same_here():
         T.parse_args(["--dataset", "x", "--use_8bit_adam"])
     with pytest.raises(T.UserError, match="--bogus_flag.*--help"):
         T.parse_args(["--dataset", "x", "--bogus_flag", "1"])
+
+
+HUB_STUB = """
+import json, sys, types
+import huggingface_hub
+calls = []
+def create_repo(name, exist_ok=False, token=None):
+    calls.append(["create_repo", name])
+    return types.SimpleNamespace(repo_id="someone/" + name)
+def upload_folder(repo_id, folder_path, ignore_patterns=(), **kw):
+    calls.append(["upload_folder", repo_id, folder_path, list(ignore_patterns)])
+    if {fail!r}:
+        raise OSError("503 Service Unavailable")
+huggingface_hub.create_repo, huggingface_hub.upload_folder = create_repo, upload_folder
+sys.path.insert(0, {root!r})
+import train_sdxl_debias as T
+try:
+    code = T.main(sys.argv[1:])
+finally:
+    json.dump(calls, open({log!r}, "w"))
+sys.exit(code)
+"""
+
+
+@pytest.mark.parametrize("fail", [False, True])
+def test_push_to_hub_uploads_the_outputs_and_the_card_names_the_hub_repo(tiny_model, shapes, tmp_path, fail):
+    """With --push_to_hub (the Hub's two calls stubbed: it is unreachable here) the card's usage code loads from
+    the repository the outputs go to, "user/name", not from the local folder; checkpoints stay home. A failed
+    upload is one line, and the outputs stay on disk."""
+    import re
+    import subprocess
+    import sys
+
+    out, log = str(tmp_path / "my-lora"), str(tmp_path / "calls.json")
+    code = HUB_STUB.format(root=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), log=log, fail=fail)
+    proc = subprocess.run([sys.executable, "-c", code, "--pretrained_model_name_or_path", tiny_model, "--dataset",
+                           shapes, "--output_dir", out, "--resolution", "64", "--max_train_steps", "1",
+                           "--checkpointing_steps", "1", "--push_to_hub"], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "HF_HUB_OFFLINE": "0"})  # the trainer refuses to push when offline
+    calls = json.load(open(log))
+    assert calls[0] == ["create_repo", "my-lora"]
+    assert calls[1][:3] == ["upload_folder", "someone/my-lora", out] and "checkpoint-*/**" in calls[1][3]
+    usage = re.search(r"```python\n(.*?)```", open(os.path.join(out, "README.md")).read(), re.S).group(1)
+    assert "pipe.load_lora_weights('someone/my-lora')" in usage
+    if fail:
+        assert proc.returncode != 0 and "Traceback" not in proc.stderr
+        assert proc.stderr.strip().splitlines()[-1].endswith(f"push to the Hub failed (503 Service Unavailable); "
+                                                              f"the outputs are safe in {out}")
+        assert os.path.exists(os.path.join(out, "pytorch_lora_weights.safetensors"))
+    else:
+        assert proc.returncode == 0, proc.stderr[-3000:]

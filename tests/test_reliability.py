@@ -307,3 +307,46 @@ def test_a_cache_dir_holding_the_old_latent_cache_is_named(tmp_path):
         T.validate(args)
     args.data_cache_dir = args.cache_dir  # the same folder for both, on purpose: fine
     T.validate(args)
+
+
+def test_a_kill_while_a_checkpoint_is_replaced_leaves_one_to_resume(tmp_path, monkeypatch):
+    """A resumed run that saves the step of an existing checkpoint replaces it. Killed between setting the old
+    one aside and renaming the new one in, the next start puts the old one back; a kill after that keeps the
+    new one. Half-written folders go, other files stay."""
+    from accelerate import Accelerator
+    from diffusers.optimization import get_scheduler
+
+    out = str(tmp_path / "out")
+    os.makedirs(out)
+    args = T.parse_args(["--dataset", "x", "--output_dir", out])
+    accelerator = Accelerator(cpu=True)
+    opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=1e-3)
+    schedule = get_scheduler("constant", optimizer=opt)
+
+    def state(step):
+        return json.load(open(os.path.join(out, f"checkpoint-{step}", T.STATE_FILE)))
+
+    T.save_checkpoint(accelerator, args, 4, 0, schedule)
+    first_lr = args.learning_rate
+    args.learning_rate = first_lr / 2  # what tells the two saves of step 4 apart
+    real_replace = os.replace
+
+    def killed_at_the_new_rename(src, dst):
+        if os.path.basename(src).startswith(".tmp-checkpoint-"):
+            raise KeyboardInterrupt  # the old one is aside, the new one complete but not yet in place
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", killed_at_the_new_rename)
+    with pytest.raises(KeyboardInterrupt):
+        T.save_checkpoint(accelerator, args, 4, 0, schedule)
+    monkeypatch.setattr(os, "replace", real_replace)
+    assert not os.path.exists(os.path.join(out, "checkpoint-4"))  # the window this test is about
+    open(os.path.join(out, "notes.txt"), "w").close()
+    T.tidy_output_dir(out)
+    assert sorted(os.listdir(out)) == ["checkpoint-4", "notes.txt"] and state(4)["learning_rate"] == first_lr
+
+    T.save_checkpoint(accelerator, args, 4, 0, schedule)  # uninterrupted: the new one replaces the old
+    assert sorted(os.listdir(out)) == ["checkpoint-4", "notes.txt"] and state(4)["learning_rate"] == first_lr / 2
+    shutil.copytree(os.path.join(out, "checkpoint-4"), os.path.join(out, ".old-checkpoint-4"))  # killed later
+    T.tidy_output_dir(out)
+    assert sorted(os.listdir(out)) == ["checkpoint-4", "notes.txt"] and state(4)["learning_rate"] == first_lr / 2
