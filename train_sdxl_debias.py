@@ -1055,10 +1055,13 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
 
     A row whose image fails to decode is named in the sample's `skipped` and replaced by the next row of the
     same bucket: batches keep their size, so every process still runs the same collectives (a rank with an
-    empty batch would leave the others waiting in the gradient all-reduce forever)."""
+    empty batch would leave the others waiting in the gradient all-reduce forever). A row that failed is not
+    decoded again by this (worker's) copy: a bucket of many bad files would otherwise cost each sample a decode
+    of every bad row before the next good one."""
 
     def __init__(self, table, args, plan):
         self.table, self.args, self.plan = table, args, plan
+        self.failed = {}  # row -> how it is named in `skipped`
         self.same_target, self.position = {}, []
         for i, target in enumerate(plan.targets):
             rows = self.same_target.setdefault(target, [])
@@ -1075,10 +1078,12 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
         skipped = []
         for n in range(len(rows)):  # i, then the rows after it in its bucket
             j = rows[(start + n) % len(rows)]
-            sample = self.load(j, random.Random(sample_seed))
-            if "caption" in sample:
-                return {**sample, "skipped": skipped}
-            skipped.append(sample["skipped"])
+            if j not in self.failed:
+                sample = self.load(j, random.Random(sample_seed))
+                if "caption" in sample:
+                    return {**sample, "skipped": skipped}
+                self.failed[j] = sample["skipped"]
+            skipped.append(self.failed[j])
         return {"skipped": skipped}
 
     def load(self, i, rng):

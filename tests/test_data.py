@@ -225,6 +225,24 @@ def test_an_undecodable_image_is_named_and_replaced_from_its_bucket(tmp_path):
     assert batch["pixel_values"].shape[0] == 2 and batch["skipped"] == [paths[0]]
 
 
+def test_a_bucket_of_bad_files_decodes_each_once(tmp_path, monkeypatch):
+    """Each sample of a bucket whose files mostly fail walks past the bad rows to the next good one: a bad
+    row is named every time, but decoded only the first time (per loader worker)."""
+    import datasets
+    folder = make_messy_folder(str(tmp_path / "messy"))
+    bad = [os.path.join(folder, n) for n in ("corrupt.png", "truncated.jpg")] * 3
+    paths = bad + [os.path.join(folder, "rgba.png")]
+    table = datasets.Dataset.from_dict({"image": paths, "text": [str(i) for i in range(len(paths))]})
+    ds = T.ImageCaptionDataset(table, T.parse_args(["--dataset", "x", "--resolution", "64"]),
+                               T.DataPlan(targets=[(64, 64)] * len(paths)))
+    decoded, real = [], T.decode_image
+    monkeypatch.setattr(T, "decode_image", lambda value, **kw: decoded.append(value) or real(value, **kw))
+    samples = [ds[(i, i)] for i in range(len(bad))]
+    assert all(s["caption"] == "6" for s in samples)
+    assert [len(s["skipped"]) for s in samples] == [6, 5, 4, 3, 2, 1]
+    assert len(decoded) == len(bad) + len(samples)  # each bad file once, the good one for every sample
+
+
 def test_every_image_unreadable_is_a_clear_error(tiny_model, tmp_path):
     folder = str(tmp_path / "bad")
     os.makedirs(folder)
