@@ -1713,21 +1713,21 @@ def save_checkpoint(accelerator, args, global_step, epoch, lr_scheduler):
             json.dump({"global_step": global_step, "epoch": epoch, "lr_scheduler": lr_scheduler.state_dict(),
                        "run": {k: getattr(args, k) for k in RUN_SHAPE}, "learning_rate": args.learning_rate,
                        "settings": run_settings(args, accelerator)}, f)
-        old = None
+        replaced = None
         if os.path.exists(os.path.join(final, STATE_FILE)):  # ours: a resumed run saving the same step again
             # Set aside by a rename and deleted once the new one is in: a kill in between leaves it to restore
             # (tidy_output_dir), where deleting it first would have left no checkpoint of this step.
-            old = os.path.join(args.output_dir, f".old-checkpoint-{global_step}")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(final, old)
+            replaced = os.path.join(args.output_dir, f".old-checkpoint-{global_step}")
+            shutil.rmtree(replaced, ignore_errors=True)
+            os.replace(final, replaced)
         elif os.path.exists(final):  # someone else's folder of that name: keep it, out of the way
             names = (f"{final}.orig{n or ''}" for n in itertools.count())  # .orig, .orig1, .orig2, ...
             aside = next(name for name in names if not os.path.exists(name))
             logger.warning("%s was not written by this trainer; moved to %s", final, aside)
             os.replace(final, aside)
         os.replace(tmp, final)
-        if old:
-            shutil.rmtree(old)
+        if replaced:
+            shutil.rmtree(replaced)
         if args.checkpoints_total_limit:
             for _, old in list_checkpoints(args.output_dir)[:-args.checkpoints_total_limit]:
                 shutil.rmtree(old)
@@ -2340,12 +2340,13 @@ def train(args):
         save_final(accelerator, args, m)
         log = os.path.join(args.output_dir, "metrics.jsonl")
         rows = [json.loads(line) for line in open(log)] if os.path.exists(log) else []
-        repo_id = create_hub_repo(args) if args.push_to_hub else None
-        write_model_card(args, m, source, len(table), {
-            "steps": global_step, "epochs": num_epochs, "processes": world, "mixed_precision":
-            accelerator.mixed_precision, "last logged loss": f"{rows[-1]['loss']:.4g}" if rows else "-"}, repo_id)
+        run = {"steps": global_step, "epochs": num_epochs, "processes": world, "mixed_precision":
+               accelerator.mixed_precision, "last logged loss": f"{rows[-1]['loss']:.4g}" if rows else "-"}
+        write_model_card(args, m, source, len(table), run)
         plot_losses(args.output_dir)
-        if repo_id:
+        if args.push_to_hub:
+            repo_id = create_hub_repo(args)
+            write_model_card(args, m, source, len(table), run, repo_id)  # its usage code loads from the Hub now
             push_to_hub(args, repo_id)
     accelerator.end_training()
 
@@ -2427,8 +2428,8 @@ def after_step(accelerator, args, m, metrics, nonfinite, progress, global_step, 
 
 
 def create_hub_repo(args):
-    """The Hub repository for --push_to_hub (created if missing), as "user/name": made before the model card is
-    written, so the card's usage code names it."""
+    """The Hub repository for --push_to_hub (created if missing), as "user/name", for the model card's usage
+    code."""
     from huggingface_hub import create_repo
 
     try:

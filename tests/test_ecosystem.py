@@ -265,10 +265,12 @@ import huggingface_hub
 calls = []
 def create_repo(name, exist_ok=False, token=None):
     calls.append(["create_repo", name])
+    if {fail!r} == "create":
+        raise OSError("401 Unauthorized")
     return types.SimpleNamespace(repo_id="someone/" + name)
 def upload_folder(repo_id, folder_path, ignore_patterns=(), **kw):
     calls.append(["upload_folder", repo_id, folder_path, list(ignore_patterns)])
-    if {fail!r}:
+    if {fail!r} == "upload":
         raise OSError("503 Service Unavailable")
 huggingface_hub.create_repo, huggingface_hub.upload_folder = create_repo, upload_folder
 sys.path.insert(0, {root!r})
@@ -281,11 +283,11 @@ sys.exit(code)
 """
 
 
-@pytest.mark.parametrize("fail", [False, True])
+@pytest.mark.parametrize("fail", ["create", "upload"])  # (a success is the upload case up to its last call)
 def test_push_to_hub_uploads_the_outputs_and_the_card_names_the_hub_repo(tiny_model, shapes, tmp_path, fail):
     """With --push_to_hub (the Hub's two calls stubbed: it is unreachable here) the card's usage code loads from
-    the repository the outputs go to, "user/name", not from the local folder; checkpoints stay home. A failed
-    upload is one line, and the outputs stay on disk."""
+    the repository the outputs go to, "user/name", not from the local folder; checkpoints stay home. A Hub
+    failure is one line, and the outputs, model card included, stay on disk."""
     import re
     import subprocess
     import sys
@@ -298,13 +300,14 @@ def test_push_to_hub_uploads_the_outputs_and_the_card_names_the_hub_repo(tiny_mo
                           env={**os.environ, "HF_HUB_OFFLINE": "0"})  # the trainer refuses to push when offline
     calls = json.load(open(log))
     assert calls[0] == ["create_repo", "my-lora"]
-    assert calls[1][:3] == ["upload_folder", "someone/my-lora", out] and "checkpoint-*/**" in calls[1][3]
     usage = re.search(r"```python\n(.*?)```", open(os.path.join(out, "README.md")).read(), re.S).group(1)
-    assert "pipe.load_lora_weights('someone/my-lora')" in usage
-    if fail:
-        assert proc.returncode != 0 and "Traceback" not in proc.stderr
-        assert proc.stderr.strip().splitlines()[-1].endswith(f"push to the Hub failed (503 Service Unavailable); "
-                                                              f"the outputs are safe in {out}")
-        assert os.path.exists(os.path.join(out, "pytorch_lora_weights.safetensors"))
+    assert os.path.exists(os.path.join(out, "pytorch_lora_weights.safetensors"))
+    if fail == "create":
+        assert len(calls) == 1 and f"pipe.load_lora_weights({out!r})" in usage
     else:
-        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert calls[1][:3] == ["upload_folder", "someone/my-lora", out] and "checkpoint-*/**" in calls[1][3]
+        assert "pipe.load_lora_weights('someone/my-lora')" in usage
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    reason = {"create": "creating the Hub repository failed (401 Unauthorized)",
+              "upload": "push to the Hub failed (503 Service Unavailable)"}[fail]
+    assert proc.stderr.strip().splitlines()[-1].endswith(f"{reason}; the outputs are safe in {out}")
