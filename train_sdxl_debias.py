@@ -1262,6 +1262,11 @@ class TensorCache:
         from safetensors import safe_open
 
         for name in sorted(os.listdir(self.folder)):
+            if name.startswith(self.kind + "-") and name.endswith(".safetensors.tmp"):
+                path = os.path.join(self.folder, name)
+                with suppress(OSError):  # a shard a killed build left half-written: an hour old, it is abandoned
+                    if time.time() - os.path.getmtime(path) > 3600:  # (a fresh one may be another run's, writing)
+                        os.remove(path)
             if name.startswith(self.kind + "-") and name.endswith(".safetensors"):
                 path = os.path.join(self.folder, name)
                 try:

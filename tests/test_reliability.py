@@ -253,8 +253,12 @@ def test_damaged_state_files_are_named_or_recomputed(tmp_path, caplog):
     shard = next(p for p in os.listdir(tmp_path / "cache") if p.endswith(".safetensors"))
     with open(tmp_path / "cache" / shard, "r+b") as f:
         f.truncate(50)  # a full disk or a copy cut short
+    for name, age in (("latents-r1-1-1.safetensors.tmp", 2 * 3600), ("latents-r1-2-2.safetensors.tmp", 60)):
+        (tmp_path / "cache" / name).write_bytes(b"half a shard")  # a killed build's, and one being written now
+        os.utime(tmp_path / "cache" / name, (time.time() - age, time.time() - age))
     again = T.TensorCache(str(tmp_path / "cache"), "latents")
     assert "k1" not in again and "is damaged" in caplog.text and not os.path.exists(tmp_path / "cache" / shard)
+    assert os.listdir(tmp_path / "cache") == ["latents-r1-2-2.safetensors.tmp"]
     metrics = tmp_path / "metrics.jsonl"
     metrics.write_text('{"step": 1, "loss": 1}\n{"step": 2, "loss": 2}\n{"step": 3, "lo')  # killed mid-write
     T.truncate_metrics(str(metrics), 5)
