@@ -50,7 +50,7 @@ def make_messy_folder(folder):
     return folder
 
 
-def test_image_modes_are_upright_rgb_and_transparency_is_white(tmp_path):
+def test_image_modes_are_upright_rgb_and_transparency_is_white(tmp_path, monkeypatch):
     folder = make_messy_folder(str(tmp_path / "messy"))
     rgba = T.open_image(os.path.join(folder, "rgba.png"))
     assert rgba.mode == "RGB" and rgba.getpixel((0, 0)) == (255, 255, 255)  # transparent red -> white
@@ -67,6 +67,16 @@ def test_image_modes_are_upright_rgb_and_transparency_is_white(tmp_path):
     rotated = T.open_image(os.path.join(folder, "rotated.jpg"))
     assert rotated.size == (64, 96)  # EXIF orientation 6: stored 96x64 landscape, shown portrait
     assert T.read_size(os.path.join(folder, "rotated.jpg")) == (64, 96)
+    from PIL import PngImagePlugin
+    loads, real_load = [], PngImagePlugin.PngImageFile.load
+    monkeypatch.setattr(PngImagePlugin.PngImageFile, "load", lambda self: loads.append(1) or real_load(self))
+    Image.new("RGB", (48, 16)).save(tmp_path / "wide.png")
+    assert T.read_size(str(tmp_path / "wide.png")) == (48, 16) and not loads  # the header only: no pixels decoded
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.new("RGB", (48, 16)).save(tmp_path / "turned.png", exif=exif)  # EXIF in the header: still honoured
+    assert T.read_size(str(tmp_path / "turned.png")) == (16, 48)
+    monkeypatch.undo()
     with pytest.raises(Exception):
         T.open_image(os.path.join(folder, "truncated.jpg")).load()
     for mode, key in (("L", 0), ("RGB", (0, 0, 0))):  # one colour marked transparent, no alpha channel
