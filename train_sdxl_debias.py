@@ -756,7 +756,7 @@ def load_folder(source, output_dir, cache_dir=None):
             logger.warning("%d of %d images in %s are not used: the metadata does not name them, or they are in "
                            "another split", len(images) - len(table), len(images), source)
         return table
-    captions = find_captions(images) if images else None
+    captions = find_captions(source, files, images) if images else None
     if captions is not None:
         return datasets.Dataset.from_dict(captions)
     if data_files:  # a downloaded Hub dataset; an image beside its parquet files is a preview, not data
@@ -833,17 +833,58 @@ def read_caption(path):
         return data.decode("cp1252", errors="replace").strip()
 
 
-def find_captions(images):
-    """kohya layout: each image's caption from a same-name .txt (or .caption) file next to it, "" without one.
-    Returns columns (absolute paths), or None if no image has a non-empty caption."""
-    texts = []
+KOHYA_FOLDER = re.compile(r"^(\d{1,3})_(.+)$")  # kohya's DreamBooth folders: "<repeats>_<caption>", e.g. "10_sks dog"
+
+
+def kohya_folders(source, images):
+    """{folder: (repeats, words)} when every image sits in a folder named as kohya's DreamBooth folders are,
+    `<repeats>_<words>` directly under `source`; else None."""
+    folders = {}
     for path in images:
-        stem = os.path.splitext(path)[0]
-        found = [stem + ext for ext in CAPTION_EXTS if os.path.exists(stem + ext)]
-        texts.append(read_caption(found[0]) if found else "")
+        parts = os.path.relpath(path, source).split(os.sep)
+        match = KOHYA_FOLDER.match(parts[0]) if len(parts) > 1 else None
+        if match is None or int(match.group(1)) < 1:
+            return None
+        folders[parts[0]] = (int(match.group(1)), match.group(2).strip())
+    return folders
+
+
+def find_captions(source, files, images):
+    """kohya layout: each image's caption from a same-name .txt (or .caption) file next to it, extension case
+    ignored (IMG_1.JPG + IMG_1.TXT), "" without one. In kohya's DreamBooth folders (kohya_folders) an image
+    without a caption file is captioned with its folder's words, and each image counts `repeats` times an
+    epoch, as kohya trains them. Returns columns (absolute paths), or None if no image has a caption."""
+    captions = {}  # lower-case stem -> caption files, .txt first
+    for f in sorted(files, key=lambda f: os.path.splitext(f)[1].lower() != ".txt"):
+        stem, ext = os.path.splitext(f)
+        if ext.lower() in CAPTION_EXTS:
+            captions.setdefault(stem.lower(), []).append(f)
+    kohya = kohya_folders(source, images)
+    if kohya:
+        logger.info("kohya DreamBooth folders: %s", "; ".join(
+            f"{name!r} x{n} (images without a caption file: {words!r})" for name, (n, words) in sorted(kohya.items())))
+    paths, texts = [], []
+    for path in images:
+        found = captions.get(os.path.splitext(path)[0].lower())
+        repeats, words = kohya[os.path.relpath(path, source).split(os.sep)[0]] if kohya else (1, "")
+        paths += [os.path.abspath(path)] * repeats
+        texts += [read_caption(found[0]) if found else words] * repeats
+    warn_unsupported(source, files, captions, images)
     if not any(texts):
         return None
-    return {"image": [os.path.abspath(p) for p in images], "text": texts}  # check_captions counts the empty
+    return {"image": paths, "text": texts}  # check_captions counts the empty
+
+
+def warn_unsupported(source, files, captions, images):
+    """Files with a caption that are not images we read (an iPhone's .HEIC, a .jxl, a .psd) were meant as
+    training data: say they are left out rather than drop them silently."""
+    used = {os.path.splitext(p)[0].lower() for p in images}
+    left = [f for f in files if os.path.splitext(f)[0].lower() in captions.keys() - used
+            and os.path.splitext(f)[1].lower() not in CAPTION_EXTS]
+    if left:
+        kinds = sorted({os.path.splitext(f)[1] for f in left})
+        logger.warning("%d captioned files in %s are not images this trainer reads (%s), e.g. %s: not used; "
+                       "convert them to JPEG or PNG", len(left), source, ", ".join(kinds), left[0])
 
 
 def pick_column(columns, requested, candidates, kind):
@@ -994,18 +1035,24 @@ def scan_images(table, show_progress=True):
     returned separately (with the reason) so the run can name and skip them up front."""
     from tqdm.auto import tqdm
 
-    sizes, idents, bad = [], [], []
+    sizes, idents, bad, seen = [], [], [], {}  # seen: a path listed again (kohya's repeats) is read once
     numbers = iter(table["row"] if "row" in table.column_names else range(len(table)))
     with tqdm(total=len(table), desc="scanning images", disable=not show_progress) as bar:
         for chunk in table.select_columns(["image"]).iter(batch_size=256):
             for value, row in zip(chunk["image"], numbers):
-                try:
-                    sizes.append(read_size(value))
-                    idents.append(image_identity(value))
-                except Exception as e:
-                    sizes.append(None)
-                    idents.append(None)
-                    bad.append((describe_image(value, row), first_line(e)))
+                found = seen.get(value) if isinstance(value, str) else None
+                if found is None:
+                    try:
+                        found = read_size(value), image_identity(value), None
+                    except Exception as e:
+                        found = None, None, first_line(e)
+                    if isinstance(value, str):
+                        seen[value] = found
+                size, ident, error = found
+                sizes.append(size)
+                idents.append(ident)
+                if error:
+                    bad.append((describe_image(value, row), error))
                 bar.update(1)
     return sizes, idents, bad
 

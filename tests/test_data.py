@@ -368,7 +368,38 @@ def test_kohya_folder_captions_txt_caption_bom_subfolders_and_output_dir_exclude
     only_links.mkdir()
     os.symlink(folder / "sub", only_links / "10_shapes")
     table, _ = T.load_table(T.parse_args(["--dataset", str(only_links)]))
-    assert table["text"] == ["a caption file"]
+    assert table["text"] == ["a caption file"] * 10  # a kohya DreamBooth folder: 10 repeats
+
+
+def test_kohya_dreambooth_folders_repeat_and_caption_by_folder_name(tmp_path, caplog):
+    """kohya's "<repeats>_<words>" folders: images without a caption file are captioned with the words, every
+    image counts `repeats` times (as kohya trains them); caption files match whatever the extensions' case; a
+    captioned file of a format we can't read (an iPhone's .HEIC) is named, not dropped silently."""
+    caplog.set_level("INFO", logger="train_sdxl_debias")
+    data = tmp_path / "train"
+    for sub in ("10_sks dog", "1_dog"):
+        (data / sub).mkdir(parents=True)
+    for i in range(2):
+        Image.new("RGB", (32, 32), "red").save(data / "10_sks dog" / f"{i}.jpg")
+        Image.new("RGB", (32, 32), "blue").save(data / "1_dog" / f"IMG_{i}.JPG")
+        (data / "1_dog" / f"IMG_{i}.TXT").write_text(f"a dog, photo {i}")
+    (data / "10_sks dog" / "0.txt").write_text("sks dog on a beach")  # a caption file wins over the folder's words
+    (data / "1_dog" / "IMG_7.HEIC").write_bytes(b"not readable here")
+    (data / "1_dog" / "IMG_7.txt").write_text("a dog from an iPhone")
+    table, _ = T.load_table(T.parse_args(["--train_data_dir", str(data)]))
+    count = {}
+    for path, text in zip(table["image"], table["text"]):
+        count[os.path.relpath(path, data), text] = count.get((os.path.relpath(path, data), text), 0) + 1
+    assert count == {("10_sks dog/0.jpg", "sks dog on a beach"): 10, ("10_sks dog/1.jpg", "sks dog"): 10,
+                     ("1_dog/IMG_0.JPG", "a dog, photo 0"): 1, ("1_dog/IMG_1.JPG", "a dog, photo 1"): 1}
+    assert "'10_sks dog' x10" in caplog.text and "not images this trainer reads (.HEIC)" in caplog.text
+    plan_table, plan, _ = T.plan_data(T.parse_args(["--train_data_dir", str(data), "--resolution", "32"]), table,
+                                      show_progress=False)
+    assert len(plan_table) == 22 and len(set(plan.idents)) == 4  # repeats share one scan and one cache entry
+    Image.new("RGB", (32, 32)).save(data / "loose.png")  # an image beside the folders: not kohya's layout
+    (data / "loose.txt").write_text("loose")
+    table, _ = T.load_table(T.parse_args(["--train_data_dir", str(data)]))
+    assert len(table) == 5 and table["text"].count("") == 1  # no repeats, no folder captions
 
 
 def test_images_without_any_caption_are_a_clear_error(tmp_path):
