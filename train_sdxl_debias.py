@@ -784,8 +784,9 @@ CAPTION_EXTS = (".txt", ".caption")
 
 def list_files(folder, exclude=None):
     """Every file below `folder`, in a stable order, symlinked subfolders followed once (loops cut), leaving out
-    `exclude` (our output folder, which may sit inside the dataset and holds sample images) and hidden files and
-    folders (.ipynb_checkpoints copies, macOS' ._ resource forks and __MACOSX, as datasets' imagefolder does)."""
+    `exclude` (our output folder, which may sit inside the dataset and holds sample images), an earlier run's
+    output folder (it holds train_config.json), and hidden files and folders (.ipynb_checkpoints copies, macOS'
+    ._ resource forks and __MACOSX, as datasets' imagefolder does)."""
     files, seen, skip = [], set(), os.path.realpath(exclude) if exclude else None
     hidden = lambda n: n.startswith((".", "__MACOSX"))
 
@@ -795,6 +796,10 @@ def list_files(folder, exclude=None):
     for root, dirs, names in os.walk(folder, followlinks=True, onerror=unreadable):
         real = os.path.realpath(root)
         if real in seen or real == skip:
+            dirs[:] = []
+            continue
+        if "train_config.json" in names and root != folder:  # an earlier run's outputs: loss plot, sample grids
+            logger.warning("skipping %s: an output folder of this trainer (train_config.json), not data", root)
             dirs[:] = []
             continue
         seen.add(real)

@@ -354,11 +354,15 @@ def test_kohya_folder_captions_txt_caption_bom_subfolders_and_output_dir_exclude
     out = folder / "my-lora" / "samples"  # an output folder inside the dataset: its images are not data
     out.mkdir(parents=True)
     Image.new("RGB", (32, 32)).save(out / "step_000010.png")
+    (folder / "lora-v1").mkdir()  # an earlier run's output folder, also inside: its loss plot is not data
+    Image.new("RGB", (110, 40)).save(folder / "lora-v1" / "loss.png")
+    (folder / "lora-v1" / "train_config.json").write_text("{}")
     table, _ = T.load_table(T.parse_args(["--dataset", str(folder), "--output_dir", str(folder / "my-lora")]))
     found = dict(zip((os.path.relpath(p, folder) for p in table["image"]), table["text"]))
     assert sorted(found.values()) == ["", "", "a caption file", "a red square"]  # BOM gone, my-lora/ left out
     assert sum(p.endswith("b.png") for p in found) == 1  # the symlinked subfolder once, not twice
     assert "2 of" in caplog.text and "empty prompt" in caplog.text
+    assert "lora-v1: an output folder of this trainer" in caplog.text
     for sub in ("cat", "cat/close-ups", "cat-2", "cat 3"):  # the order of earlier versions (resumes stay exact)
         (tmp_path / "order" / sub).mkdir(parents=True)
         (tmp_path / "order" / sub / "a.png").touch()
