@@ -776,6 +776,8 @@ def guarded_load(name, fn, *a, **kw):
         if e.__cause__ is not None:  # "An error occurred while generating the dataset": the cause says which
             reason += f": {first_line(e.__cause__)}"
         hint = "" if os.path.exists(name) else " (check the id; offline, only local folders and cached datasets load)"
+        if any(isinstance(x, UnicodeDecodeError) for x in (e, e.__cause__, e.__context__)):
+            hint = " (a metadata or data file is not UTF-8: save it as UTF-8, in Excel as 'CSV UTF-8')"
         raise UserError(f"cannot load dataset {name!r}: {reason}{hint}") from None
 
 
@@ -893,13 +895,16 @@ def warn_unsupported(source, files, captions, images):
 
 
 def pick_column(columns, requested, candidates, kind):
+    """The column named `requested`, else the first of `candidates` present. Names match with stray spaces around
+    them, as a CSV header typed "file_name, text" has."""
+    trimmed = {c.strip(): c for c in columns}
     if requested:
-        if requested not in columns:
+        if requested.strip() not in trimmed:
             raise UserError(f"--{kind}_column {requested!r} is not in the dataset; its columns are: {', '.join(columns)}")
-        return requested
+        return trimmed[requested.strip()]
     for c in candidates:
-        if c in columns:
-            return c
+        if c in trimmed:
+            return trimmed[c]
     hint = ""
     if kind == "caption" and "label" in columns:  # imagefolder without usable metadata: subfolders as classes
         hint = (" (datasets found no metadata for these images and read their subfolders as class labels: put a "
