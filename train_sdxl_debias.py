@@ -687,13 +687,18 @@ def load_table(args):
         raise UserError(f"--image_column and --caption_column are both {image_col!r}: name two different columns "
                         f"(the dataset has: {', '.join(table.column_names)})")
     feature = table.features[image_col]
-    if isinstance(feature, datasets.Image) or getattr(feature, "dtype", None) in ("binary", "large_binary"):
+    encoded = isinstance(feature, datasets.Image) or getattr(feature, "dtype", None) in ("binary", "large_binary")
+    if encoded:
         table = table.cast_column(image_col, datasets.Image(decode=False))  # encoded bytes too: {bytes, path}
-    elif os.path.exists(source):  # relative paths in local data: beside it if there, as in an imagefolder
+    if os.path.exists(source):  # relative paths in local data: beside it if there, as in an imagefolder
         here = source if os.path.isdir(source) else os.path.dirname(os.path.abspath(source))
         beside = lambda v: (os.path.join(here, v) if isinstance(v, str) and not os.path.isabs(v)
                             and os.path.exists(os.path.join(here, v)) else v)  # absolute: nothing to look up
-        table = table.map(lambda v: {image_col: beside(v)}, input_columns=image_col, keep_in_memory=True)
+        if not encoded:
+            table = table.map(lambda v: {image_col: beside(v)}, input_columns=image_col, keep_in_memory=True)
+        elif any(v["bytes"] is None for v in table.select(range(min(len(table), 8)))[image_col]):  # paths only
+            table = table.map(lambda v: {image_col: v if v["bytes"] else {"bytes": None, "path": beside(v["path"])}},
+                              input_columns=image_col, keep_in_memory=True)
     table = table.select_columns([image_col, caption_col]).rename_columns({image_col: "image", caption_col: "text"})
     if len(table) == 0:
         raise UserError(f"dataset {source!r} has no rows")

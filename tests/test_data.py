@@ -487,6 +487,14 @@ def test_relative_paths_in_a_data_folder_and_images_stored_in_rows(tmp_path, cap
     datasets.Dataset.from_dict({"image": ["img0.png"], "text": ["blue"]}).to_parquet(str(folder / "train.parquet"))
     table, _ = T.load_table(T.parse_args(["--dataset", str(folder)]))
     assert T.decode_image(table[0]["image"])[1] == (40, 32)  # beside the dataset, not in the cwd
+    as_image = datasets.Dataset.from_dict({"image": [{"bytes": None, "path": "img0.png"}], "text": ["blue"]},
+                                          features=datasets.Features({"image": datasets.Image(),
+                                                                      "text": datasets.Value("string")}))
+    monkeypatch.chdir(folder)
+    as_image.to_parquet("train.parquet")  # an Image column holding relative paths, no bytes
+    monkeypatch.chdir(tmp_path)
+    table, _ = T.load_table(T.parse_args(["--dataset", str(folder)]))
+    assert table[0]["image"]["bytes"] is None and T.decode_image(table[0]["image"])[1] == (40, 32)
     monkeypatch.chdir(tmp_path)  # a save_to_disk folder whose paths are relative to where it was made
     (tmp_path / "imgs").mkdir()
     Image.new("RGB", (24, 32)).save(tmp_path / "imgs" / "a.png")
