@@ -682,7 +682,15 @@ def load_table(args):
                              cache_dir=args.cache_dir)
     table = train_split(table, source)
     image_col = pick_column(table.column_names, args.image_column, IMAGE_COLUMNS, "image")
-    caption_col = pick_column(table.column_names, args.caption_column, CAPTION_COLUMNS, "caption")
+    try:
+        caption_col = pick_column(table.column_names, args.caption_column, CAPTION_COLUMNS, "caption")
+    except UserError as e:  # images beside a captions.csv that datasets does not know to read as metadata
+        tables = [f for f in (list_files(source) if os.path.isdir(source) else [])
+                  if os.path.splitext(f)[1].lower() in (".csv", ".jsonl", ".json", ".parquet")]
+        if not tables or args.caption_column:
+            raise
+        raise UserError(f"{e}. If {tables[0]!r} holds the captions: pass it as --dataset (its image paths relative "
+                        "to it), or rename it metadata.csv/.jsonl with a file_name column") from None
     if image_col == caption_col:
         raise UserError(f"--image_column and --caption_column are both {image_col!r}: name two different columns "
                         f"(the dataset has: {', '.join(table.column_names)})")

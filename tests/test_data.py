@@ -458,6 +458,9 @@ def test_a_metadata_csv_from_a_spreadsheet_loads_or_says_what_to_fix(tmp_path):
     assert table["text"] == ["un café crème"]
     table, _ = T.load_table(T.parse_args(["--dataset", str(tmp_path), "--caption_column", "text"]))
     assert table["text"] == ["un café crème"]
+    os.rename(tmp_path / "metadata.csv", tmp_path / "captions.csv")  # not a name datasets reads as metadata
+    with pytest.raises(T.UserError, match="If '.*captions.csv' holds the captions: pass it as --dataset"):
+        T.load_table(T.parse_args(["--dataset", str(tmp_path)]))
 
 
 def test_caption_encodings_hidden_files_and_odd_names(tmp_path, caplog):
