@@ -459,6 +459,8 @@ def test_a_metadata_csv_from_a_spreadsheet_loads_or_says_what_to_fix(tmp_path):
     table, _ = T.load_table(T.parse_args(["--dataset", str(tmp_path), "--caption_column", "text"]))
     assert table["text"] == ["un café crème"]
     os.rename(tmp_path / "metadata.csv", tmp_path / "captions.csv")  # not a name datasets reads as metadata
+    for name in ("b.png", "c.png"):  # mostly images: datasets reads the folder as images without captions
+        Image.new("RGB", (32, 32)).save(tmp_path / name)
     with pytest.raises(T.UserError, match="If '.*captions.csv' holds the captions: pass it as --dataset"):
         T.load_table(T.parse_args(["--dataset", str(tmp_path)]))
 
