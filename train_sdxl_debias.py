@@ -26,7 +26,7 @@ import shutil
 import signal
 import sys
 import time
-from contextlib import ExitStack, nullcontext, suppress
+from contextlib import ExitStack, contextmanager, nullcontext, suppress
 from dataclasses import dataclass
 
 import numpy as np
@@ -1438,11 +1438,12 @@ def build_latent_cache(args, m, table, plan, cache, accelerator):
         by_size.setdefault(plan.targets[i], []).append(n)
     batches = [ns[k:k + args.cache_batch_size] for ns in by_size.values()
                for k in range(0, len(ns), args.cache_batch_size)]
+    workers = loader_workers(args, accelerator)
     loader = torch.utils.data.DataLoader(LatentJobs(table, args, plan, mine), batch_sampler=batches,
-                                         num_workers=loader_workers(args, accelerator), collate_fn=list,
+                                         num_workers=workers, persistent_workers=workers > 0, collate_fn=list,
                                          worker_init_fn=leave_stop_requests_to_the_trainer)
     from tqdm.auto import tqdm
-    with torch.no_grad():
+    with torch.no_grad(), workers_stopped(loader):
         for batch in tqdm(loader, desc="caching latents", disable=not accelerator.is_local_main_process):
             batch = [s for s in batch if s is not None]
             if not batch:
@@ -2309,8 +2310,21 @@ def make_loader(args, table, plan, sampler, accelerator):
 def leave_stop_requests_to_the_trainer(worker_id):
     """Loader workers ignore SIGTERM: sent to the whole job (SLURM), it would kill them first, and torch would
     end the run with "DataLoader worker is killed by signal" instead of the trainer's clean stop. The trainer
-    stops them itself, and they exit on their own if it dies."""
+    stops them itself (workers_stopped), and they exit on their own if it dies."""
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+@contextmanager
+def workers_stopped(loader):
+    """Iterate a loader of persistent workers inside this: they are stopped when the block ends, however it ends.
+    Left to Python's exit, which stops leftover workers with SIGTERM (ignored, above) and then waits for them,
+    an error whose traceback still held the loader's iterator (a CUDA OOM, a full disk) never ended the process."""
+    try:
+        yield
+    finally:
+        iterator = getattr(loader, "_iterator", None)  # where torch keeps the persistent workers' iterator
+        if hasattr(iterator, "_shutdown_workers"):
+            iterator._shutdown_workers()
 
 
 def make_optimization(args, m, accelerator, max_steps):
@@ -2371,7 +2385,8 @@ def train(args):
     bar = tqdm(total=max_steps, initial=global_step, desc="steps", disable=not accelerator.is_main_process)
     trained = [m.unet] + (m.text_encoders if args.train_text_encoder else [])
     first_epoch = num_epochs if global_step >= max_steps else global_step // steps_per_epoch  # already done
-    with bar as progress:  # closed even when an error ends the run, so the error is the last line
+    # Closed however the run ends: the bar (so an error is the last line) and the loader's workers.
+    with bar as progress, workers_stopped(loader):
         report, nonfinite, last_good = DataReport(), NonFiniteGuard(args, accelerator, optimizer), None
         if args.validation_prompt and global_step == 0 and accelerator.is_main_process:
             run_validation(accelerator, args, m, 0, accelerator.trackers)  # the base model, for comparison

@@ -354,3 +354,38 @@ def test_a_kill_while_a_checkpoint_is_replaced_leaves_one_to_resume(tmp_path, mo
     shutil.copytree(os.path.join(out, "checkpoint-4"), os.path.join(out, ".old-checkpoint-4"))  # killed later
     T.tidy_output_dir(out)
     assert sorted(os.listdir(out)) == ["checkpoint-4", "notes.txt"] and state(4)["learning_rate"] == first_lr / 2
+
+
+CRASH_INJECTOR = """
+import sys
+sys.path.insert(0, {root!r})
+import torch, train_sdxl_debias as T
+real, calls = T.training_step, [0]
+def training_step(*a, **kw):
+    calls[0] += 1
+    if calls[0] == 3:
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (simulated)")
+    return real(*a, **kw)
+T.training_step = training_step
+sys.exit(T.main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.parametrize("where", ["training", "caching latents"])
+def test_a_crash_with_loader_workers_still_ends_the_process(tiny_model, shapes, tmp_path, where):
+    """The loader's workers ignore SIGTERM (a job-wide stop is the trainer's to handle), so they must be stopped
+    explicitly: left to Python's exit, which stops them with SIGTERM, an unexpected error (here a CUDA OOM) left
+    the process waiting for them forever, holding its GPU until the job's wall time."""
+    code = CRASH_INJECTOR.format(root=ROOT)
+    if where == "caching latents":
+        code = code.replace("T.training_step = training_step", "T.encode_latents = lambda *a, **kw: training_step()")
+        code = code.replace("return real(*a, **kw)", "raise RuntimeError('unreachable')").replace("== 3", "== 1")
+    extra = ["--cache_latents"] if where == "caching latents" else []
+    try:
+        proc = subprocess.run([sys.executable, "-c", code, *args_for(tiny_model, shapes, str(tmp_path / "out"),
+                                                                      "--max_train_steps", "6",
+                                                                      "--dataloader_num_workers", "2", *extra)],
+                              capture_output=True, text=True, cwd=ROOT, timeout=120)
+    except subprocess.TimeoutExpired:
+        pytest.fail("the process did not exit after the error")
+    assert proc.returncode == 1 and "OutOfMemoryError" in proc.stderr
