@@ -12,6 +12,7 @@ The file reads top to bottom in nine sections: 1 arguments, 2 models, 3 data, 4 
 are imported inside the sections that use them, so a bad flag is reported in a second, not after ten.
 """
 import argparse
+import errno
 import hashlib
 import inspect
 import io
@@ -297,8 +298,8 @@ def validate(args):
         if isinstance(getattr(args, name), str) and getattr(args, name).startswith("~"):
             setattr(args, name, os.path.expanduser(getattr(args, name)))
     for name in ("output_dir", "cache_dir", "data_cache_dir"):
-        if getattr(args, name) and os.path.isfile(getattr(args, name)):
-            raise UserError(f"--{name} {getattr(args, name)!r} is a file; pass a folder")
+        if getattr(args, name):  # a shared Hub download cache may be read-only: only what we write must be writable
+            check_folder(name, getattr(args, name), write=name != "cache_dir")
     if args.cache_dir and args.data_cache_dir != args.cache_dir and os.path.isdir(args.cache_dir) and any(
             re.match(r"(text|latents)-.*\.safetensors$", n) for n in os.listdir(args.cache_dir)):
         raise UserError(f"--cache_dir {args.cache_dir!r} holds this trainer's latent/text cache, which is now "
@@ -384,6 +385,20 @@ def validate(args):
 # ----------------------------------------------------------------------------------------------------------------
 # 2. models
 # ----------------------------------------------------------------------------------------------------------------
+
+def check_folder(flag, path, write=True):
+    """A folder, or one the run can create (and, with `write`, write in); else one line naming what is in the
+    way."""
+    here = os.path.abspath(path)
+    while not os.path.exists(here):
+        here = os.path.dirname(here)
+    if not os.path.isdir(here):
+        where = "is a file" if here == os.path.abspath(path) else f"is inside {here!r}, a file"
+        raise UserError(f"--{flag} {path!r} {where}; pass a folder")
+    if write and not os.access(here, os.W_OK | os.X_OK):
+        raise UserError(f"--{flag} {path!r}: cannot write in {here!r} (its permissions, or a read-only disk); "
+                        "pick another folder")
+
 
 @dataclass
 class Models:
@@ -2577,7 +2592,21 @@ def main(argv=None):
     except KeyboardInterrupt:  # Ctrl-C: checkpoints are complete or absent, so `latest` picks up from the last
         print("\ninterrupted: rerun with --resume_from_checkpoint latest to continue", file=sys.stderr)
         return 128 + interrupted_by
+    except (OSError, RuntimeError) as e:
+        if not disk_full(e):
+            raise
+        print(f"error: the disk is full or read-only ({first_line(e)}); checkpoints are complete or absent: make "
+              "room and rerun with --resume_from_checkpoint latest", file=sys.stderr)
+        return 2
     return 0
+
+
+def disk_full(e):
+    """An error from writing to a full (or quota-limited, or read-only) disk: torch.save reports it as a
+    RuntimeError of its zip writer."""
+    if isinstance(e, OSError):
+        return e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
+    return "PytorchStreamWriter failed" in str(e) or "unexpected pos" in str(e)
 
 
 if __name__ == "__main__":

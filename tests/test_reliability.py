@@ -389,3 +389,21 @@ def test_a_crash_with_loader_workers_still_ends_the_process(tiny_model, shapes, 
     except subprocess.TimeoutExpired:
         pytest.fail("the process did not exit after the error")
     assert proc.returncode == 1 and "OutOfMemoryError" in proc.stderr
+
+
+def test_a_full_disk_ends_in_one_line_that_says_how_to_go_on(monkeypatch, capsys):
+    """A full disk (torch.save reports it as its zip writer's RuntimeError) or a read-only one is named in one
+    line with what to do; other errors keep their traceback."""
+    import errno
+
+    for error in (OSError(errno.ENOSPC, "No space left on device", "out/checkpoint-6/optimizer.bin"),
+                  RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 204864 vs 204756"),
+                  RuntimeError("PytorchStreamWriter failed writing file data/3: file write failed")):
+        monkeypatch.setattr(T, "train", lambda args, error=error: (_ for _ in ()).throw(error))
+        assert T.main(["--dataset", "x", "--output_dir", "out"]) == 2
+        line = capsys.readouterr().err.strip()
+        assert "\n" not in line and line.startswith("error: the disk is full or read-only")
+        assert line.endswith("make room and rerun with --resume_from_checkpoint latest")
+    monkeypatch.setattr(T, "train", lambda args: (_ for _ in ()).throw(RuntimeError("a bug")))
+    with pytest.raises(RuntimeError, match="a bug"):
+        T.main(["--dataset", "x", "--output_dir", "out"])

@@ -155,6 +155,8 @@ USER_ERRORS = {
     "misspelt_lora_target": (["--dataset", "{shapes}", "--pretrained_model_name_or_path", "{tiny_model}",
                               "--lora_target_modules", "to_q, to_kk"], "to_kk matches no layer"),
     "output_dir_is_a_file": (["--dataset", "{shapes}", "--output_dir", "{shapes}/train/metadata.jsonl"], "is a file"),
+    "output_dir_in_a_file": (["--dataset", "{shapes}", "--output_dir", "{shapes}/train/metadata.jsonl/out"],
+                             "metadata.jsonl', a file; pass a folder"),
     "single_file_model": (["--dataset", "{shapes}", "--pretrained_model_name_or_path", "{shapes}/train/metadata.jsonl"],
                           "from_single_file"),
     "dataset_smaller_than_a_step": (["--dataset", "{shapes}", "--train_batch_size", "64",  # checked before the
