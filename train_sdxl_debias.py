@@ -1824,8 +1824,11 @@ def save_checkpoint(accelerator, args, global_step, epoch, lr_scheduler):
         if replaced:
             shutil.rmtree(replaced)
         if args.checkpoints_total_limit:
-            for _, old in list_checkpoints(args.output_dir)[:-args.checkpoints_total_limit]:
-                shutil.rmtree(old)
+            for step, old in list_checkpoints(args.output_dir)[:-args.checkpoints_total_limit]:
+                # Renamed first: killed mid-delete, a half-deleted checkpoint would still look complete.
+                gone = os.path.join(args.output_dir, f".tmp-checkpoint-pruned-{step}")  # (tidy_output_dir's)
+                os.replace(old, gone)
+                shutil.rmtree(gone)
         logger.info("saved %s", final)
     accelerator.wait_for_everyone()
 

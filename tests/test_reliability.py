@@ -355,6 +355,15 @@ def test_a_kill_while_a_checkpoint_is_replaced_leaves_one_to_resume(tmp_path, mo
     T.tidy_output_dir(out)
     assert sorted(os.listdir(out)) == ["checkpoint-4", "notes.txt"] and state(4)["learning_rate"] == first_lr / 2
 
+    args.checkpoints_total_limit = 1  # pruning renames before it deletes: killed midway, nothing looks complete
+    removed = []
+    monkeypatch.setattr(shutil, "rmtree", lambda path, **kw: removed.append(os.path.basename(path)))
+    T.save_checkpoint(accelerator, args, 5, 0, schedule)
+    monkeypatch.undo()
+    assert removed == [".tmp-checkpoint-pruned-4"] and [s for s, _ in T.list_checkpoints(out)] == [5]
+    T.tidy_output_dir(out)
+    assert sorted(os.listdir(out)) == ["checkpoint-5", "notes.txt"]
+
 
 CRASH_INJECTOR = """
 import sys
