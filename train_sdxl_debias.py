@@ -1593,10 +1593,12 @@ def training_step(batch, m, args, generator, new_step=True):
 # What a checkpoint's weights and optimizer state are shaped by: resuming with another value cannot work.
 RUN_SHAPE = ("finetune", "rank", "lora_alpha", "lora_target_modules", "use_dora", "train_text_encoder", "optimizer",
              "use_ema")
-# What a resume may change but should say it changed: the schedule's length and shape, and the data order.
+# What a resume may change but should say it changed: the schedule, the data and its order, and the objective.
 RUN_SETTINGS = ("lr_scheduler", "lr_warmup_steps", "max_train_steps", "num_train_epochs", "train_batch_size",
                 "gradient_accumulation_steps", "dataset", "train_data_dir", "max_train_samples", "resolution",
-                "aspect_ratio_bucketing", "seed")
+                "aspect_ratio_bucketing", "seed", "pretrained_model_name_or_path", "loss_weighting", "snr_gamma",
+                "prediction_type", "min_timestep", "max_timestep", "noise_offset", "input_perturbation",
+                "caption_dropout", "lora_dropout", "center_crop", "random_flip", "cache_latents")
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 STATE_FILE = "trainer_state.json"  # marks a complete checkpoint written by this trainer
 
@@ -1866,8 +1868,7 @@ def resume(accelerator, args, lr_scheduler):
     changed = [f"--{k} {was[k]!r} -> {now[k]!r}" for k in now if k in was and was[k] != now[k]]
     if changed:
         logger.warning("resuming with other settings than %s was trained with (%s): from step %d the run follows "
-                       "the new ones (learning-rate schedule, data order), not the original run's", path,
-                       "; ".join(changed), step)
+                       "the new ones, not the original run's", path, "; ".join(changed), step)
     if accelerator.is_main_process:  # rows a killed run logged after this checkpoint will be logged again
         truncate_metrics(os.path.join(args.output_dir, "metrics.jsonl"), step)
     logger.info("resumed from %s at step %d", path, step)
