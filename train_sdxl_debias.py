@@ -25,6 +25,7 @@ import random
 import re
 import shutil
 import signal
+import socket
 import sys
 import time
 from contextlib import ExitStack, contextmanager, nullcontext, suppress
@@ -2259,9 +2260,47 @@ def setup(args):
     prefer_sdpa_backend(args.sdpa_backend)
     if accelerator.is_main_process:
         os.makedirs(args.output_dir, exist_ok=True)
+        lock_output_dir(args.output_dir)  # before tidying: another live run's half-written checkpoint is its own
         tidy_output_dir(args.output_dir)
     accelerator.wait_for_everyone()
     return accelerator
+
+
+_LOCK = None  # the open lock file of lock_output_dir, held until the process ends
+
+
+def lock_output_dir(output_dir):
+    """One run per output_dir: a job requeued while the old one still runs would interleave checkpoints and
+    metrics with it. The lock is the kernel's (flock), so a killed run leaves none behind; where the file system
+    has no locks (some network mounts) or Python has no fcntl (Windows) there is no check."""
+    global _LOCK
+    try:
+        import fcntl
+    except ImportError:
+        return
+    path = os.path.realpath(os.path.join(output_dir, ".lock"))
+    if _LOCK is not None:  # a second run in this process (tests, notebooks): this process's lock is no obstacle
+        if _LOCK.name == path:
+            return
+        _LOCK.close()
+        _LOCK = None
+    f = open(path, "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or "another process"
+        f.close()
+        raise UserError(f"another run is training in {output_dir} ({holder}): wait for it to end, stop it, or "
+                        "pass another --output_dir") from None
+    except OSError:  # no lock support here
+        f.close()
+        return
+    f.seek(0)
+    f.truncate()
+    f.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+    f.flush()
+    _LOCK = f
 
 
 def tidy_output_dir(output_dir):
@@ -2558,7 +2597,7 @@ def push_to_hub(args, repo_id):
 
     try:
         upload_folder(repo_id=repo_id, folder_path=args.output_dir, commit_message="train_sdxl_debias",
-                      token=args.hub_token, ignore_patterns=["checkpoint-*/**", ".tmp-*/**", ".old-*/**",
+                      token=args.hub_token, ignore_patterns=["checkpoint-*/**", ".tmp-*/**", ".old-*/**", ".lock",
                                                              f"{args.logging_dir}/**", "cache/**"])
     except Exception as e:
         raise UserError(f"push to the Hub failed ({first_line(e)}); the outputs are safe in {args.output_dir}") from None

@@ -418,3 +418,25 @@ def test_a_full_disk_ends_in_one_line_that_says_how_to_go_on(monkeypatch, capsys
     monkeypatch.setattr(T, "train", lambda args: (_ for _ in ()).throw(RuntimeError("a bug")))
     with pytest.raises(RuntimeError, match="a bug"):
         T.main(["--dataset", "x", "--output_dir", "out"])
+
+
+def test_a_second_run_in_the_same_output_dir_is_refused_while_the_first_runs(tiny_model, shapes, tmp_path):
+    """A job requeued while the old one still runs must not interleave checkpoints and metrics with it: the
+    second run stops in one line before it touches anything. A killed run's lock goes with its process."""
+    import fcntl
+
+    out = tmp_path / "out"
+    out.mkdir()
+    with open(out / ".lock", "w") as held:  # the first run, as far as the lock can tell
+        fcntl.flock(held, fcntl.LOCK_EX)
+        held.write("pid 4242 on node-7\n")
+        held.flush()
+        (out / ".tmp-checkpoint-5").mkdir()  # the first run's checkpoint in progress
+        proc = run_trainer(*args_for(tiny_model, shapes, str(out), "--max_train_steps", "1"), check=False)
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+        assert proc.stderr.strip().splitlines()[-1] == (
+            f"error: another run is training in {out} (pid 4242 on node-7): wait for it to end, stop it, or pass "
+            "another --output_dir")
+        assert (out / ".tmp-checkpoint-5").is_dir()
+    run_trainer(*args_for(tiny_model, shapes, str(out), "--max_train_steps", "1"))  # released: it runs
+    assert (out / "pytorch_lora_weights.safetensors").exists() and not (out / ".tmp-checkpoint-5").exists()
