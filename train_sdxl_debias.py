@@ -324,6 +324,10 @@ def validate(args):
         raise UserError("--text_encoder_lr needs --train_text_encoder")
     if args.finetune == "lora" and args.use_ema:
         raise UserError("--use_ema applies to --finetune full (a LoRA is small; average checkpoints instead)")
+    if args.sdpa_backend != "auto" and "set_priority" not in inspect.signature(
+            torch.nn.attention.sdpa_kernel).parameters:
+        raise UserError(f"--sdpa_backend {args.sdpa_backend} needs torch 2.6 or newer (this is {torch.__version__}): "
+                        "upgrade torch, or leave it at auto")
     if args.compile_mode != "default" and not args.compile:
         raise UserError("--compile_mode needs --compile")
     if uses_cuda_graphs(args) and args.validation_prompt and not hasattr(torch.compiler, "set_stance"):
@@ -391,8 +395,10 @@ def check_folder(flag, path, write=True):
     """A folder, or one the run can create (and, with `write`, write in); else one line naming what is in the
     way."""
     here = os.path.abspath(path)
-    while not os.path.exists(here):
+    while not os.path.exists(here) and os.path.dirname(here) != here:  # (an unreachable drive: its root)
         here = os.path.dirname(here)
+    if not os.path.exists(here):
+        raise UserError(f"--{flag} {path!r}: {here!r} does not exist; pass a folder on a disk that does")
     if not os.path.isdir(here):
         where = "is a file" if here == os.path.abspath(path) else f"is inside {here!r}, a file"
         raise UserError(f"--{flag} {path!r} {where}; pass a folder")
@@ -576,8 +582,8 @@ _SDPA_ORDER = None  # the sdpa_kernel context prefer_sdpa_backend holds open
 
 def prefer_sdpa_backend(name):
     """Put one attention kernel first in SDPA's order, for the whole process (the UNet's attention calls
-    F.scaled_dot_product_attention; torch.compile reads the same order). The others stay enabled behind it,
-    so a shape the chosen kernel rejects still runs. "auto" restores PyTorch's own order."""
+    F.scaled_dot_product_attention; --compile's blocks are compiled after this is set). The others stay
+    enabled behind it, so a shape the chosen kernel rejects still runs. "auto" restores PyTorch's own order."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     global _SDPA_ORDER
@@ -701,8 +707,8 @@ def load_table(args):
     try:
         caption_col = pick_column(table.column_names, args.caption_column, CAPTION_COLUMNS, "caption")
     except UserError as e:  # images beside a captions.csv that datasets does not know to read as metadata
-        tables = [f for f in (list_files(source) if os.path.isdir(source) else [])
-                  if os.path.splitext(f)[1].lower() in (".csv", ".jsonl", ".json", ".parquet")]
+        tables = [f for f in (list_files(source) if os.path.isdir(source) else [])  # (not metadata.*: read)
+                  if os.path.splitext(f)[1].lower() in (".csv", ".jsonl") and os.path.basename(f) not in METADATA_FILES]
         if not tables or args.caption_column:
             raise
         raise UserError(f"{e}. If {tables[0]!r} holds the captions: pass it as --dataset (its image paths relative "
@@ -914,8 +920,8 @@ def find_captions(source, files, images):
 def warn_unsupported(source, files, captions, images):
     """Files with a caption that are not images we read (an iPhone's .HEIC, a .jxl, a .psd) were meant as
     training data: say they are left out rather than drop them silently."""
-    used = {os.path.splitext(p)[0].lower() for p in images}
-    left = [f for f in files if os.path.splitext(f)[0].lower() in captions.keys() - used
+    unused = captions.keys() - {os.path.splitext(p)[0].lower() for p in images}
+    left = [f for f in files if os.path.splitext(f)[0].lower() in unused
             and os.path.splitext(f)[1].lower() not in CAPTION_EXTS]
     if left:
         kinds = sorted({os.path.splitext(f)[1] for f in left})
@@ -954,13 +960,13 @@ def open_file(value):
 
 
 def displayed_size(img, header_only=False):
-    """(width, height) as displayed, after EXIF rotation. `header_only`: a PNG without EXIF in its header is
-    taken as unrotated: for an eXIf chunk after the pixels (rare) Pillow decodes the whole image, 19 ms a
-    megapixel, which made the scan of a PNG dataset decode every image once more."""
+    """(width, height) as displayed, after EXIF rotation. `header_only`: a PNG's orientation from its header
+    alone: to look for an eXIf chunk after the pixels (rare) Pillow decodes the whole image, 19 ms a megapixel,
+    which made the scan of a PNG dataset decode every image once more."""
     w, h = img.size
-    if header_only and img.format == "PNG" and "exif" not in img.info:
-        return w, h
-    return (h, w) if img.getexif().get(0x0112, 1) in (5, 6, 7, 8) else (w, h)
+    # Pillow's base getexif reads what the header holds (eXIf, ImageMagick's text chunk, XMP) without decoding.
+    exif = Image.Image.getexif(img) if header_only and img.format == "PNG" else img.getexif()
+    return (h, w) if exif.get(0x0112, 1) in (5, 6, 7, 8) else (w, h)
 
 
 def upright_rgb(img):
@@ -1265,6 +1271,7 @@ def plan_data(args, table, show_progress=True):
     start = time.perf_counter()
     sizes, idents, bad = scan_images(table, show_progress)
     if bad:
+        bad = list(dict.fromkeys(bad))  # a repeated image (kohya's repeats) is named once
         logger.warning("skipping %d unreadable image(s): %s", len(bad),
                        "; ".join(f"{name} ({why})" for name, why in bad[:20]) + (" …" if len(bad) > 20 else ""))
     keep = [i for i, s in enumerate(sizes) if s is not None]
@@ -1446,8 +1453,13 @@ def build_text_cache(args, m, table, cache, namespace, accelerator, chunk=64):
 def build_latent_cache(args, m, table, plan, cache, accelerator):
     """VAE-encode every (image, flip) variant a run can draw, split over ranks, in same-size batches."""
     flips = (False, True) if args.random_flip else (False,)
-    jobs = [(i, f) for i in range(len(table)) for f in flips
-            if latent_key(plan.latent_ns, plan.idents[i], plan.targets[i], f, args) not in cache]
+    jobs, keys = [], set()  # one job per cache entry: kohya's repeats list an image several times
+    for i in range(len(table)):
+        for f in flips:
+            key = latent_key(plan.latent_ns, plan.idents[i], plan.targets[i], f, args)
+            if key not in cache and key not in keys:
+                jobs.append((i, f))
+                keys.add(key)
     mine = jobs[accelerator.process_index::accelerator.num_processes]
     by_size = {}  # positions in `mine`, grouped by target size so each VAE call gets one shape
     for n, (i, _) in enumerate(mine):
@@ -1599,7 +1611,8 @@ RUN_SETTINGS = ("lr_scheduler", "lr_warmup_steps", "max_train_steps", "num_train
                 "gradient_accumulation_steps", "dataset", "train_data_dir", "max_train_samples", "resolution",
                 "aspect_ratio_bucketing", "seed", "pretrained_model_name_or_path", "loss_weighting", "snr_gamma",
                 "prediction_type", "min_timestep", "max_timestep", "noise_offset", "input_perturbation",
-                "caption_dropout", "lora_dropout", "center_crop", "random_flip", "cache_latents")
+                "caption_dropout", "lora_dropout", "center_crop", "random_flip", "cache_latents",
+                "normalize_loss_weights", "pretrained_vae_model_name_or_path", "revision", "variant")
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 STATE_FILE = "trainer_state.json"  # marks a complete checkpoint written by this trainer
 
@@ -1828,12 +1841,17 @@ def save_checkpoint(accelerator, args, global_step, epoch, lr_scheduler):
             shutil.rmtree(replaced)
         if args.checkpoints_total_limit:
             for step, old in list_checkpoints(args.output_dir)[:-args.checkpoints_total_limit]:
-                # Renamed first: killed mid-delete, a half-deleted checkpoint would still look complete.
-                gone = os.path.join(args.output_dir, f".tmp-checkpoint-pruned-{step}")  # (tidy_output_dir's)
-                os.replace(old, gone)
-                shutil.rmtree(gone)
+                remove_checkpoint(args.output_dir, step, old)
         logger.info("saved %s", final)
     accelerator.wait_for_everyone()
+
+
+def remove_checkpoint(output_dir, step, path):
+    """Renamed, then deleted: killed mid-delete, a half-deleted checkpoint-N would still look complete (its
+    trainer_state.json last to go); the .tmp- name is tidy_output_dir's to finish."""
+    gone = os.path.join(output_dir, f".tmp-checkpoint-removed-{step}")
+    os.replace(path, gone)
+    shutil.rmtree(gone)
 
 
 def resume(accelerator, args, lr_scheduler):
@@ -2293,7 +2311,9 @@ def lock_output_dir(output_dir):
         f.close()
         raise UserError(f"another run is training in {output_dir} ({holder}): wait for it to end, stop it, or "
                         "pass another --output_dir") from None
-    except OSError:  # no lock support here
+    except OSError as e:  # no lock support here
+        logger.info("cannot lock %s (%s): nothing stops a second run from training in it at the same time",
+                    output_dir, e.strerror)
         f.close()
         return
     f.seek(0)
@@ -2324,8 +2344,8 @@ def claim_output_dir(args, accelerator, global_step):
     before its first checkpoint (it would log the same steps again); the run's config is written."""
     if accelerator.is_main_process:
         if args.overwrite_output_dir and not args.resume_from_checkpoint:
-            for _, old in list_checkpoints(args.output_dir):
-                shutil.rmtree(old)
+            for step, old in list_checkpoints(args.output_dir):
+                remove_checkpoint(args.output_dir, step, old)
         for name in ("metrics.jsonl", "metrics.jsonl.tmp") if global_step == 0 else ("metrics.jsonl.tmp",):
             if os.path.exists(os.path.join(args.output_dir, name)):
                 os.remove(os.path.join(args.output_dir, name))
@@ -2370,6 +2390,8 @@ def leave_stop_requests_to_the_trainer(worker_id):
     end the run with "DataLoader worker is killed by signal" instead of the trainer's clean stop. The trainer
     stops them itself (workers_stopped), and they exit on their own if it dies."""
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    if _LOCK is not None:  # the output_dir lock goes with the trainer, not with workers that outlive it a moment
+        _LOCK.close()
 
 
 @contextmanager
@@ -2635,7 +2657,7 @@ def main(argv=None):
     except KeyboardInterrupt:  # Ctrl-C: checkpoints are complete or absent, so `latest` picks up from the last
         print("\ninterrupted: rerun with --resume_from_checkpoint latest to continue", file=sys.stderr)
         return 128 + interrupted_by
-    except (OSError, RuntimeError) as e:
+    except Exception as e:
         if not disk_full(e):
             raise
         print(f"error: the disk is full or read-only ({first_line(e)}); checkpoints are complete or absent: make "
@@ -2644,12 +2666,17 @@ def main(argv=None):
     return 0
 
 
+DISK_FULL = ("No space left on device", "Disk quota exceeded", "Read-only file system", "File too large",
+             "os error 28)", "os error 122)", "os error 30)", "os error 27)",  # safetensors' (Rust's) wording
+             "PytorchStreamWriter failed", "unexpected pos")  # torch.save's zip writer
+
+
 def disk_full(e):
-    """An error from writing to a full (or quota-limited, or read-only) disk: torch.save reports it as a
-    RuntimeError of its zip writer."""
-    if isinstance(e, OSError):
-        return e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
-    return "PytorchStreamWriter failed" in str(e) or "unexpected pos" in str(e)
+    """An error from writing to a full (or quota-limited, read-only, size-limited) disk, as an OSError or in
+    the words of the library that wrote."""
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG):
+        return True
+    return any(words in str(e) for words in DISK_FULL)
 
 
 if __name__ == "__main__":

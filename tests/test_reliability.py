@@ -362,7 +362,7 @@ def test_a_kill_while_a_checkpoint_is_replaced_leaves_one_to_resume(tmp_path, mo
     monkeypatch.setattr(shutil, "rmtree", lambda path, **kw: removed.append(os.path.basename(path)))
     T.save_checkpoint(accelerator, args, 5, 0, schedule)
     monkeypatch.undo()
-    assert removed == [".tmp-checkpoint-pruned-4"] and [s for s, _ in T.list_checkpoints(out)] == [5]
+    assert removed == [".tmp-checkpoint-removed-4"] and [s for s, _ in T.list_checkpoints(out)] == [5]
     T.tidy_output_dir(out)
     assert sorted(os.listdir(out)) == ["checkpoint-5", "notes.txt"]
 
@@ -403,13 +403,14 @@ def test_a_crash_with_loader_workers_still_ends_the_process(tiny_model, shapes, 
 
 
 def test_a_full_disk_ends_in_one_line_that_says_how_to_go_on(monkeypatch, capsys):
-    """A full disk (torch.save reports it as its zip writer's RuntimeError) or a read-only one is named in one
-    line with what to do; other errors keep their traceback."""
+    """A full disk (torch.save reports it as its zip writer's RuntimeError, safetensors as its own error) or a
+    read-only one is named in one line with what to do; other errors keep their traceback."""
     import errno
 
     for error in (OSError(errno.ENOSPC, "No space left on device", "out/checkpoint-6/optimizer.bin"),
                   RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 204864 vs 204756"),
-                  RuntimeError("PytorchStreamWriter failed writing file data/3: file write failed")):
+                  RuntimeError("PytorchStreamWriter failed writing file data/3: file write failed"),
+                  Exception("Error while serializing: I/O error: No space left on device (os error 28)")):
         monkeypatch.setattr(T, "train", lambda args, error=error: (_ for _ in ()).throw(error))
         assert T.main(["--dataset", "x", "--output_dir", "out"]) == 2
         line = capsys.readouterr().err.strip()
