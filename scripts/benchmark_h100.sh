@@ -38,7 +38,7 @@ run() {
 PART=${1:-open}
 if [ "$PART" = open ] || [ "$PART" = all ]; then
   # The full fine-tune's target (batch 1, checkpointing) and the 10 GB LoRA under CUDA graphs: both are host-bound
-  # in eager mode (GPU busy 34 % for the full one), and reduce-overhead has not run with checkpointing yet.
+  # in eager mode (GPU busy 30 % for the full one), and reduce-overhead has not run with checkpointing yet.
   run --finetune full --batch_size 1 --gradient_checkpointing on --compile reduce-overhead --profile 3
   run --finetune lora --batch_size 1 --gradient_checkpointing on --compile reduce-overhead
   # The MFU stretch goal at the largest batch; channels-last convolutions once the GPU is the bottleneck (the
