@@ -387,10 +387,6 @@ def validate(args):
         raise UserError("--push_to_hub needs the Hub, but HF_HUB_OFFLINE is set")
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# 2. models
-# ----------------------------------------------------------------------------------------------------------------
-
 def check_folder(flag, path, write=True):
     """A folder, or one the run can create (and, with `write`, write in); else one line naming what is in the
     way."""
@@ -406,6 +402,10 @@ def check_folder(flag, path, write=True):
         raise UserError(f"--{flag} {path!r}: cannot write in {here!r} (its permissions, or a read-only disk); "
                         "pick another folder")
 
+
+# ----------------------------------------------------------------------------------------------------------------
+# 2. models
+# ----------------------------------------------------------------------------------------------------------------
 
 @dataclass
 class Models:
