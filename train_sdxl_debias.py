@@ -2674,8 +2674,8 @@ DISK_FULL = ("No space left on device", "Disk quota exceeded", "Read-only file s
 def disk_full(e):
     """An error from writing to a full (or quota-limited, read-only, size-limited) disk, as an OSError or in
     the words of the library that wrote."""
-    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", None), errno.EROFS,
-                                              errno.EFBIG):  # (Windows has no EDQUOT)
+    codes = {errno.ENOSPC, errno.EROFS, errno.EFBIG, getattr(errno, "EDQUOT", errno.ENOSPC)}  # (Windows: no EDQUOT)
+    if isinstance(e, OSError) and e.errno in codes:
         return True
     return any(words in str(e) for words in DISK_FULL)
 

@@ -416,9 +416,10 @@ def test_a_full_disk_ends_in_one_line_that_says_how_to_go_on(monkeypatch, capsys
         line = capsys.readouterr().err.strip()
         assert "\n" not in line and line.startswith("error: the disk is full or read-only")
         assert line.endswith("make room and rerun with --resume_from_checkpoint latest")
-    monkeypatch.setattr(T, "train", lambda args: (_ for _ in ()).throw(RuntimeError("a bug")))
-    with pytest.raises(RuntimeError, match="a bug"):
-        T.main(["--dataset", "x", "--output_dir", "out"])
+    for bug in (RuntimeError("a bug"), OSError("a bug without an errno")):
+        monkeypatch.setattr(T, "train", lambda args, bug=bug: (_ for _ in ()).throw(bug))
+        with pytest.raises(type(bug), match="a bug"):
+            T.main(["--dataset", "x", "--output_dir", "out"])
 
 
 def test_a_second_run_in_the_same_output_dir_is_refused_while_the_first_runs(tiny_model, shapes, tmp_path):
