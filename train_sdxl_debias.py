@@ -785,6 +785,9 @@ def load_folder(source, output_dir, cache_dir=None):
     data_files = any(os.path.splitext(f)[1].lower() in DATA_FILES and not (f.endswith(".json") and images)
                      for f in files)
     if metadata:
+        for f in files:
+            if os.path.basename(f) in METADATA_FILES:
+                check_metadata_file(f)
         table = train_split(guarded_load(source, datasets.load_dataset, "imagefolder", data_dir=source,
                                          cache_dir=cache_dir), source)
         if len(table) < len(images):  # datasets silently leaves out images the metadata does not name
@@ -801,6 +804,19 @@ def load_folder(source, output_dir, cache_dir=None):
                         "files")
     raise UserError(f"dataset folder {source!r} has {len(images)} images but no captions: put a same-name .txt "
                     "(or .caption) file next to each image, or a metadata.jsonl with file_name and text columns")
+
+
+def check_metadata_file(path):
+    """What spreadsheets and shells write that datasets reads as nonsense: UTF-16 (PowerShell's `>`, Excel's
+    "Unicode Text") and CSV with semicolons (Excel where the decimal mark is a comma). One line each."""
+    with open(path, "rb") as f:
+        head = f.read(4096)
+    if head.startswith((b"\xff\xfe", b"\xfe\xff")):
+        raise UserError(f"{path} is UTF-16: save it as UTF-8 (in PowerShell: Out-File -Encoding utf8)")
+    first = head.split(b"\n", 1)[0]
+    if path.endswith(".csv") and b"," not in first and (b";" in first or b"\t" in first):
+        raise UserError(f"{path} separates its fields with {'semicolons' if b';' in first else 'tabs'}: save it "
+                        "with commas (in Excel: 'CSV UTF-8 (Comma delimited)')")
 
 
 def guarded_load(name, fn, *a, **kw):

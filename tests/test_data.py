@@ -447,12 +447,21 @@ def test_captions_missing_in_metadata_are_counted_and_all_missing_is_an_error(tm
 
 
 def test_a_metadata_csv_from_a_spreadsheet_loads_or_says_what_to_fix(tmp_path):
-    """Excel's plain "CSV" is Windows-1252: one line that says to save it as UTF-8. A header typed with spaces
-    after the commas still finds its columns."""
+    """Excel's plain "CSV" is Windows-1252, its CSV is semicolon-separated where the decimal mark is a comma, and
+    PowerShell writes UTF-16: one line each that says how to save it. A header typed with spaces after the commas
+    still finds its columns."""
     Image.new("RGB", (32, 32)).save(tmp_path / "a.png")
     (tmp_path / "metadata.csv").write_bytes("file_name,text\na.png,un café crème\n".encode("cp1252"))
     with pytest.raises(T.UserError, match="not UTF-8: save it as UTF-8, in Excel as 'CSV UTF-8'"):
         T.load_table(T.parse_args(["--dataset", str(tmp_path)]))
+    (tmp_path / "metadata.csv").write_text("file_name;text\na.png;un café crème\n", encoding="utf-8")
+    with pytest.raises(T.UserError, match="separates its fields with semicolons: save it with commas"):
+        T.load_table(T.parse_args(["--dataset", str(tmp_path)]))
+    os.remove(tmp_path / "metadata.csv")
+    (tmp_path / "metadata.jsonl").write_bytes('{"file_name": "a.png", "text": "café"}\n'.encode("utf-16"))
+    with pytest.raises(T.UserError, match="metadata.jsonl is UTF-16: save it as UTF-8"):
+        T.load_table(T.parse_args(["--dataset", str(tmp_path)]))
+    os.remove(tmp_path / "metadata.jsonl")
     (tmp_path / "metadata.csv").write_text("file_name, text\na.png,un café crème\n", encoding="utf-8")
     table, _ = T.load_table(T.parse_args(["--dataset", str(tmp_path)]))
     assert table["text"] == ["un café crème"]
