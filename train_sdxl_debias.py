@@ -1104,16 +1104,14 @@ def scan_images(table, show_progress=True):
                 found = seen.get(value) if isinstance(value, str) else None
                 if found is None:
                     try:
-                        found = read_size(value), image_identity(value), None
+                        found = read_size(value), image_identity(value)
                     except Exception as e:
-                        found = None, None, first_line(e)
+                        found = None, None
+                        bad.append((describe_image(value, row), first_line(e)))  # named once, however often listed
                     if isinstance(value, str):
                         seen[value] = found
-                size, ident, error = found
-                sizes.append(size)
-                idents.append(ident)
-                if error:
-                    bad.append((describe_image(value, row), error))
+                sizes.append(found[0])
+                idents.append(found[1])
                 bar.update(1)
     return sizes, idents, bad
 
@@ -1287,7 +1285,6 @@ def plan_data(args, table, show_progress=True):
     start = time.perf_counter()
     sizes, idents, bad = scan_images(table, show_progress)
     if bad:
-        bad = list(dict.fromkeys(bad))  # a repeated image (kohya's repeats) is named once
         logger.warning("skipping %d unreadable image(s): %s", len(bad),
                        "; ".join(f"{name} ({why})" for name, why in bad[:20]) + (" …" if len(bad) > 20 else ""))
     keep = [i for i, s in enumerate(sizes) if s is not None]

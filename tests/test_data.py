@@ -404,6 +404,12 @@ def test_kohya_dreambooth_folders_repeat_and_caption_by_folder_name(tmp_path, ca
     (data / "loose.txt").write_text("loose")
     table, _ = T.load_table(T.parse_args(["--train_data_dir", str(data)]))
     assert len(table) == 5 and table["text"].count("") == 1  # no repeats, no folder captions
+    os.remove(data / "loose.png")
+    (data / "10_sks dog" / "broken.jpg").write_bytes(b"<html>not an image</html>")
+    table, _ = T.load_table(T.parse_args(["--train_data_dir", str(data)]))
+    plan_table, _, _ = T.plan_data(T.parse_args(["--train_data_dir", str(data), "--resolution", "32"]), table,
+                                   show_progress=False)
+    assert len(table) == 32 and len(plan_table) == 22 and "skipping 1 unreadable image(s)" in caplog.text
 
 
 def test_images_without_any_caption_are_a_clear_error(tmp_path):
