@@ -675,6 +675,7 @@ CAPTION_COLUMNS = ("text", "caption", "captions", "prompt", "prompts", "descript
 Image.MAX_IMAGE_PIXELS = 256_000_000
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".jpe", ".jfif", ".webp", ".avif", ".bmp", ".gif", ".tif", ".tiff")
 METADATA_FILES = ("metadata.jsonl", "metadata.csv", "metadata.parquet")
+UTF16_BOMS = (b"\xff\xfe", b"\xfe\xff")  # what Notepad's "Unicode" and PowerShell's > write first
 DATA_FILES = {".parquet": "parquet", ".arrow": "arrow", ".jsonl": "json", ".json": "json", ".csv": "csv"}
 
 
@@ -811,7 +812,7 @@ def check_metadata_file(path):
     "Unicode Text") and CSV with semicolons (Excel where the decimal mark is a comma). One line each."""
     with open(path, "rb") as f:
         head = f.read(4096)
-    if head.startswith((b"\xff\xfe", b"\xfe\xff")):
+    if head.startswith(UTF16_BOMS):
         raise UserError(f"{path} is UTF-16: save it as UTF-8 (in PowerShell: Out-File -Encoding utf8)")
     first = head.split(b"\n", 1)[0]
     if path.endswith(".csv") and b"," not in first and (b";" in first or b"\t" in first):
@@ -882,7 +883,7 @@ def read_caption(path):
             data = f.read()
     except OSError as e:
         raise UserError(f"cannot read caption file {path!r}: {e.strerror}; fix its permissions or remove it") from None
-    if data.startswith((b"\xff\xfe", b"\xfe\xff")):
+    if data.startswith(UTF16_BOMS):
         return data.decode("utf-16").strip()
     try:
         return data.decode("utf-8-sig").strip()
