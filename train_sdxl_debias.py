@@ -1853,11 +1853,16 @@ def save_checkpoint(accelerator, args, global_step, epoch, lr_scheduler):
         os.replace(tmp, final)
         if replaced:
             shutil.rmtree(replaced)
-        if args.checkpoints_total_limit:
-            for step, old in list_checkpoints(args.output_dir)[:-args.checkpoints_total_limit]:
-                remove_checkpoint(args.output_dir, step, old)
+        prune_checkpoints(args)
         logger.info("saved %s", final)
     accelerator.wait_for_everyone()
+
+
+def prune_checkpoints(args):
+    """Keep the newest --checkpoints_total_limit checkpoints (only complete ones of this trainer count or go)."""
+    if args.checkpoints_total_limit:
+        for step, old in list_checkpoints(args.output_dir)[:-args.checkpoints_total_limit]:
+            remove_checkpoint(args.output_dir, step, old)
 
 
 def remove_checkpoint(output_dir, step, path):
@@ -2006,11 +2011,10 @@ def run_validation(accelerator, args, m, step, trackers):
             m.ema.restore(unet.parameters())
         for model, training in was_training:
             model.train(training)
-    folder = os.path.join(args.output_dir, "samples")
-    os.makedirs(folder, exist_ok=True)
-    grid = image_grid(rows)
-    path = os.path.join(folder, f"step_{step:06d}.png")
-    grid.save(path)
+    grid, path = image_grid(rows), grid_path(args.output_dir, step)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    grid.save(path + ".tmp", format="PNG")  # complete or absent: a resumed run redraws an absent one
+    os.replace(path + ".tmp", path)
     for tracker in trackers:
         if tracker.name == "tensorboard":
             tracker.writer.add_image("validation", np.asarray(grid), step, dataformats="HWC")
@@ -2019,6 +2023,19 @@ def run_validation(accelerator, args, m, step, trackers):
             tracker.log({"validation": wandb.Image(grid, caption=" | ".join(args.validation_prompt))}, step=step)
     logger.info("validation grid for step %d: %s", step, path)
     return path
+
+
+def grid_path(output_dir, step):
+    return os.path.join(output_dir, "samples", f"step_{step:06d}.png")
+
+
+def grid_missing(args, step, max_steps):
+    """Whether a run starting at `step` draws a grid before training: the base model's at step 0, for comparison,
+    or the one a run killed between its checkpoint and its sampling never drew (the final one, say)."""
+    if not args.validation_prompt:
+        return False
+    due = step % args.validation_steps == 0 or step == max_steps
+    return step == 0 or (due and not os.path.exists(grid_path(args.output_dir, step)))
 
 
 def image_grid(rows):
@@ -2360,6 +2377,8 @@ def claim_output_dir(args, accelerator, global_step):
         if args.overwrite_output_dir and not args.resume_from_checkpoint:
             for step, old in list_checkpoints(args.output_dir):
                 remove_checkpoint(args.output_dir, step, old)
+        elif global_step:
+            prune_checkpoints(args)  # a run killed between saving a checkpoint and pruning the oldest
         for name in ("metrics.jsonl", "metrics.jsonl.tmp") if global_step == 0 else ("metrics.jsonl.tmp",):
             if os.path.exists(os.path.join(args.output_dir, name)):
                 os.remove(os.path.join(args.output_dir, name))
@@ -2482,8 +2501,8 @@ def train(args):
     # Closed however the run ends: the bar (so an error is the last line) and the loader's workers.
     with bar as progress, workers_stopped(loader):
         report, nonfinite, last_good = DataReport(), NonFiniteGuard(args, accelerator, optimizer), None
-        if args.validation_prompt and global_step == 0 and accelerator.is_main_process:
-            run_validation(accelerator, args, m, 0, accelerator.trackers)  # the base model, for comparison
+        if grid_missing(args, global_step, max_steps) and accelerator.is_main_process:
+            run_validation(accelerator, args, m, global_step, accelerator.trackers)
         for model in trained:
             model.train()
         for epoch in range(first_epoch, num_epochs):

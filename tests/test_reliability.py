@@ -64,11 +64,17 @@ def test_sigkill_while_checkpointing_then_resume_latest(tiny_model, shapes, tmp_
     assert metrics_steps(out) == list(range(1, 25))  # no duplicated rows from the killed run
     weights = load_file(os.path.join(out, "pytorch_lora_weights.safetensors"))
     assert all(torch.isfinite(w).all() for w in weights.values())
-    # An auto-resume script that runs it once more: nothing left to train, the result stays as it is.
-    run_trainer(*argv, "--resume_from_checkpoint", "latest")
+    # An auto-resume script that runs it once more: nothing left to train, the result stays as it is. Had the
+    # run been killed after its last checkpoint, before pruning the oldest (left here: checkpoint-21) and drawing
+    # its final validation grid, this run does both.
+    shutil.copytree(os.path.join(out, "checkpoint-22"), os.path.join(out, "checkpoint-21"))
+    run_trainer(*argv, "--resume_from_checkpoint", "latest", "--validation_prompt", "a red circle",
+                "--num_validation_images", "1", "--validation_inference_steps", "1")
     assert metrics_steps(out) == list(range(1, 25))
     again = load_file(os.path.join(out, "pytorch_lora_weights.safetensors"))
     assert all(torch.equal(again[k], weights[k]) for k in weights)
+    assert checkpoints(out)[:3] == ["checkpoint-22", "checkpoint-23", "checkpoint-24"]
+    assert os.listdir(os.path.join(out, "samples")) == ["step_000024.png"]
 
 
 @pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
