@@ -28,6 +28,7 @@ import signal
 import socket
 import sys
 import time
+import warnings
 from contextlib import ExitStack, contextmanager, nullcontext, suppress
 from dataclasses import dataclass
 
@@ -671,8 +672,10 @@ def build_pipeline(args, m, unet, text_encoders=None, for_saving=False):
 IMAGE_COLUMNS = ("image", "img", "images", "image_path", "file_name", "path", "jpg", "png", "webp")  # + webdataset's
 CAPTION_COLUMNS = ("text", "caption", "captions", "prompt", "prompts", "description", "sentence", "txt")
 # PIL warns above 89 MP and refuses above 179 MP as a guard against decompression bombs; training images are
-# the user's own, and phones now take 200 MP photos. Warn above 256 MP, refuse above 512 MP.
+# the user's own, and phones now take 200 MP photos. Refuse above 512 MP (named as unreadable), and don't print
+# PIL's warning that calls each photo above 256 MP a possible attack.
 Image.MAX_IMAGE_PIXELS = 256_000_000
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".jpe", ".jfif", ".webp", ".avif", ".bmp", ".gif", ".tif", ".tiff")
 METADATA_FILES = ("metadata.jsonl", "metadata.csv", "metadata.parquet")
 UTF16_BOMS = (b"\xff\xfe", b"\xfe\xff")  # what Notepad's "Unicode" and PowerShell's > write first

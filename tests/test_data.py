@@ -3,6 +3,10 @@ import io
 import json
 import os
 import random
+import struct
+import subprocess
+import sys
+import zlib
 
 import numpy as np
 import pytest
@@ -10,7 +14,7 @@ import torch
 from PIL import Image
 
 import train_sdxl_debias as T
-from conftest import run_trainer
+from conftest import ROOT, run_trainer
 
 
 def save_jpeg_with_orientation(path, img, orientation):
@@ -79,6 +83,17 @@ def test_image_modes_are_upright_rgb_and_transparency_is_white(tmp_path, monkeyp
     monkeypatch.undo()
     with pytest.raises(Exception):
         T.open_image(os.path.join(folder, "truncated.jpg")).load()
+    # A 300 MP photo's header reads without PIL's "decompression bomb DOS attack" warning; above 512 MP, an error.
+    for name, size in (("300mp.png", (20000, 15000)), ("600mp.png", (30000, 20000))):
+        chunks = [b"IHDR" + struct.pack(">IIBBBBB", *size, 8, 2, 0, 0, 0), b"IDAT", b"IEND"]  # no pixel data
+        (tmp_path / name).write_bytes(b"\x89PNG\r\n\x1a\n" + b"".join(
+            struct.pack(">I", len(c) - 4) + c + struct.pack(">I", zlib.crc32(c)) for c in chunks))
+    code = (f"import sys; sys.path.insert(0, {ROOT!r}); import train_sdxl_debias as T; "
+            f"print(T.read_size({str(tmp_path / '300mp.png')!r}))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.stdout.strip() == "(20000, 15000)" and proc.stderr == "", proc.stderr
+    with pytest.raises(Image.DecompressionBombError):
+        T.read_size(str(tmp_path / "600mp.png"))
     for mode, key in (("L", 0), ("RGB", (0, 0, 0))):  # one colour marked transparent, no alpha channel
         Image.new(mode, (8, 8), key).save(tmp_path / f"key-{mode}.png", transparency=key)
         assert T.open_image(str(tmp_path / f"key-{mode}.png")).getpixel((0, 0)) == (255, 255, 255), mode
