@@ -1161,6 +1161,11 @@ class DataPlan:
     text_ns: str = ""
     latent_ns: str = ""
 
+    def describe(self):
+        """"N images", and how many samples an epoch draws when images repeat (kohya's repeats)."""
+        images = len(set(self.idents))
+        return f"{images} images" + (f" ({len(self.idents)} samples an epoch)" if images < len(self.idents) else "")
+
 
 class ImageCaptionDataset(torch.utils.data.Dataset):
     """One training sample per row. Indexed by (row, sample_seed), so random crop, flip, caption choice and
@@ -2050,7 +2055,7 @@ def image_grid(rows):
     return grid
 
 
-def write_model_card(args, m, source, num_images, run, repo_id=None):
+def write_model_card(args, m, source, data, run, repo_id=None):
     """output_dir/README.md: what was trained, on what, with which loss and settings, and how to use it (from
     the Hub repository `repo_id` when the outputs are pushed there)."""
     base = args.pretrained_model_name_or_path
@@ -2079,7 +2084,7 @@ def write_model_card(args, m, source, num_images, run, repo_id=None):
         "---", yaml.safe_dump(header, sort_keys=True).strip(), "---",
         f"# {os.path.basename(os.path.abspath(args.output_dir))}", "",
         f"{'LoRA (rank ' + str(args.rank) + ')' if lora else 'Full UNet fine-tune'} of `{base}` on `{source}` "
-        f"({num_images} images), trained with `train_sdxl_debias.py`.", "",
+        f"({data}), trained with `train_sdxl_debias.py`.", "",
         f"**Loss:** `{args.loss_weighting}` weighting"
         + (" — the debiased estimation loss of [Debias the Training of Diffusion Models](https://arxiv.org/abs/2310.08442)"
            f" ({weight})" if args.loss_weighting == "debias" else "")
@@ -2491,9 +2496,9 @@ def train(args):
         accelerator.init_trackers("train_sdxl_debias", config={k: v for k, v in vars(args).items() if k not in
                                                                NOT_CONFIG and isinstance(v, (int, float, str, bool))})
     what = f"LoRA rank {args.rank}" if args.finetune == "lora" else "full UNet"
-    logger.info("training %s of %s with %s loss (%s) on %s: %d images, %d epochs, %d steps, effective batch "
+    logger.info("training %s of %s with %s loss (%s) on %s: %s, %d epochs, %d steps, effective batch "
                 "%d (%d per device × %d processes × %d accumulation)", what, args.pretrained_model_name_or_path,
-                args.loss_weighting, m.noise_scheduler.config.prediction_type, source, len(table), num_epochs,
+                args.loss_weighting, m.noise_scheduler.config.prediction_type, source, plan.describe(), num_epochs,
                 max_steps, args.train_batch_size * world * accum, args.train_batch_size, world, accum)
 
     metrics = MetricsLog(os.path.join(args.output_dir, "metrics.jsonl"), m.noise_scheduler.config.num_train_timesteps)
@@ -2552,11 +2557,11 @@ def train(args):
         rows = [json.loads(line) for line in open(log)] if os.path.exists(log) else []
         run = {"steps": global_step, "epochs": num_epochs, "processes": world, "mixed_precision":
                accelerator.mixed_precision, "last logged loss": f"{rows[-1]['loss']:.4g}" if rows else "-"}
-        write_model_card(args, m, source, len(table), run)
+        write_model_card(args, m, source, plan.describe(), run)
         plot_losses(args.output_dir)
         if args.push_to_hub:
             repo_id = create_hub_repo(args)
-            write_model_card(args, m, source, len(table), run, repo_id)  # its usage code loads from the Hub now
+            write_model_card(args, m, source, plan.describe(), run, repo_id)  # its usage code loads from the Hub now
             push_to_hub(args, repo_id)
     accelerator.end_training()
 

@@ -415,6 +415,7 @@ def test_kohya_dreambooth_folders_repeat_and_caption_by_folder_name(tmp_path, ca
     plan_table, plan, _ = T.plan_data(T.parse_args(["--train_data_dir", str(data), "--resolution", "32"]), table,
                                       show_progress=False)
     assert len(plan_table) == 22 and len(set(plan.idents)) == 4  # repeats share an identity: one cache entry
+    assert plan.describe() == "4 images (22 samples an epoch)"  # as the log and the model card count them
     Image.new("RGB", (32, 32)).save(data / "loose.png")  # an image beside the folders: not kohya's layout
     (data / "loose.txt").write_text("loose")
     table, _ = T.load_table(T.parse_args(["--train_data_dir", str(data)]))

@@ -124,7 +124,7 @@ def test_validation_grids_model_card_and_metrics(te_lora_run, tiny_model, shapes
     card = open(os.path.join(out, "README.md")).read()
     for needle in (tiny_model, shapes, "arxiv.org/abs/2310.08442", "debias", "load_lora_weights",
                    "samples/step_000000.png", "my-lora.safetensors", "| learning_rate | 0.01 |",
-                   "| steps | 4 |", "| mixed_precision | no |", "| last logged loss | "):
+                   "| steps | 4 |", "| mixed_precision | no |", "| last logged loss | ", "(24 images)"):
         assert needle in card, needle
     header = yaml.safe_load(card.split("---\n")[1])  # the Hub's metadata: a local base is no Hub id, so left out
     assert header["library_name"] == "diffusers" and "lora" in header["tags"] and "base_model" not in header
