@@ -564,18 +564,28 @@ def add_lora(model, args, targets, half_precision):
                 module.cast_input_dtype_enabled = False
 
 
-def compile_blocks(unet, mode="default", backend="inductor"):
+def compile_blocks(unet, mode="default", backend="inductor", scope="blocks"):
     """Regional compilation: each transformer/resnet block is compiled once per distinct shape and reused,
-    instead of tracing the whole UNet (which took 322 s to warm up on an H100)."""
+    instead of tracing the whole UNet (which took 322 s to warm up on an H100).
+
+    `scope` (scripts/benchmark.py --compile_scope; the trainer uses "blocks") trades warm-up for fewer, larger
+    graphs: "transformers" compiles each Transformer2DModel whole (SDXL has 11, holding its 70 transformer
+    blocks) and the resnets between them; "stages" each down, mid and up block. Fewer graphs mean fewer CUDA
+    graph replays, and less eager code between them, per step: what limits batch 1 under CUDA graphs."""
     from diffusers.models.attention import BasicTransformerBlock
     from diffusers.models.resnet import ResnetBlock2D
+    from diffusers.models.transformers.transformer_2d import Transformer2DModel
 
     # SDXL's UNet has 12 distinct resnet shapes (channels x resolution) and every aspect-ratio bucket adds more;
     # past dynamo's default of 8 compiles per function the rest would silently run eager.
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
-    for module in unet.modules():
-        if isinstance(module, (BasicTransformerBlock, ResnetBlock2D)):
-            module.compile(mode=None if mode == "default" else mode, backend=backend)
+    if scope == "stages":
+        regions = [*unet.down_blocks, unet.mid_block, *unet.up_blocks]
+    else:
+        outer = {"blocks": BasicTransformerBlock, "transformers": Transformer2DModel}[scope]
+        regions = [m for m in unet.modules() if isinstance(m, (outer, ResnetBlock2D))]
+    for module in regions:
+        module.compile(mode=None if mode == "default" else mode, backend=backend)
 
 
 _SDPA_ORDER = None  # the sdpa_kernel context prefer_sdpa_backend holds open

@@ -108,6 +108,10 @@ def parse_options(argv=None):
     a("--compile", nargs="?", const="on", default="off",
       help="The trainer's --compile (regional torch.compile). Bare flag = on; or a comma list of off, on and "
            "compile modes (= --compile --compile_mode M): off,on,reduce-overhead.")
+    a("--compile_scope", default="blocks",
+      help="What --compile makes graphs of (the trainer's compile_blocks): blocks (each transformer and resnet "
+           "block, the trainer's choice), transformers (each Transformer2DModel whole), stages (each down/mid/up "
+           "block), or a comma list.")
     a("--channels_last", nargs="?", const="on", default="off", help="The trainer's --channels_last: on, or off,on.")
     a("--cudnn_benchmark", nargs="?", const="on", default="off",
       help="torch.backends.cudnn.benchmark (cuDNN times its convolution algorithms per shape): on, or off,on.")
@@ -168,6 +172,7 @@ def configurations(opts):
         gradient_checkpointing=[on_off[v] for v in split(opts.gradient_checkpointing, "gradient_checkpointing",
                                                          on_off)],
         compile=[{"off": None, "on": "default"}.get(v, v) for v in split(opts.compile, "compile", COMPILE_CHOICES)],
+        compile_scope=split(opts.compile_scope, "compile_scope", ("blocks", "transformers", "stages")),
         channels_last=[on_off[v] for v in split(opts.channels_last, "channels_last", on_off)],
         cudnn_benchmark=[on_off[v] for v in split(opts.cudnn_benchmark, "cudnn_benchmark", on_off)],
         sdpa_backend=split(opts.sdpa_backend, "sdpa_backend", ("auto", "flash", "cudnn", "efficient", "math")),
@@ -180,7 +185,8 @@ def configurations(opts):
     for cfg in configs:  # JSON: compile true/false, and its mode
         cfg["compile_mode"] = cfg["compile"] or "default"
         cfg["compile"] = cfg["compile"] is not None
-    return configs
+    # Scopes only differ compiled: one eager row, not one per scope.
+    return [c for c in configs if c["compile"] or c["compile_scope"] == axes["compile_scope"][0]]
 
 
 def trainer_args(cfg, opts):
@@ -476,7 +482,7 @@ def run_config(cfg, opts):
     if args.compile:
         from torch._dynamo.utils import counters
         counters.clear()
-        T.compile_blocks(m.unet, args.compile_mode)
+        T.compile_blocks(m.unet, args.compile_mode, scope=cfg["compile_scope"])
     setup_s = time.perf_counter() - t0
 
     sync(device)
@@ -574,7 +580,8 @@ def run_all(opts):
 
 COLUMNS = (  # (JSON field, table heading, format)
     ("finetune", "tune", "{}"), ("batch_size", "bs", "{}"), ("resolution", "res", "{}"),
-    ("gradient_checkpointing", "ckpt", "{:d}"), ("compiled", "compile", "{}"), ("channels_last", "nhwc", "{:d}"),
+    ("gradient_checkpointing", "ckpt", "{:d}"), ("compiled", "compile", "{}"), ("compile_scope", "scope", "{}"),
+    ("channels_last", "nhwc", "{:d}"),
     ("cudnn_benchmark", "cudnn", "{:d}"), ("sdpa_backend", "sdpa", "{}"),
     ("optimizer", "optim", "{}"),
     ("precision", "prec", "{}"), ("encoders", "encode", "{}"), ("ms_per_step", "ms/step", "{:.1f}"),
@@ -587,7 +594,8 @@ def print_table(rows):
     head = [title for _, title, _ in COLUMNS]
     body = []
     for row in rows:
-        row = {**row, "compiled": row["compile_mode"] if row["compile"] else "off"}  # off, default, reduce-overhead
+        row = {**row, "compiled": row["compile_mode"] if row["compile"] else "off",  # off, default, reduce-overhead
+               "compile_scope": row.get("compile_scope") if row["compile"] else None}
         cells = [fmt.format(row[k]) if row.get(k) is not None else "-" for k, _, fmt in COLUMNS]
         body.append(cells + ([row["error"][:80]] if "error" in row else []))
     widths = [max(len(r[i]) for r in [head] + body) for i in range(len(head))]

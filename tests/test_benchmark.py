@@ -8,6 +8,8 @@ import sys
 import pytest
 import torch
 
+import train_sdxl_debias as T
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "scripts", "benchmark.py")
 sys.path.insert(0, os.path.join(ROOT, "scripts"))
@@ -84,6 +86,50 @@ def test_comma_lists_make_the_cross_product():
         (False, "default"), (True, "default"), (True, "reduce-overhead")]
     args = benchmark.trainer_args(modes[2], benchmark.parse_options(["--device", "cpu"]))
     assert args.compile and args.compile_mode == "reduce-overhead"  # handed to the trainer's own flags
+    scopes = benchmark.configurations(benchmark.parse_options(["--compile", "off,on", "--compile_scope",
+                                                               "blocks,stages", "--device", "cpu"]))
+    assert [(c["compile"], c["compile_scope"]) for c in scopes] == [(False, "blocks"), (True, "blocks"),
+                                                                   (True, "stages")]  # one eager row
+
+
+def test_every_compile_scope_gives_the_eager_output_and_gradients():
+    """compile_blocks' scopes (benchmark.py --compile_scope) compile the regions they name, with checkpointing
+    too, without graph breaks, and change nothing numerically. Dynamo's eager backend stands in for inductor."""
+    from diffusers import UNet2DConditionModel
+    from torch._dynamo.utils import counters
+
+    import make_tiny_sdxl
+
+    def run(scope=None):
+        torch.manual_seed(0)
+        unet = UNet2DConditionModel(**make_tiny_sdxl.tiny_unet_config())
+        unet.enable_gradient_checkpointing()
+        cfg = unet.config
+        pooled = cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim
+        if scope:
+            T.compile_blocks(unet, backend="eager", scope=scope)
+        g = torch.Generator().manual_seed(1)
+        out = unet(torch.randn(2, 4, 8, 8, generator=g), torch.tensor([500, 20]),
+                   torch.randn(2, 77, cfg.cross_attention_dim, generator=g),
+                   added_cond_kwargs={"text_embeds": torch.randn(2, pooled, generator=g),
+                                      "time_ids": torch.tensor([[64.0, 64, 0, 0, 64, 64]] * 2)}).sample
+        out.square().mean().backward()
+        compiled = {type(m).__name__ for m in unet.modules() if getattr(m, "_compiled_call_impl", None)}
+        return compiled, out.detach(), torch.cat([p.grad.flatten() for p in unet.parameters()]), unet
+
+    _, want, want_grad, unet = run()
+    stages = {type(b).__name__ for b in [*unet.down_blocks, unet.mid_block, *unet.up_blocks]}
+    for scope, regions in (("blocks", {"BasicTransformerBlock", "ResnetBlock2D"}),
+                           ("transformers", {"Transformer2DModel", "ResnetBlock2D"}), ("stages", stages)):
+        torch._dynamo.reset()
+        counters.clear()
+        try:
+            compiled, got, grad, _ = run(scope)
+            assert counters["stats"]["unique_graphs"] > 0 and not counters["graph_break"], scope
+        finally:
+            torch._dynamo.reset()
+        assert compiled == regions, scope
+        assert torch.allclose(got, want, atol=1e-6) and torch.allclose(grad, want_grad, atol=1e-6), scope
 
 
 def test_a_failing_configuration_is_reported_and_the_run_goes_on(monkeypatch, capsys):
