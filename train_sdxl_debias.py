@@ -734,6 +734,7 @@ def load_table(args):
     encoded = isinstance(feature, datasets.Image) or getattr(feature, "dtype", None) in ("binary", "large_binary")
     if encoded:
         table = table.cast_column(image_col, datasets.Image(decode=False))  # encoded bytes too: {bytes, path}
+    table, numbers = drop_rows_without_image(table, image_col, source)
     if os.path.exists(source):  # relative paths in local data: beside it if there, as in an imagefolder
         here = source if os.path.isdir(source) else os.path.dirname(os.path.abspath(source))
         beside = lambda v: (os.path.join(here, v) if isinstance(v, str) and not os.path.isabs(v)
@@ -746,11 +747,38 @@ def load_table(args):
     table = table.select_columns([image_col, caption_col]).rename_columns({image_col: "image", caption_col: "text"})
     if len(table) == 0:
         raise UserError(f"dataset {source!r} has no rows")
-    table = table.add_column("row", np.arange(len(table)))  # the dataset's row, for messages after subsets
+    table = table.add_column("row", numbers)  # the dataset's row, for messages after subsets
     check_captions(table, source, caption_col)
     if args.max_train_samples:
         table = table.shuffle(seed=args.seed).select(range(min(args.max_train_samples, len(table))))
     return table, source
+
+
+def drop_rows_without_image(table, column, source):
+    """Rows that name no image (null, or an empty file name: the blank rows a spreadsheet leaves at the end of a
+    metadata.csv) are counted in a warning and left out; read from Arrow, without touching any image's bytes.
+    Returns the table and the dataset row number of each row kept."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    values = table.with_format("arrow")[column]
+    empty = lambda strings: pc.fill_null(pc.equal(pc.utf8_trim_whitespace(strings), ""), True)
+    if pa.types.is_struct(values.type):  # {bytes, path}: an image if either is there
+        missing = pc.and_(pc.is_null(pc.struct_field(values, "bytes")), empty(pc.struct_field(values, "path")))
+        missing = pc.or_(pc.is_null(values), missing)
+    elif pa.types.is_string(values.type) or pa.types.is_large_string(values.type):
+        missing = empty(values)
+    else:
+        missing = pc.is_null(values)
+    missing = np.asarray(pc.fill_null(missing, True))
+    rows, kept = np.flatnonzero(missing), np.flatnonzero(~missing)
+    if len(table) and not len(kept):
+        raise UserError(f"no row of dataset {source!r} names an image in column {column!r}")
+    if len(rows):
+        logger.warning("%d of %d rows of %s name no image (null or an empty file name) and are left out: rows %s",
+                       len(rows), len(table), source, ", ".join(map(str, rows[:10])) + (" …" if len(rows) > 10 else ""))
+        table = table.select(kept)
+    return table, kept
 
 
 def train_split(table, source):

@@ -471,7 +471,7 @@ def test_captions_missing_in_metadata_are_counted_and_all_missing_is_an_error(tm
 def test_a_metadata_csv_from_a_spreadsheet_loads_or_says_what_to_fix(tmp_path):
     """Excel's plain "CSV" is Windows-1252, its CSV is semicolon-separated where the decimal mark is a comma, and
     PowerShell writes UTF-16: one line each that says how to save it. A header typed with spaces after the commas
-    still finds its columns."""
+    still finds its columns; rows without a file name are left out."""
     Image.new("RGB", (32, 32)).save(tmp_path / "a.png")
     (tmp_path / "metadata.csv").write_bytes("file_name,text\na.png,un café crème\n".encode("cp1252"))
     with pytest.raises(T.UserError, match="not UTF-8: save it as UTF-8, in Excel as 'CSV UTF-8'"):
@@ -484,9 +484,10 @@ def test_a_metadata_csv_from_a_spreadsheet_loads_or_says_what_to_fix(tmp_path):
     with pytest.raises(T.UserError, match="metadata.jsonl is UTF-16: save it as UTF-8"):
         T.load_table(T.parse_args(["--dataset", str(tmp_path)]))
     os.remove(tmp_path / "metadata.jsonl")
-    (tmp_path / "metadata.csv").write_text("file_name, text\na.png,un café crème\n", encoding="utf-8")
+    # Spaces after the header's commas; the blank rows a spreadsheet leaves after cleared cells.
+    (tmp_path / "metadata.csv").write_text("file_name, text\na.png,un café crème\n,\n,\n", encoding="utf-8")
     table, _ = T.load_table(T.parse_args(["--dataset", str(tmp_path)]))
-    assert table["text"] == ["un café crème"]
+    assert table["text"] == ["un café crème"] and table["row"] == [0]
     table, _ = T.load_table(T.parse_args(["--dataset", str(tmp_path), "--caption_column", "text"]))
     assert table["text"] == ["un café crème"]
     os.rename(tmp_path / "metadata.csv", tmp_path / "captions.csv")  # not a name datasets reads as metadata
@@ -552,3 +553,10 @@ def test_relative_paths_in_a_data_folder_and_images_stored_in_rows(tmp_path, cap
     assert not any(f"row {r} " in caplog.text for r in subset if r not in bad)
     if 3 in bad:
         assert "the image in row 3 (empty image data)" in caplog.text
+    # A Hub-style Image column with a null row: left out and counted, the others keep their row numbers.
+    datasets.Dataset.from_dict({"image": [{"bytes": png.getvalue(), "path": None}, None] * 2, "text": list("abcd")},
+                               features=datasets.Features({"image": datasets.Image(), "text": datasets.Value("string")})
+                               ).to_parquet(str(tmp_path / "holes.parquet"))
+    table, _ = T.load_table(T.parse_args(["--dataset", str(tmp_path / "holes.parquet")]))
+    assert table["row"] == [0, 2] and table["text"] == ["a", "c"]
+    assert "2 of 4 rows of " in caplog.text and "name no image (null or an empty file name)" in caplog.text
