@@ -13,6 +13,7 @@ are imported inside the sections that use them, so a bad flag is reported in a s
 """
 import argparse
 import errno
+import glob
 import hashlib
 import inspect
 import io
@@ -704,13 +705,14 @@ def load_table(args):
 
     source = os.path.expanduser(args.train_data_dir or args.dataset)
     if os.path.isdir(source):
-        table = load_folder(source, args.output_dir, args.cache_dir)
+        table = load_folder(source, args.output_dir, args.cache_dir, args.dataset_config_name)
     elif os.path.isfile(source):
         builder = DATA_FILES.get(os.path.splitext(source)[1].lower())
         if builder is None:
             raise UserError(f"dataset file {source!r} is not one of {', '.join(DATA_FILES)}: pass a folder or "
                             "such a file")
-        table = guarded_load(source, datasets.load_dataset, builder, data_files=source, cache_dir=args.cache_dir)
+        table = guarded_load(source, datasets.load_dataset, builder, data_files=glob.escape(source),
+                             cache_dir=args.cache_dir)
     elif source.startswith((".", "/", "~")):
         raise UserError(f"dataset folder {source!r} does not exist")
     else:
@@ -813,9 +815,10 @@ def check_captions(table, source, column):
                        "e.g. %s", len(empty), len(table), describe_image(table[empty[0]]["image"], empty[0]))
 
 
-def load_folder(source, output_dir, cache_dir=None):
+def load_folder(source, output_dir, cache_dir=None, config=None):
     """A local folder: saved with save_to_disk, an imagefolder with metadata, kohya's image + caption files, or
-    data files (a Hub dataset downloaded with `huggingface-cli download --local-dir`)."""
+    data files (a Hub dataset downloaded with `huggingface-cli download --local-dir`; `config`: one of the
+    configurations its README defines)."""
     import datasets
 
     if any(os.path.exists(os.path.join(source, f)) for f in ("state.json", "dataset_dict.json")):
@@ -830,8 +833,8 @@ def load_folder(source, output_dir, cache_dir=None):
         for f in files:
             if os.path.basename(f) in METADATA_FILES:
                 check_metadata_file(f)
-        table = train_split(guarded_load(source, datasets.load_dataset, "imagefolder", data_dir=source,
-                                         cache_dir=cache_dir), source)
+        table = train_split(guarded_load(source, datasets.load_dataset, "imagefolder",
+                                         data_files=imagefolder_files(source, files), cache_dir=cache_dir), source)
         if len(table) < len(images):  # datasets silently leaves out images the metadata does not name
             logger.warning("%d of %d images in %s are not used: the metadata does not name them, or they are in "
                            "another split", len(images) - len(table), len(images), source)
@@ -840,12 +843,43 @@ def load_folder(source, output_dir, cache_dir=None):
     if captions is not None:
         return datasets.Dataset.from_dict(captions)
     if data_files:  # a downloaded Hub dataset; an image beside its parquet files is a preview, not data
-        return guarded_load(source, datasets.load_dataset, source, cache_dir=cache_dir)
+        if glob.has_magic(source):  # datasets would read the path as a pattern and find no files
+            raise UserError(f"dataset folder {source!r}: datasets cannot read a downloaded dataset in a folder "
+                            "whose path has [ ] or * in it: rename the folder")
+        return guarded_load(source, datasets.load_dataset, source, config, cache_dir=cache_dir)
     if not images:
         raise UserError(f"dataset folder {source!r} has no images (looked for {', '.join(IMAGE_EXTS)}) and no data "
                         "files")
     raise UserError(f"dataset folder {source!r} has {len(images)} images but no captions: put a same-name .txt "
                     "(or .caption) file next to each image, or a metadata.jsonl with file_name and text columns")
+
+
+# The top folders datasets' imagefolder reads as splits, and the split each names.
+SPLIT_FOLDERS = {"train": "train", "training": "train", "validation": "validation", "valid": "validation",
+                 "val": "validation", "dev": "validation", "test": "test", "testing": "test", "eval": "test",
+                 "evaluation": "test"}
+
+
+def imagefolder_files(source, files):
+    """The data_files of an imagefolder: every file, or those of its train/ folder. Given the folder alone,
+    datasets looks for split names in every file and folder name too: `dog_test_04.png` or a `test_shots/`
+    folder became a test split, and the run trained on the rest without a word. Here only a top folder named as
+    a split is one, as in datasets' documented layout. Paths are escaped: `[v2]` in a path is no pattern."""
+    splits = {}
+    for f in files:
+        parts = os.path.relpath(f, source).split(os.sep)
+        if len(parts) > 1 and parts[0].lower() in SPLIT_FOLDERS:
+            splits.setdefault(SPLIT_FOLDERS[parts[0].lower()], set()).add(parts[0])
+    if not splits:
+        return {"train": os.path.join(glob.escape(source), "**")}
+    name = "train" if "train" in splits else next(iter(splits))
+    if name != "train" and len(splits) > 1:
+        raise UserError(f"dataset {source!r} has no train/ folder (it has split folders: "
+                        f"{', '.join(sorted(d for ds in splits.values() for d in ds))}); name one train/, or pass the "
+                        "folder of the split you want")
+    if name != "train":
+        logger.info("dataset %s has one split folder, %s: training on it", source, ", ".join(splits[name]))
+    return {"train": [os.path.join(glob.escape(source), folder, "**") for folder in sorted(splits[name])]}
 
 
 def check_metadata_file(path):

@@ -3,6 +3,7 @@ import io
 import json
 import os
 import random
+import shutil
 import struct
 import subprocess
 import sys
@@ -355,6 +356,46 @@ def test_every_local_dataset_form_loads_with_its_captions(shapes, tmp_path):
         table, _ = T.load_table(T.parse_args(["--dataset", source, *extra]))
         assert sorted(table["text"]) == sorted(r["text"] for r in rows), name
         assert T.decode_image(table[0]["image"])[1][0] >= 96, name  # images resolve (relative paths too)
+
+
+def test_split_names_in_file_names_brackets_in_paths_and_dataset_configs(tmp_path):
+    """datasets reads split names anywhere in a name: given the folder alone, `dog_test_04.png` went to a test
+    split and the run trained on the rest. Only top folders named as splits are splits (train/ trains). A path
+    with [ ] in it is no pattern. --dataset_config_name picks one of a downloaded dataset's README configs."""
+    import datasets
+
+    root = tmp_path / "photos [v2]"
+    names = ["a.png", "dog_test_04.png", "train_station.png", "val 1.png", "dev-kit/c.png"]
+    for name in names:
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (32, 32)).save(root / name)
+    (root / "metadata.jsonl").write_text("".join(json.dumps({"file_name": n, "text": n}) + "\n" for n in names))
+    table, _ = T.load_table(T.parse_args(["--dataset", str(root)]))
+    assert sorted(table["text"]) == sorted(names)
+    for split in ("train", "test"):  # datasets' documented layout: the train/ folder trains
+        (tmp_path / "splits" / split).mkdir(parents=True)
+        Image.new("RGB", (32, 32)).save(tmp_path / "splits" / split / "x.png")
+        (tmp_path / "splits" / split / "metadata.jsonl").write_text(json.dumps({"file_name": "x.png", "text": split}))
+    assert T.load_table(T.parse_args(["--dataset", str(tmp_path / "splits")]))[0]["text"] == ["train"]
+    shutil.rmtree(tmp_path / "splits" / "train")
+    assert T.load_table(T.parse_args(["--dataset", str(tmp_path / "splits")]))[0]["text"] == ["test"]  # the only one
+    shutil.copytree(tmp_path / "splits" / "test", tmp_path / "splits" / "val")
+    with pytest.raises(T.UserError, match="has no train/ folder .*split folders: test, val"):
+        T.load_table(T.parse_args(["--dataset", str(tmp_path / "splits")]))
+    hub = tmp_path / "hub"  # `huggingface-cli download` of a dataset with two configurations
+    (hub / "data").mkdir(parents=True)
+    for config in ("small", "large"):
+        datasets.Dataset.from_dict({"image": [str(root / "a.png")], "text": [config]}).to_parquet(
+            str(hub / "data" / f"{config}.parquet"))
+    (hub / "README.md").write_text("---\nconfigs:\n" + "".join(
+        f"- config_name: {c}\n  data_files: data/{c}.parquet\n" for c in ("small", "large")) + "---\n")
+    table, _ = T.load_table(T.parse_args(["--dataset", str(hub), "--dataset_config_name", "large"]))
+    assert table["text"] == ["large"]
+    datasets.Dataset.from_dict({"image": [str(root / "a.png")], "text": ["one"]}).to_parquet(str(root / "one.parquet"))
+    assert T.load_table(T.parse_args(["--dataset", str(root / "one.parquet")]))[0]["text"] == ["one"]
+    shutil.copytree(hub, root / "hub")
+    with pytest.raises(T.UserError, match=r"has \[ \] or \* in it: rename the folder"):
+        T.load_table(T.parse_args(["--dataset", str(root / "hub"), "--dataset_config_name", "large"]))
 
 
 def test_kohya_folder_captions_txt_caption_bom_subfolders_and_output_dir_excluded(tmp_path, caplog):
