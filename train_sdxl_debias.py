@@ -1746,12 +1746,19 @@ def lora_layers(model):
     """The adapter's weights as peft names them (`….lora_A.weight`), which diffusers loads for every layer
     type. (diffusers' convert_state_dict_to_diffusers renames only the attention projections: a LoRA on convs
     too became a file of two styles, whose attention half load_lora_weights silently dropped.) The first CLIP
-    encoder's keys keep `text_model.`: transformers 5 flattened that class, and older stacks need it."""
+    encoder's keys keep `text_model.`: transformers 5 flattened that class, and older stacks need it.
+    A text encoder's DoRA magnitudes are named as transformers 5's load_adapter (which diffusers loads text
+    encoder LoRAs with) reads them, `….lora_magnitude_vector.weight`; under peft's name it re-initialised them
+    without a word. load_trained takes either."""
+    import transformers
     from peft.utils import get_peft_model_state_dict
 
     prefix = "text_model." if flattened_clip(model) else ""
+    suffix = ".weight" if (isinstance(model, transformers.PreTrainedModel)
+                           and int(transformers.__version__.split(".")[0]) >= 5) else ""
     # contiguous: safetensors refuses the channels-last conv LoRA weights of --channels_last
-    return {prefix + k: v.contiguous() for k, v in get_peft_model_state_dict(model).items()}
+    return {prefix + k + (suffix if k.endswith(".lora_magnitude_vector") else ""): v.contiguous()
+            for k, v in get_peft_model_state_dict(model).items()}
 
 
 def flattened_clip(model):
@@ -1859,7 +1866,7 @@ def load_trained(args, folder, unet, text_encoders=(), ema=None):
     if args.finetune == "lora":
         from diffusers import StableDiffusionXLPipeline
         from diffusers.utils import convert_state_dict_to_peft, convert_unet_state_dict_to_peft
-        from peft.utils import set_peft_model_state_dict
+        from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 
         state, _ = StableDiffusionXLPipeline.lora_state_dict(folder)
         parts = {"unet.": (unet, convert_unet_state_dict_to_peft)}
@@ -1873,8 +1880,12 @@ def load_trained(args, folder, unet, text_encoders=(), ema=None):
                 sub = convert(sub)
             if flattened_clip(model):  # lora_layers' prefix, taken off again
                 sub = {k.removeprefix("text_model."): v for k, v in sub.items()}
-            result = set_peft_model_state_dict(model, sub, adapter_name="default")
-            if not sub or getattr(result, "unexpected_keys", None):
+            # peft's name for DoRA magnitudes (lora_layers); peft would skip the other without a word
+            sub = {k.removesuffix(".weight") if k.endswith(".lora_magnitude_vector.weight") else k: v
+                   for k, v in sub.items()}
+            set_peft_model_state_dict(model, sub, adapter_name="default")
+            now = get_peft_model_state_dict(model)  # peft skips a key it can't place without a word
+            if not sub or now.keys() != sub.keys() or any(not torch.equal(now[k], v.to(now[k])) for k, v in sub.items()):
                 raise UserError(f"checkpoint {folder} does not match this run's LoRA ({prefix[:-1]}: rank, "
                                 "targets or --train_text_encoder differ)")
     else:

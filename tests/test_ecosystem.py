@@ -87,11 +87,14 @@ def test_a_lora_on_every_layer_type_loads_whole_from_both_files(tiny_model, shap
 
 
 def test_a_dora_run_saves_a_diffusers_file_that_loads_and_resumes(tiny_model, shapes, tmp_path):
+    """DoRA on the UNet and both text encoders: diffusers loads every trained weight, magnitudes included (under
+    peft's key name transformers 5 re-initialised the text encoders' ones without a word), and a run resumes."""
     from diffusers import StableDiffusionXLPipeline
 
     out = str(tmp_path / "dora")
     argv = ["--pretrained_model_name_or_path", tiny_model, "--dataset", shapes, "--output_dir", out, "--resolution",
-            "64", "--train_batch_size", "2", "--learning_rate", "1e-2", "--use_dora", "--checkpointing_steps", "2"]
+            "64", "--train_batch_size", "2", "--learning_rate", "1e-2", "--use_dora", "--checkpointing_steps", "2",
+            "--train_text_encoder"]
     run_trainer(*argv, "--max_train_steps", "2")
     proc = run_trainer(*argv, "--max_train_steps", "3", "--resume_from_checkpoint", "latest")
     assert "resumed from" in proc.stderr and not os.path.exists(os.path.join(out, "dora.safetensors"))
@@ -100,6 +103,15 @@ def test_a_dora_run_saves_a_diffusers_file_that_loads_and_resumes(tiny_model, sh
     base = generate(pipe)
     pipe.load_lora_weights(out)
     assert np.abs(generate(pipe) - base).mean() > 1e-4
+    saved = load_file(os.path.join(out, "pytorch_lora_weights.safetensors"))
+    for name in ("unet", "text_encoder", "text_encoder_2"):
+        loaded = {n: p for n, p in getattr(pipe, name).named_parameters() if "lora_magnitude_vector" in n}
+        layer = lambda key: key.split(".lora_magnitude_vector")[0].removeprefix("text_model.")  # one per layer
+        ours = {layer(k.removeprefix(name + ".")): v for k, v in saved.items()
+                if k.startswith(name + ".") and "lora_magnitude_vector" in k}
+        assert loaded and {layer(n) for n in loaded} == ours.keys(), name
+        for n, p in loaded.items():  # `….lora_magnitude_vector.default_0.weight`: the file's, each one
+            torch.testing.assert_close(p.detach(), ours[layer(n)], msg=f"{name}: {n}")
 
 
 def test_text_encoder_lora_changes_the_text_encoders(te_lora_run, tiny_model):
