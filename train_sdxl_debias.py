@@ -2462,20 +2462,44 @@ def tidy_output_dir(output_dir):
 
 def claim_output_dir(args, accelerator, global_step):
     """Just before training, once data, models and caches are known good (a failed start loses nothing):
-    --overwrite_output_dir removes the previous run's checkpoints; a run from step 0 the metrics of one killed
-    before its first checkpoint (it would log the same steps again); the run's config is written."""
+    --overwrite_output_dir removes the previous run's checkpoints and results; a run from step 0 the metrics of
+    one killed before its first checkpoint (it would log the same steps again) and earlier validation grids; the
+    run's config is written."""
     if accelerator.is_main_process:
         if args.overwrite_output_dir and not args.resume_from_checkpoint:
             for step, old in list_checkpoints(args.output_dir):
                 remove_checkpoint(args.output_dir, step, old)
+            remove_outputs(args.output_dir)
         elif global_step:
             prune_checkpoints(args)  # a run killed between saving a checkpoint and pruning the oldest
         for name in ("metrics.jsonl", "metrics.jsonl.tmp") if global_step == 0 else ("metrics.jsonl.tmp",):
             if os.path.exists(os.path.join(args.output_dir, name)):
                 os.remove(os.path.join(args.output_dir, name))
+        if global_step == 0:  # another run's grids: the model card would show them as this one's
+            for grid in glob.glob(os.path.join(glob.escape(args.output_dir), "samples", "step_*.png")):
+                os.remove(grid)
         with open(os.path.join(args.output_dir, "train_config.json"), "w") as f:  # rerun with --config this file
             json.dump({k: v for k, v in vars(args).items() if k not in NOT_SAVED}, f, indent=2)
     accelerator.wait_for_everyone()
+
+
+PIPELINE_FOLDERS = ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler")
+
+
+def remove_outputs(output_dir):
+    """--overwrite_output_dir: the previous run's results, by the names this trainer writes them under, so that
+    none is left beside the new run's (a LoRA's kohya file beside a DoRA, LoRA files beside a full pipeline).
+    Other files stay; a pipeline's folders go only where its model_index.json says it is ours."""
+    name = kohya_name(output_dir)
+    files = ["pytorch_lora_weights.safetensors", name, name.replace(".safetensors", "_unet.safetensors"),
+             "README.md", "loss.png", "model_index.json"]
+    folders = ["samples"] + (list(PIPELINE_FOLDERS) if os.path.exists(os.path.join(output_dir, "model_index.json"))
+                             else [])
+    for f in files:
+        with suppress(FileNotFoundError):
+            os.remove(os.path.join(output_dir, f))
+    for folder in folders:
+        shutil.rmtree(os.path.join(output_dir, folder), ignore_errors=True)
 
 
 def loader_workers(args, accelerator, decoding=True):
