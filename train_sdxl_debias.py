@@ -2203,8 +2203,8 @@ def plot_losses(output_dir):
     rows = [json.loads(line) for line in open(os.path.join(output_dir, "metrics.jsonl"))]
     buckets = sorted(k[len("loss_"):] for k in rows[0] if k.startswith("loss_t_"))
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
-    a.plot([r["step"] for r in rows], [r["loss"] for r in rows], label="weighted loss")
-    a.plot([r["step"] for r in rows], [r["mse"] for r in rows], label="plain MSE")
+    for key, label in (("loss", "weighted loss"), ("mse", "plain MSE")):  # skipped steps: gaps, not dips to 0
+        a.plot([r["step"] for r in rows], [np.nan if r[key] is None else r[key] for r in rows], label=label)
     a.set_xlabel("step"), a.legend()
     for key, offset in (("loss", -0.2), ("mse", 0.2)):
         means = [np.mean(v) if (v := [r[f"{key}_{t}"] for r in rows if r[f"{key}_{t}"] is not None]) else 0.0
@@ -2353,13 +2353,16 @@ class MetricsLog:
         sums = accelerator.reduce(torch.stack([totals["loss"], totals["mse"], totals["n"]]).to(accelerator.device),
                                   reduction="sum").cpu()
         loss, mse, n = sums.tolist()
-        count = sum(n)
-        row = {"step": step, "epoch": epoch, "loss": sum(loss) / max(count, 1), "mse": sum(mse) / max(count, 1),
-               "lr": lr, "grad_norm": None if grad_norm is None else float(grad_norm),
-               "samples_per_s": count / (time.perf_counter() - self.t0)}
+        count = sum(n)  # 0 when every step since the last row was skipped: its values are null, not 0
+        row = {"step": step, "epoch": epoch, "loss": sum(loss) / count if count else None,
+               "mse": sum(mse) / count if count else None, "lr": lr,
+               "grad_norm": None if grad_norm is None else float(grad_norm),
+               "samples_per_s": count / (time.perf_counter() - self.t0) if count else None}
         for label, lb, mb, nb in zip(self.labels, loss, mse, n):
             row[f"loss_{label}"] = lb / nb if nb else None
             row[f"mse_{label}"] = mb / nb if nb else None
+        # A skipped step's NaN/Inf gradient norm as null: NaN is no JSON (JavaScript's parser and others refuse it).
+        row = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in row.items()}
         if accelerator.is_main_process:
             with open(self.path, "a") as f:
                 f.write(json.dumps(row) + "\n")
@@ -2662,8 +2665,9 @@ def train(args):
         save_final(accelerator, args, m)
         log = os.path.join(args.output_dir, "metrics.jsonl")
         rows = [json.loads(line) for line in open(log)] if os.path.exists(log) else []
+        logged = [r["loss"] for r in rows if r["loss"] is not None]  # null: a row of skipped steps only
         run = {"steps": global_step, "epochs": num_epochs, "processes": world, "mixed_precision":
-               accelerator.mixed_precision, "last logged loss": f"{rows[-1]['loss']:.4g}" if rows else "-"}
+               accelerator.mixed_precision, "last logged loss": f"{logged[-1]:.4g}" if logged else "-"}
         write_model_card(args, m, source, plan.describe(), run)
         plot_losses(args.output_dir)
         if args.push_to_hub:
@@ -2739,7 +2743,7 @@ def after_step(accelerator, args, m, metrics, nonfinite, progress, global_step, 
     # A checkpoint ends a metrics row too: the steps since the last row would otherwise be lost on resume.
     if log or save:
         row = metrics.flush(global_step, epoch, lr, grad_norm, accelerator)
-        progress.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}")
+        progress.set_postfix(loss="-" if row["loss"] is None else f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}")
         accelerator.log({k: v for k, v in row.items() if k != "step"}, step=global_step)
     if save:
         save_checkpoint(accelerator, args, global_step, epoch, lr_scheduler)
