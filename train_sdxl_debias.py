@@ -99,7 +99,7 @@ def parse_args(argv=None):
     # what to train
     a("--finetune", choices=("lora", "full"), default="lora")
     a("--rank", type=int, default=None, help="LoRA rank (default 4).")
-    a("--lora_alpha", type=int, default=None, help="LoRA alpha (default: the rank, i.e. scale 1).")
+    a("--lora_alpha", type=float, default=None, help="LoRA alpha (default: the rank, i.e. scale 1).")
     a("--lora_dropout", type=float, default=None, help="Default 0.")
     a("--lora_target_modules", default=None,
       help="Comma-separated UNet module names (default to_q,to_k,to_v,to_out.0: the attention projections).")
@@ -1730,7 +1730,9 @@ def register_checkpoint_hooks(accelerator, args, m):
     def save_hook(models, weights, output_dir):
         if accelerator.is_main_process:
             unet, *text_encoders = [accelerator.unwrap_model(x) for x in models]
-            export_trained(args, output_dir, unet, text_encoders, m.ema)
+            step = int(output_dir.rsplit("-", 1)[1])  # save_checkpoint's .tmp-checkpoint-N
+            export_trained(args, output_dir, unet, text_encoders, m.ema, step=step,
+                           prediction_type=m.noise_scheduler.config.prediction_type)
         weights.clear()  # accelerate would otherwise pickle every weight again
 
     def load_hook(models, input_dir):
@@ -1770,9 +1772,9 @@ def adapter_config(model):
     return model.peft_config["default"].to_dict()
 
 
-def export_trained(args, folder, unet, text_encoders=(), ema=None):
-    """LoRA: diffusers' pytorch_lora_weights.safetensors plus the kohya/WebUI/ComfyUI single file.
-    Full: unet/ (and unet_ema/ with --use_ema)."""
+def export_trained(args, folder, unet, text_encoders=(), ema=None, step=None, prediction_type=None):
+    """LoRA: diffusers' pytorch_lora_weights.safetensors plus the kohya/WebUI/ComfyUI single file (named for
+    the checkpoint's `step`, if any). Full: unet/ (and unet_ema/ with --use_ema)."""
     if args.finetune == "lora":
         from diffusers import StableDiffusionXLPipeline
 
@@ -1788,7 +1790,8 @@ def export_trained(args, folder, unet, text_encoders=(), ema=None):
                 logger.warning("this diffusers cannot store --lora_alpha in pytorch_lora_weights.safetensors, so it "
                                "loads at the wrong scale; use %s, or upgrade diffusers", kohya_name(args.output_dir))
         save(folder, safe_serialization=True, **layers)
-        if not write_kohya_lora(args, folder, unet, text_encoders) and not args.use_dora:
+        kohya = os.path.join(folder, kohya_name(args.output_dir, step))
+        if not write_kohya_lora(args, kohya, unet, text_encoders, prediction_type) and not args.use_dora:
             logger.warning("no kohya file written: the adapter has weights kohya's format cannot hold")
     else:
         unet.save_pretrained(os.path.join(folder, "unet"), safe_serialization=True)
@@ -1796,19 +1799,22 @@ def export_trained(args, folder, unet, text_encoders=(), ema=None):
             ema.save_pretrained(os.path.join(folder, "unet_ema"))
 
 
-def kohya_name(output_dir):
-    return os.path.basename(os.path.abspath(output_dir)) + ".safetensors"
+def kohya_name(output_dir, step=None):
+    """`<output_dir name>.safetensors`; a checkpoint's `<name>-step00000500.safetensors`, as kohya names them, so
+    that several copied into one loras/ folder (ComfyUI, A1111) keep apart."""
+    return os.path.basename(os.path.abspath(output_dir)) + (f"-step{step:08d}" if step else "") + ".safetensors"
 
 
-def write_kohya_lora(args, folder, unet, text_encoders):
+def write_kohya_lora(args, path, unet, text_encoders, prediction_type=None):
     """One file in kohya's LoRA format for SDXL, which kohya's sd-scripts, A1111/Forge, ComfyUI and diffusers'
     load_lora_weights all read: `lora_unet_<module path with _>.lora_down.weight` (= peft's lora_A),
     `.lora_up.weight` (lora_B) and `.alpha`, with the UNet's paths in the original (SGM) layout kohya trains
     SDXL on (`input_blocks_4_1_…`, see sgm_path); text encoders as `lora_te1_text_model_…` / `lora_te2_…`.
-    DoRA has no kohya form: then no file (the model card says so)."""
+    DoRA has no kohya form: then no file (the model card says so). The metadata is what kohya's tools and the
+    WebUIs read: network module, rank and alpha (conv layers' too), base model, v-parameterisation."""
     from safetensors.torch import save_file
 
-    out = {}
+    out, convs = {}, False
     for prefix, model in zip(("lora_unet", "lora_te1", "lora_te2"), (unet, *text_encoders)):
         for key, value in lora_layers(model).items():
             module, _, kind = key.rpartition(".lora_")  # "down_blocks.0...to_q", "A.weight"
@@ -1819,9 +1825,13 @@ def write_kohya_lora(args, folder, unet, text_encoders):
             name = f"{prefix}_{module.replace('.', '_')}"
             out[f"{name}.lora_{'down' if kind == 'A.weight' else 'up'}.weight"] = value.contiguous()
             out[f"{name}.alpha"] = torch.tensor(float(args.lora_alpha))
-    save_file(out, os.path.join(folder, kohya_name(args.output_dir)), metadata={"ss_network_dim": str(args.rank),
-              "ss_network_alpha": str(args.lora_alpha), "ss_base_model_version": "sdxl_base_v1-0",
-              "ss_v_parameterization": str(args.prediction_type == "v_prediction")})
+            convs |= value.dim() == 4 and value.shape[-1] > 1  # kohya's "conv" LoRA: 3x3 kernels
+    metadata = {"ss_network_module": "networks.lora", "ss_network_dim": str(args.rank),
+                "ss_network_alpha": str(args.lora_alpha), "ss_base_model_version": "sdxl_base_v1-0",
+                "ss_v_parameterization": str((prediction_type or args.prediction_type) == "v_prediction")}
+    if convs:
+        metadata["ss_network_args"] = json.dumps({"conv_dim": str(args.rank), "conv_alpha": str(args.lora_alpha)})
+    save_file(out, path, metadata=metadata)
     return True
 
 
@@ -2051,7 +2061,8 @@ def save_final(accelerator, args, m):
     shutil.rmtree(tmp, ignore_errors=True)
     if args.finetune == "lora":
         os.makedirs(tmp)
-        export_trained(args, tmp, unet, text_encoders if args.train_text_encoder else ())
+        export_trained(args, tmp, unet, text_encoders if args.train_text_encoder else (),
+                       prediction_type=m.noise_scheduler.config.prediction_type)
     else:
         if m.ema is not None:
             m.ema.copy_to(unet.parameters())  # training is over: the averaged weights are the result

@@ -8,6 +8,7 @@ import pytest
 import torch
 import yaml
 from PIL import Image
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 import train_sdxl_debias as T
@@ -48,7 +49,13 @@ def test_both_lora_formats_load_and_give_the_same_image(te_lora_run, tiny_model)
     for part in ("text_encoder.", "text_encoder_2."):  # text_model. as transformers 4 names it, for older stacks
         keys = [k for k in diffusers_file if k.startswith(part)]
         assert keys and all(k.startswith(part + "text_model.encoder.layers.") for k in keys), keys[:3]
-    assert os.path.exists(os.path.join(out, "checkpoint-2", "my-lora.safetensors"))  # checkpoints export both
+    # Checkpoints export both, the kohya file named for its step (kohya's names: they keep apart in one folder).
+    assert os.path.exists(os.path.join(out, "checkpoint-2", "my-lora-step00000002.safetensors"))
+    with safe_open(os.path.join(out, "my-lora.safetensors"), "pt") as f:  # what kohya's tools and WebUIs read
+        meta = f.metadata()
+    assert meta["ss_network_module"] == "networks.lora" and meta["ss_base_model_version"] == "sdxl_base_v1-0"
+    assert float(meta["ss_network_dim"]) == 4 and float(meta["ss_network_alpha"]) == 2
+    assert meta["ss_v_parameterization"] == "False" and "ss_network_args" not in meta  # no conv layers here
 
     pipe = StableDiffusionXLPipeline.from_pretrained(tiny_model)
     base = generate(pipe)
@@ -75,6 +82,8 @@ def test_a_lora_on_every_layer_type_loads_whole_from_both_files(tiny_model, shap
                 "--lora_target_modules", targets)
     ours = {k.removeprefix("unet."): v for k, v in load_file(os.path.join(out, "pytorch_lora_weights.safetensors")).items()}
     kohya = load_file(os.path.join(out, "all-layers.safetensors"))
+    with safe_open(os.path.join(out, "all-layers.safetensors"), "pt") as f:  # 3x3 convs: kohya's conv_dim/alpha
+        assert json.loads(f.metadata()["ss_network_args"]) == {"conv_dim": "4", "conv_alpha": "4"}
     assert any("input_blocks" in k for k in kohya) and not any("down_blocks" in k for k in kohya)  # kohya's SDXL names
     assert len([k for k in kohya if k.endswith(".alpha")]) * 2 == len(ours)
     for weight_name in ("pytorch_lora_weights.safetensors", "all-layers.safetensors"):
@@ -177,6 +186,7 @@ def test_config_values_are_checked_like_flags(tmp_path, values, needle):
         yaml.safe_dump({"dataset": "x", "validation_prompt": "a ninja", "random_flip": True}, f)
     args = T.parse_args(["--config", path, "--seed", "9"])
     assert args.validation_prompt == ["a ninja"] and args.random_flip is True and args.seed == 9
+    assert T.parse_args(["--dataset", "x", "--lora_alpha", "0.5"]).lora_alpha == 0.5  # kohya's alphas are floats
     assert T.parse_args(["--config", path, "--validation_prompt", "a cat"]).validation_prompt == ["a cat"]
     with open(path, "w") as f:
         f.write("dataset: x\nmixed_precision: no\n")  # YAML reads an unquoted no as false

@@ -305,7 +305,12 @@ def test_lora_checkpoints_of_both_key_styles_load_back(tmp_path):
     old = convert_state_dict_to_diffusers(want)
     assert any(".lora.down." in k for k in old) and any(".lora_A." in k for k in old)  # the two styles
     StableDiffusionXLPipeline.save_lora_weights(str(tmp_path / "old"), unet_lora_layers=old)
-    T.export_trained(argparse.Namespace(**{**vars(args), "output_dir": str(tmp_path / "x")}), str(tmp_path), trained)
+    # Saved as a checkpoint of a base model whose scheduler is v-prediction (no --prediction_type given).
+    T.export_trained(argparse.Namespace(**{**vars(args), "output_dir": str(tmp_path / "x")}), str(tmp_path), trained,
+                     step=7, prediction_type="v_prediction")
+    from safetensors import safe_open
+    with safe_open(str(tmp_path / "x-step00000007.safetensors"), "pt") as f:  # kohya's flag for v-models
+        assert f.metadata()["ss_v_parameterization"] == "True"
     for folder in (tmp_path / "old", tmp_path):
         unet = fresh()
         T.load_trained(args, str(folder), unet)
