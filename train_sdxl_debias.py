@@ -545,12 +545,16 @@ def add_lora(model, args, targets, half_precision):
     config = LoraConfig(r=args.rank, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
                         init_lora_weights=INIT_LORA_WEIGHTS[args.init_lora_weights], use_dora=args.use_dora,
                         target_modules=targets)
-    if hasattr(model, "set_adapters"):  # a diffusers model
-        model.add_adapter(config)
-    else:  # transformers' add_adapter demands a newer peft than may be installed; this is what it does inside
-        from peft import inject_adapter_in_model
-        inject_adapter_in_model(config, model, adapter_name="default")
-        model.peft_config = {"default": config}
+    try:
+        if hasattr(model, "set_adapters"):  # a diffusers model
+            model.add_adapter(config)
+        else:  # transformers' add_adapter demands a newer peft than may be installed; this is what it does inside
+            from peft import inject_adapter_in_model
+            inject_adapter_in_model(config, model, adapter_name="default")
+            model.peft_config = {"default": config}
+    except ValueError as e:  # a layer type peft has no LoRA for (a GroupNorm), an init its conv LoRA lacks
+        raise UserError(f"peft cannot put this LoRA on the {type(model).__name__} (--lora_target_modules, "
+                        f"--init_lora_weights, --use_dora): {first_line(e)}") from None
     for p in model.parameters():
         if p.requires_grad:
             p.data = p.data.float()

@@ -154,6 +154,8 @@ USER_ERRORS = {
                         "--max_timestep", "2000"], "--max_timestep"),
     "misspelt_lora_target": (["--dataset", "{shapes}", "--pretrained_model_name_or_path", "{tiny_model}",
                               "--lora_target_modules", "to_q, to_kk"], "to_kk matches no layer"),
+    "lora_on_a_norm": (["--dataset", "{shapes}", "--pretrained_model_name_or_path", "{tiny_model}",
+                        "--lora_target_modules", "to_q,norm1"], "peft cannot put this LoRA on the UNet2DConditionModel"),
     "output_dir_is_a_file": (["--dataset", "{shapes}", "--output_dir", "{shapes}/train/metadata.jsonl"], "is a file"),
     "output_dir_in_a_file": (["--dataset", "{shapes}", "--output_dir", "{shapes}/train/metadata.jsonl/out"],
                              "metadata.jsonl', a file; pass a folder"),
