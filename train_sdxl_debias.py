@@ -1939,6 +1939,7 @@ def save_checkpoint(accelerator, args, global_step, epoch, lr_scheduler):
     accelerator.save_state(tmp)  # every rank writes its RNG state; main writes weights/optimizer
     accelerator.wait_for_everyone()  # every rank has finished writing before the folder becomes a checkpoint
     if accelerator.is_main_process:
+        readable_as_umask_says(tmp)
         with open(os.path.join(tmp, STATE_FILE), "w") as f:
             json.dump({"global_step": global_step, "epoch": epoch, "lr_scheduler": lr_scheduler.state_dict(),
                        "run": {k: getattr(args, k) for k in RUN_SHAPE}, "learning_rate": args.learning_rate,
@@ -2075,6 +2076,7 @@ def save_final(accelerator, args, m):
             from safetensors.torch import save_file
             state = {k: v.to(m.weight_dtype).contiguous() for k, v in unet.state_dict().items()}
             save_file(state, os.path.join(tmp, kohya_name(args.output_dir).replace(".safetensors", "_unet.safetensors")))
+    readable_as_umask_says(tmp)
     for name in os.listdir(tmp):  # each file or folder appears complete or not at all
         final = os.path.join(args.output_dir, name)
         if os.path.isdir(final):
@@ -2082,6 +2084,16 @@ def save_final(accelerator, args, m):
         os.replace(os.path.join(tmp, name), final)
     os.rmdir(tmp)
     logger.info("saved the %s to %s", "LoRA" if args.finetune == "lora" else "pipeline", args.output_dir)
+
+
+def readable_as_umask_says(folder):
+    """safetensors (0.8) writes its files readable by their owner only, whatever the umask: a ComfyUI or WebUI
+    service running as another user could not open the LoRA. Give every file the mode the umask gives new files."""
+    mask = os.umask(0)
+    os.umask(mask)
+    for parent, _, files in os.walk(folder):
+        for f in files:
+            os.chmod(os.path.join(parent, f), 0o666 & ~mask)
 
 
 def unwrapped(accelerator, m):

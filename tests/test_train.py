@@ -44,6 +44,11 @@ def test_lora_run_outputs_load_in_diffusers_and_change_the_image(tiny_model, sha
     rows = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
     assert all(np.isfinite(r["loss"]) and np.isfinite(r["mse"]) for r in rows)
+    # Readable as the umask says (safetensors alone writes owner-only files: a WebUI service could not read them).
+    mask = os.umask(0)
+    os.umask(mask)
+    for f in ("pytorch_lora_weights.safetensors", "lora.safetensors", "checkpoint-3/pytorch_lora_weights.safetensors"):
+        assert os.stat(os.path.join(out, f)).st_mode & 0o777 == 0o666 & ~mask, f
 
     pipe = StableDiffusionXLPipeline.from_pretrained(tiny_model)
     pipe.load_lora_weights(out)
