@@ -229,7 +229,8 @@ FOREIGN_FLAGS = {
 LORA_DEFAULTS = (("rank", 4), ("lora_alpha", None), ("lora_dropout", 0.0), ("lora_target_modules",
                  "to_q,to_k,to_v,to_out.0"), ("use_dora", False), ("init_lora_weights", "gaussian"))
 COMMA_LISTS = ("lora_target_modules",)  # flags whose one value is a comma-separated list
-NOT_CONFIG = ("config", "lora_flags_given", "config_flags", "hub_token")  # never read from or written to a config file
+NOT_CONFIG = ("config", "lora_flags_given", "config_flags", "hub_token",  # never read from or written to a config file
+              "data_fingerprint")
 NOT_SAVED = NOT_CONFIG + ("resume_from_checkpoint", "overwrite_output_dir")  # rerunning a config reproduces the run
 
 
@@ -1237,6 +1238,16 @@ class DataPlan:
     text_ns: str = ""
     latent_ns: str = ""
 
+    def fingerprint(self, captions):
+        """The images (file name and size, or the stored bytes' hash) and captions, in order: what a resumed
+        run's data order and pairs depend on. A folder copied elsewhere (other paths and times) keeps it."""
+        h = hashlib.blake2b(digest_size=4)
+        for ident, caption in zip(self.idents, captions):
+            kind, _, rest = ident.partition(":")
+            path, size, _ = rest.rsplit(":", 2) if kind == "file" else (rest, "", "")
+            h.update(f"{os.path.basename(path)}:{size}\0{json.dumps(caption)}\0".encode())
+        return f"{self.describe()}, {h.hexdigest()}"
+
     def describe(self):
         """"N images", and how many samples an epoch draws when images repeat (kohya's repeats)."""
         images = len(set(self.idents))
@@ -1924,7 +1935,9 @@ def read_state(path):
 
 
 def run_settings(args, accelerator):
-    return {**{k: getattr(args, k) for k in RUN_SETTINGS}, "processes": accelerator.num_processes}
+    """RUN_SETTINGS' values, the number of processes, and what the data is (data_fingerprint)."""
+    return {**{k: getattr(args, k) for k in RUN_SETTINGS}, "processes": accelerator.num_processes,
+            "data": getattr(args, "data_fingerprint", None)}
 
 
 def save_checkpoint(accelerator, args, global_step, epoch, lr_scheduler):
@@ -2009,7 +2022,7 @@ def resume(accelerator, args, lr_scheduler):
         logger.warning("--learning_rate %g is ignored: a resumed run keeps its checkpoint's schedule (from %g)",
                        args.learning_rate, state["learning_rate"])
     was, now = state.get("settings", {}), run_settings(args, accelerator)
-    changed = [f"--{k} {was[k]!r} -> {now[k]!r}" for k in now if k in was and was[k] != now[k]]
+    changed = [f"{'--' * (k in RUN_SETTINGS)}{k} {was[k]!r} -> {now[k]!r}" for k in now if k in was and was[k] != now[k]]
     if changed:
         logger.warning("resuming with other settings than %s was trained with (%s): from step %d the run follows "
                        "the new ones, not the original run's", path, "; ".join(changed), step)
@@ -2613,6 +2626,7 @@ def train(args):
     accelerator = setup(args)
     table, source = load_table(args)  # data errors surface before the (slow) model load
     table, plan, groups = plan_data(args, table, accelerator.is_local_main_process)
+    args.data_fingerprint = plan.fingerprint(table["text"])  # a resume names a changed dataset
     sampler = make_sampler(args, groups, accelerator)
     m = load_models(args, accelerator)
     if args.cache_latents or caches_text(args):

@@ -469,6 +469,27 @@ def test_kohya_dreambooth_folders_repeat_and_caption_by_folder_name(tmp_path, ca
     assert len(table) == 32 and len(plan_table) == 22 and "skipping 1 unreadable image(s)" in caplog.text
 
 
+def test_the_data_fingerprint_follows_images_and_captions_not_where_they_are(tmp_path):
+    """What a resume compares to say the dataset changed: file names, sizes and captions in order, so a copy of
+    the folder elsewhere (new paths and times) is the same data, and an edited caption is not."""
+    def fingerprint(folder):
+        table, plan, _ = T.plan_data(T.parse_args(["--dataset", "x", "--resolution", "32"]), T.load_table(
+            T.parse_args(["--train_data_dir", str(folder)]))[0], show_progress=False)
+        return plan.fingerprint(table["text"])
+
+    (tmp_path / "a").mkdir()
+    for i, color in enumerate(("red", "blue")):
+        Image.new("RGB", (32, 32), color).save(tmp_path / "a" / f"{i}.png")
+        (tmp_path / "a" / f"{i}.txt").write_text(f"a {color} square")
+    first = fingerprint(tmp_path / "a")
+    assert first.startswith("2 images, ")
+    shutil.copytree(tmp_path / "a", tmp_path / "b")  # a node-local copy: other paths, other times
+    os.utime(tmp_path / "b" / "0.png", (1, 1))
+    assert fingerprint(tmp_path / "b") == first
+    (tmp_path / "b" / "0.txt").write_text("a red circle")
+    assert fingerprint(tmp_path / "b") != first
+
+
 def test_images_without_any_caption_are_a_clear_error(tmp_path):
     for i in range(3):
         Image.new("RGB", (32, 32)).save(tmp_path / f"{i}.png")
