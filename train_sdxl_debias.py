@@ -975,17 +975,22 @@ def read_caption(path):
 KOHYA_FOLDER = re.compile(r"^(\d{1,3})_(.+)$")  # kohya's DreamBooth folders: "<repeats>_<caption>", e.g. "10_sks dog"
 
 
-def kohya_folders(source, images):
-    """{folder: (repeats, words)} when every image sits in a folder named as kohya's DreamBooth folders are,
-    `<repeats>_<words>` directly under `source`; else None."""
+def kohya_folders(source, images, captioned):
+    """{folder: (repeats, words)} when every image in a subfolder sits in a folder named as kohya's DreamBooth
+    folders are, `<repeats>_<words>` directly under `source`, and no image beside them has a caption (a preview
+    picture, say, which kohya does not read either); else None."""
     folders = {}
     for path in images:
         parts = os.path.relpath(path, source).split(os.sep)
-        match = KOHYA_FOLDER.match(parts[0]) if len(parts) > 1 else None
+        if len(parts) == 1:
+            if captioned(path):
+                return None
+            continue
+        match = KOHYA_FOLDER.match(parts[0])
         if match is None or int(match.group(1)) < 1:
             return None
         folders[parts[0]] = (int(match.group(1)), match.group(2).strip())
-    return folders
+    return folders or None
 
 
 def find_captions(source, files, images):
@@ -998,10 +1003,16 @@ def find_captions(source, files, images):
         stem, ext = os.path.splitext(f)
         if ext.lower() in CAPTION_EXTS:
             captions.setdefault(stem.lower(), []).append(f)
-    kohya = kohya_folders(source, images)
+    kohya = kohya_folders(source, images, lambda path: os.path.splitext(path)[0].lower() in captions)
     if kohya:
-        logger.info("kohya DreamBooth folders: %s", "; ".join(
+        say = logger.warning if any(n > 1 for n, _ in kohya.values()) else logger.info  # repeats change the mix
+        say("kohya DreamBooth folders: %s", "; ".join(
             f"{name!r} x{n} (images without a caption file: {words!r})" for name, (n, words) in sorted(kohya.items())))
+        loose = [path for path in images if os.sep not in os.path.relpath(path, source)]
+        if loose:
+            logger.warning("%d uncaptioned image(s) beside kohya's DreamBooth folders are left out, as kohya does: %s",
+                           len(loose), ", ".join(os.path.basename(p) for p in loose[:10]))
+            images = [path for path in images if os.sep in os.path.relpath(path, source)]
     paths, texts = [], []
     for path in images:
         found = captions.get(os.path.splitext(path)[0].lower())

@@ -453,11 +453,17 @@ def test_kohya_dreambooth_folders_repeat_and_caption_by_folder_name(tmp_path, ca
     assert count == {("10_sks dog/0.jpg", "sks dog on a beach"): 10, ("10_sks dog/1.jpg", "sks dog"): 10,
                      ("1_dog/IMG_0.JPG", "a dog, photo 0"): 1, ("1_dog/IMG_1.JPG", "a dog, photo 1"): 1}
     assert "'10_sks dog' x10" in caplog.text and "not images this trainer reads (.HEIC)" in caplog.text
+    # A warning, not an info line: numbered folders of another origin (12_street/) would train 12x as often.
+    assert {r.levelname for r in caplog.records if "kohya DreamBooth folders" in r.getMessage()} == {"WARNING"}
     plan_table, plan, _ = T.plan_data(T.parse_args(["--train_data_dir", str(data), "--resolution", "32"]), table,
                                       show_progress=False)
     assert len(plan_table) == 22 and len(set(plan.idents)) == 4  # repeats share an identity: one cache entry
     assert plan.describe() == "4 images (22 samples an epoch)"  # as the log and the model card count them
-    Image.new("RGB", (32, 32)).save(data / "loose.png")  # an image beside the folders: not kohya's layout
+    Image.new("RGB", (32, 32)).save(data / "preview.png")  # an uncaptioned picture beside the folders: left out
+    table, _ = T.load_table(T.parse_args(["--train_data_dir", str(data)]))
+    assert len(table) == 22 and "1 uncaptioned image(s) beside kohya's DreamBooth folders are left out" in caplog.text
+    os.remove(data / "preview.png")
+    Image.new("RGB", (32, 32)).save(data / "loose.png")  # a captioned image beside the folders: not kohya's layout
     (data / "loose.txt").write_text("loose")
     table, _ = T.load_table(T.parse_args(["--train_data_dir", str(data)]))
     assert len(table) == 5 and table["text"].count("") == 1  # no repeats, no folder captions
