@@ -757,8 +757,22 @@ def load_table(args):
     table = table.add_column("row", numbers)  # the dataset's row, for messages after subsets
     check_captions(table, source, caption_col)
     if args.max_train_samples:
-        table = table.shuffle(seed=args.seed).select(range(min(args.max_train_samples, len(table))))
+        table = subset(table, args.max_train_samples, args.seed)
     return table, source
+
+
+def subset(table, n, seed):
+    """--max_train_samples: n images drawn at random (seeded), with every row of each (kohya's repeats list a
+    file once per repeat: drawing rows would take some images twice and leave others out)."""
+    import pyarrow as pa
+
+    kind = table.with_format("arrow")["image"].type  # paths, or stored bytes (not worth reading here)
+    paths = table["image"] if pa.types.is_string(kind) or pa.types.is_large_string(kind) else None
+    if paths is None or len(set(paths)) == len(paths):
+        return table.shuffle(seed=seed).select(range(min(n, len(table))))
+    distinct = list(dict.fromkeys(paths))
+    chosen = set(random.Random(seed).sample(distinct, min(n, len(distinct))))
+    return table.select([i for i, p in enumerate(paths) if p in chosen])
 
 
 def drop_rows_without_image(table, column, source):

@@ -458,6 +458,10 @@ def test_kohya_dreambooth_folders_repeat_and_caption_by_folder_name(tmp_path, ca
     plan_table, plan, _ = T.plan_data(T.parse_args(["--train_data_dir", str(data), "--resolution", "32"]), table,
                                       show_progress=False)
     assert len(plan_table) == 22 and len(set(plan.idents)) == 4  # repeats share an identity: one cache entry
+    for seed in range(3):  # --max_train_samples draws images, each with all its repeats
+        few, _ = T.load_table(T.parse_args(["--train_data_dir", str(data), "--max_train_samples", "2", "--seed",
+                                            str(seed)]))
+        assert len(set(few["image"])) == 2 and all(few["image"].count(p) in (1, 10) for p in set(few["image"]))
     assert plan.describe() == "4 images (22 samples an epoch)"  # as the log and the model card count them
     Image.new("RGB", (32, 32)).save(data / "preview.png")  # an uncaptioned picture beside the folders: left out
     table, _ = T.load_table(T.parse_args(["--train_data_dir", str(data)]))
