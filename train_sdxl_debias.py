@@ -743,9 +743,7 @@ def load_table(args):
         table = table.cast_column(image_col, datasets.Image(decode=False))  # encoded bytes too: {bytes, path}
     table, numbers = drop_rows_without_image(table, image_col, source)
     if os.path.exists(source):  # relative paths in local data: beside it if there, as in an imagefolder
-        here = source if os.path.isdir(source) else os.path.dirname(os.path.abspath(source))
-        beside = lambda v: (os.path.join(here, v) if isinstance(v, str) and not os.path.isabs(v)
-                            and os.path.exists(os.path.join(here, v)) else v)  # absolute: nothing to look up
+        beside = relative_to(source)
         if not encoded:
             table = table.map(lambda v: {image_col: beside(v)}, input_columns=image_col, keep_in_memory=True)
         elif any(v["bytes"] is None for v in table.select(range(min(len(table), 8)))[image_col]):  # paths only
@@ -773,6 +771,30 @@ def subset(table, n, seed):
     distinct = list(dict.fromkeys(paths))
     chosen = set(random.Random(seed).sample(distinct, min(n, len(distinct))))
     return table.select([i for i, p in enumerate(paths) if p in chosen])
+
+
+def relative_to(source):
+    """A function that resolves an image path of local data: relative to the data file, or to the data folder,
+    else to the folder of one of its data files (data/train.jsonl listing images/0.png under data/). Absolute
+    paths and paths found nowhere stay as they are (then named as unreadable)."""
+    bases = [source] if os.path.isdir(source) else [os.path.dirname(os.path.abspath(source))]
+    listed = not os.path.isdir(source)  # a folder's data files are looked for at the first path not beside it
+
+    def resolve(value):
+        nonlocal listed
+        if not isinstance(value, str) or os.path.isabs(value):
+            return value
+        for base in bases:
+            if os.path.exists(os.path.join(base, value)):
+                return os.path.join(base, value)
+        if not listed:
+            listed = True
+            bases.extend(sorted({os.path.dirname(f) for f in list_files(source)
+                                 if os.path.splitext(f)[1].lower() in DATA_FILES} - {source}))
+            return resolve(value)
+        return value
+
+    return resolve
 
 
 def drop_rows_without_image(table, column, source):

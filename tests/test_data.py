@@ -344,10 +344,13 @@ def dataset_in_every_local_form(shapes, root):
     with open(os.path.join(root, "jsonl", "train.jsonl"), "w") as f:
         for r in rows:
             f.write(json.dumps({"file": "pictures/" + r["file_name"], "caption": r["text"]}) + "\n")
+    shutil.copytree(os.path.join(root, "jsonl"), os.path.join(root, "nested", "data"))  # paths relative to data/
+    os.remove(os.path.join(root, "nested", "data", "pictures", "metadata.jsonl"))  # train.jsonl is the data
     return rows, {"snapshot": [os.path.join(root, "snapshot")], "saved": [os.path.join(root, "saved")],
                   "parquet": [os.path.join(root, "one.parquet")],
                   "raw_bytes": [os.path.join(root, "raw")],  # webdataset's column names are found by themselves
-                  "jsonl": [os.path.join(root, "jsonl", "train.jsonl"), "--image_column", "file"]}
+                  "jsonl": [os.path.join(root, "jsonl", "train.jsonl"), "--image_column", "file"],
+                  "jsonl_in_a_subfolder": [os.path.join(root, "nested"), "--image_column", "file"]}
 
 
 def test_every_local_dataset_form_loads_with_its_captions(shapes, tmp_path):
