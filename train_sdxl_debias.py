@@ -891,8 +891,10 @@ def load_folder(source, output_dir, cache_dir=None, config=None):
     if not images:
         raise UserError(f"dataset folder {source!r} has no images (looked for {', '.join(IMAGE_EXTS)}) and no data "
                         "files")
+    tables = [f for f in files if os.path.splitext(f)[1].lower() in DATA_FILES]  # not read beside images
     raise UserError(f"dataset folder {source!r} has {len(images)} images but no captions: put a same-name .txt "
-                    "(or .caption) file next to each image, or a metadata.jsonl with file_name and text columns")
+                    "(or .caption) file next to each image, or a metadata.jsonl with file_name and text columns"
+                    + (f"; if {tables[0]!r} holds the captions, pass it as --dataset" if tables else ""))
 
 
 # The top folders datasets' imagefolder reads as splits, and the split each names.

@@ -506,7 +506,11 @@ def test_the_data_fingerprint_follows_images_and_captions_not_where_they_are(tmp
 def test_images_without_any_caption_are_a_clear_error(tmp_path):
     for i in range(3):
         Image.new("RGB", (32, 32)).save(tmp_path / f"{i}.png")
-    with pytest.raises(T.UserError, match="3 images but no captions"):
+    with pytest.raises(T.UserError, match="3 images but no captions") as e:
+        T.load_table(T.parse_args(["--dataset", str(tmp_path)]))
+    assert "pass it as --dataset" not in str(e.value)
+    (tmp_path / "captions.json").write_text('[{"file": "0.png", "caption": "a square"}]')  # beside images: no data
+    with pytest.raises(T.UserError, match="if '.*captions.json' holds the captions, pass it as --dataset"):
         T.load_table(T.parse_args(["--dataset", str(tmp_path)]))
 
 
