@@ -1869,6 +1869,11 @@ def kohya_name(output_dir, step=None):
     return os.path.basename(os.path.abspath(output_dir)) + (f"-step{step:08d}" if step else "") + ".safetensors"
 
 
+def unet_file_name(output_dir):
+    """--save_single_file's `<output_dir name>_unet.safetensors`."""
+    return os.path.basename(os.path.abspath(output_dir)) + "_unet.safetensors"
+
+
 def write_kohya_lora(args, path, unet, text_encoders, prediction_type=None):
     """One file in kohya's LoRA format for SDXL, which kohya's sd-scripts, A1111/Forge, ComfyUI and diffusers'
     load_lora_weights all read: `lora_unet_<module path with _>.lora_down.weight` (= peft's lora_A),
@@ -2137,7 +2142,7 @@ def save_final(accelerator, args, m):
         if args.save_single_file:
             from safetensors.torch import save_file
             state = {k: v.to(m.weight_dtype).contiguous() for k, v in unet.state_dict().items()}
-            save_file(state, os.path.join(tmp, kohya_name(args.output_dir).replace(".safetensors", "_unet.safetensors")))
+            save_file(state, os.path.join(tmp, unet_file_name(args.output_dir)))
     readable_as_umask_says(tmp)
     for name in os.listdir(tmp):  # each file or folder appears complete or not at all
         final = os.path.join(args.output_dir, name)
@@ -2582,9 +2587,8 @@ def remove_outputs(output_dir):
     """--overwrite_output_dir: the previous run's results, by the names this trainer writes them under, so that
     none is left beside the new run's (a LoRA's kohya file beside a DoRA, LoRA files beside a full pipeline).
     Other files stay; a pipeline's folders go only where its model_index.json says it is ours."""
-    name = kohya_name(output_dir)
-    files = ["pytorch_lora_weights.safetensors", name, name.replace(".safetensors", "_unet.safetensors"),
-             "README.md", "loss.png", "model_index.json"]
+    files = ["pytorch_lora_weights.safetensors", kohya_name(output_dir), unet_file_name(output_dir), "README.md",
+             "loss.png", "model_index.json"]
     folders = ["samples"] + (list(PIPELINE_FOLDERS) if os.path.exists(os.path.join(output_dir, "model_index.json"))
                              else [])
     for f in files:
@@ -2899,6 +2903,12 @@ def main(argv=None):
     except KeyboardInterrupt:  # Ctrl-C: checkpoints are complete or absent, so `latest` picks up from the last
         print("\ninterrupted: rerun with --resume_from_checkpoint latest to continue", file=sys.stderr)
         return 128 + interrupted_by
+    except torch.cuda.OutOfMemoryError as e:  # the settings don't fit the card: say which ones shrink the step
+        print(f"error: out of GPU memory ({first_line(e).split('. GPU')[0]}): lower --train_batch_size (raise "
+              "--gradient_accumulation_steps to keep the batch), or add --gradient_checkpointing, --cache_latents, "
+              "--mixed_precision bf16, --optimizer adamw8bit; checkpoints are complete or absent: rerun with "
+              "--resume_from_checkpoint latest", file=sys.stderr)
+        return 2
     except Exception as e:
         if not disk_full(e):
             raise
