@@ -741,18 +741,18 @@ def load_table(args):
     encoded = isinstance(feature, datasets.Image) or getattr(feature, "dtype", None) in ("binary", "large_binary")
     if encoded:
         table = table.cast_column(image_col, datasets.Image(decode=False))  # encoded bytes too: {bytes, path}
-    table, numbers = drop_rows_without_image(table, image_col, source)
-    if os.path.exists(source):  # relative paths in local data: beside it if there, as in an imagefolder
-        beside = relative_to(source)
-        if not encoded:
-            table = table.map(lambda v: {image_col: beside(v)}, input_columns=image_col, keep_in_memory=True)
-        elif any(v["bytes"] is None for v in table.select(range(min(len(table), 8)))[image_col]):  # paths only
-            table = table.map(lambda v: {image_col: v if v["bytes"] else {"bytes": None, "path": beside(v["path"])}},
-                              input_columns=image_col, keep_in_memory=True)
     table = table.select_columns([image_col, caption_col]).rename_columns({image_col: "image", caption_col: "text"})
     if len(table) == 0:
         raise UserError(f"dataset {source!r} has no rows")
-    table = table.add_column("row", numbers)  # the dataset's row, for messages after subsets
+    table = table.add_column("row", np.arange(len(table)))  # the dataset's row, for messages after subsets
+    table = drop_rows_without_image(table, image_col, source)
+    if os.path.exists(source):  # relative paths in local data: beside it if there, as in an imagefolder
+        beside = relative_to(source)
+        if not encoded:
+            table = table.map(lambda v: {"image": beside(v)}, input_columns="image", keep_in_memory=True)
+        elif any(v["bytes"] is None for v in table.select(range(min(len(table), 8)))["image"]):  # paths only
+            table = table.map(lambda v: {"image": v if v["bytes"] else {"bytes": None, "path": beside(v["path"])}},
+                              input_columns="image", keep_in_memory=True)
     check_captions(table, source, caption_col)
     if args.max_train_samples:
         table = subset(table, args.max_train_samples, args.seed)
@@ -799,12 +799,12 @@ def relative_to(source):
 
 def drop_rows_without_image(table, column, source):
     """Rows that name no image (null, or an empty file name: the blank rows a spreadsheet leaves at the end of a
-    metadata.csv) are counted in a warning and left out; read from Arrow, without touching any image's bytes.
-    Returns the table and the dataset row number of each row kept."""
+    metadata.csv) are counted in a warning and left out (an index over the rows: no image's bytes are read or
+    copied). `column`: the image column's name in the dataset, for messages."""
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    values = table.with_format("arrow")[column]
+    values = table.with_format("arrow")["image"]
     empty = lambda strings: pc.fill_null(pc.equal(pc.utf8_trim_whitespace(strings), ""), True)
     if pa.types.is_struct(values.type):  # {bytes, path}: an image if either is there
         missing = pc.and_(pc.is_null(pc.struct_field(values, "bytes")), empty(pc.struct_field(values, "path")))
@@ -815,13 +815,13 @@ def drop_rows_without_image(table, column, source):
         missing = pc.is_null(values)
     missing = np.asarray(pc.fill_null(missing, True))
     rows, kept = np.flatnonzero(missing), np.flatnonzero(~missing)
-    if len(table) and not len(kept):
+    if not len(kept):
         raise UserError(f"no row of dataset {source!r} names an image in column {column!r}")
     if len(rows):
         logger.warning("%d of %d rows of %s name no image (null or an empty file name) and are left out: rows %s",
                        len(rows), len(table), source, ", ".join(map(str, rows[:10])) + (" …" if len(rows) > 10 else ""))
         table = table.select(kept)
-    return table, kept
+    return table
 
 
 def train_split(table, source):
@@ -853,7 +853,8 @@ def check_captions(table, source, column):
                         "and the captions")
     if empty:
         logger.warning("%d of %d images have no caption (missing, null or empty) and train with an empty prompt, "
-                       "e.g. %s", len(empty), len(table), describe_image(table[empty[0]]["image"], empty[0]))
+                       "e.g. %s", len(empty), len(table), describe_image(table[empty[0]]["image"],
+                                                                         table[empty[0]]["row"]))
 
 
 def load_folder(source, output_dir, cache_dir=None, config=None):
@@ -897,22 +898,26 @@ def load_folder(source, output_dir, cache_dir=None, config=None):
                     + (f"; if {tables[0]!r} holds the captions, pass it as --dataset" if tables else ""))
 
 
-# The top folders datasets' imagefolder reads as splits, and the split each names.
+# The folder names datasets' imagefolder reads as splits (case-sensitively, at any depth), and the split each names.
 SPLIT_FOLDERS = {"train": "train", "training": "train", "validation": "validation", "valid": "validation",
                  "val": "validation", "dev": "validation", "test": "test", "testing": "test", "eval": "test",
                  "evaluation": "test"}
 
 
 def imagefolder_files(source, files):
-    """The data_files of an imagefolder: every file, or those of its train/ folder. Given the folder alone,
-    datasets looks for split names in every file and folder name too: `dog_test_04.png` or a `test_shots/`
-    folder became a test split, and the run trained on the rest without a word. Here only a top folder named as
-    a split is one, as in datasets' documented layout. Paths are escaped: `[v2]` in a path is no pattern."""
+    """The data_files of an imagefolder: every file, or those of its train/ folders. Given the folder alone,
+    datasets also reads split names out of file names and other folder names: `dog_test_04.png` or a
+    `test_shots/` folder became a test split, and the run trained on the rest without a word. Here only a folder
+    named exactly as a split is one (`train/`, `data/train/`), as in datasets' documented layout, and only if it
+    holds images or metadata. Paths are escaped: `[v2]` in a path is no pattern."""
     splits = {}
     for f in files:
-        parts = os.path.relpath(f, source).split(os.sep)
-        if len(parts) > 1 and parts[0].lower() in SPLIT_FOLDERS:
-            splits.setdefault(SPLIT_FOLDERS[parts[0].lower()], set()).add(parts[0])
+        if not (os.path.splitext(f)[1].lower() in IMAGE_EXTS or os.path.basename(f) in METADATA_FILES):
+            continue
+        parts = os.path.relpath(f, source).split(os.sep)[:-1]
+        depth = next((i for i, part in enumerate(parts) if part in SPLIT_FOLDERS), None)  # the outermost
+        if depth is not None:
+            splits.setdefault(SPLIT_FOLDERS[parts[depth]], set()).add(os.path.join(*parts[:depth + 1]))
     if not splits:
         return {"train": os.path.join(glob.escape(source), "**")}
     name = "train" if "train" in splits else next(iter(splits))
@@ -921,8 +926,8 @@ def imagefolder_files(source, files):
                         f"{', '.join(sorted(d for ds in splits.values() for d in ds))}); name one train/, or pass the "
                         "folder of the split you want")
     if name != "train":
-        logger.info("dataset %s has one split folder, %s: training on it", source, ", ".join(splits[name]))
-    return {"train": [os.path.join(glob.escape(source), folder, "**") for folder in sorted(splits[name])]}
+        logger.info("dataset %s has one split folder, %s: training on it", source, ", ".join(sorted(splits[name])))
+    return {"train": [os.path.join(glob.escape(source), glob.escape(folder), "**") for folder in sorted(splits[name])]}
 
 
 def check_metadata_file(path):
@@ -2160,7 +2165,8 @@ def readable_as_umask_says(folder):
     os.umask(mask)
     for parent, _, files in os.walk(folder):
         for f in files:
-            os.chmod(os.path.join(parent, f), 0o666 & ~mask)
+            with suppress(OSError):  # a file system without modes (FAT, some network mounts)
+                os.chmod(os.path.join(parent, f), 0o666 & ~mask)
 
 
 def unwrapped(accelerator, m):
@@ -2566,15 +2572,14 @@ def claim_output_dir(args, accelerator, global_step):
         if args.overwrite_output_dir and not args.resume_from_checkpoint:
             for step, old in list_checkpoints(args.output_dir):
                 remove_checkpoint(args.output_dir, step, old)
-            remove_outputs(args.output_dir)
+            remove_outputs(args)
         elif global_step:
             prune_checkpoints(args)  # a run killed between saving a checkpoint and pruning the oldest
         for name in ("metrics.jsonl", "metrics.jsonl.tmp") if global_step == 0 else ("metrics.jsonl.tmp",):
             if os.path.exists(os.path.join(args.output_dir, name)):
                 os.remove(os.path.join(args.output_dir, name))
-        if global_step == 0:  # another run's grids: the model card would show them as this one's
-            for grid in glob.glob(os.path.join(glob.escape(args.output_dir), "samples", "step_*.png")):
-                os.remove(grid)
+        if global_step == 0:
+            remove_grids(args.output_dir)
         with open(os.path.join(args.output_dir, "train_config.json"), "w") as f:  # rerun with --config this file
             json.dump({k: v for k, v in vars(args).items() if k not in NOT_SAVED}, f, indent=2)
     accelerator.wait_for_everyone()
@@ -2583,19 +2588,30 @@ def claim_output_dir(args, accelerator, global_step):
 PIPELINE_FOLDERS = ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler")
 
 
-def remove_outputs(output_dir):
+def remove_outputs(args):
     """--overwrite_output_dir: the previous run's results, by the names this trainer writes them under, so that
     none is left beside the new run's (a LoRA's kohya file beside a DoRA, LoRA files beside a full pipeline).
-    Other files stay; a pipeline's folders go only where its model_index.json says it is ours."""
-    files = ["pytorch_lora_weights.safetensors", kohya_name(output_dir), unet_file_name(output_dir), "README.md",
-             "loss.png", "model_index.json"]
-    folders = ["samples"] + (list(PIPELINE_FOLDERS) if os.path.exists(os.path.join(output_dir, "model_index.json"))
-                             else [])
-    for f in files:
-        with suppress(FileNotFoundError):
-            os.remove(os.path.join(output_dir, f))
-    for folder in folders:
-        shutil.rmtree(os.path.join(output_dir, folder), ignore_errors=True)
+    Other files stay, and all of them where output_dir and what this run reads overlap (a full fine-tune
+    continued in place: its pipeline is the base model this run loaded)."""
+    out, here = args.output_dir, os.path.realpath(args.output_dir)
+    inputs = [os.path.realpath(p) for p in (args.pretrained_model_name_or_path, args.pretrained_vae_model_name_or_path,
+                                            args.train_data_dir or args.dataset) if p and os.path.exists(p)]
+    if not any(p == here or p.startswith(here + os.sep) or here.startswith(p + os.sep) for p in inputs):
+        files = ["pytorch_lora_weights.safetensors", kohya_name(out), unet_file_name(out), "README.md", "loss.png"]
+        if os.path.exists(os.path.join(out, "model_index.json")):
+            files.append("model_index.json")
+            for folder in PIPELINE_FOLDERS:
+                shutil.rmtree(os.path.join(out, folder), ignore_errors=True)
+        for f in files:
+            with suppress(FileNotFoundError):
+                os.remove(os.path.join(out, f))
+
+
+def remove_grids(output_dir):
+    """An earlier run's validation grids (samples/step_*.png; other files there stay): the model card would
+    show them as this run's."""
+    for grid in glob.glob(os.path.join(glob.escape(output_dir), "samples", "step_*.png")):
+        os.remove(grid)
 
 
 def loader_workers(args, accelerator, decoding=True):
@@ -2904,10 +2920,8 @@ def main(argv=None):
         print("\ninterrupted: rerun with --resume_from_checkpoint latest to continue", file=sys.stderr)
         return 128 + interrupted_by
     except torch.cuda.OutOfMemoryError as e:  # the settings don't fit the card: say which ones shrink the step
-        print(f"error: out of GPU memory ({first_line(e).split('. GPU')[0]}): lower --train_batch_size (raise "
-              "--gradient_accumulation_steps to keep the batch), or add --gradient_checkpointing, --cache_latents, "
-              "--mixed_precision bf16, --optimizer adamw8bit; checkpoints are complete or absent: rerun with "
-              "--resume_from_checkpoint latest", file=sys.stderr)
+        print(f"error: out of GPU memory ({first_line(e).split('. GPU')[0]}): {smaller_step(args)}; checkpoints "
+              "are complete or absent: rerun with --resume_from_checkpoint latest", file=sys.stderr)
         return 2
     except Exception as e:
         if not disk_full(e):
@@ -2916,6 +2930,16 @@ def main(argv=None):
               "room and rerun with --resume_from_checkpoint latest", file=sys.stderr)
         return 2
     return 0
+
+
+def smaller_step(args):
+    """What shrinks a training step's memory among the settings not yet in effect (each resumable)."""
+    add = [f"--{flag}" for flag in ("gradient_checkpointing", "cache_latents") if not getattr(args, flag)]
+    if (args.mixed_precision or os.environ.get("ACCELERATE_MIXED_PRECISION", "no")) == "no":
+        add.append("--mixed_precision bf16")
+    ways = (["lower --train_batch_size (raise --gradient_accumulation_steps to keep the batch)"]
+            if args.train_batch_size > 1 else []) + (["add " + ", ".join(add)] if add else [])
+    return ", or ".join(ways) or "the step does not fit at batch 1 with checkpointing: lower --resolution"
 
 
 DISK_FULL = ("No space left on device", "Disk quota exceeded", "Read-only file system", "File too large",

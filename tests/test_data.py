@@ -375,11 +375,24 @@ def test_split_names_in_file_names_brackets_in_paths_and_dataset_configs(tmp_pat
     (root / "metadata.jsonl").write_text("".join(json.dumps({"file_name": n, "text": n}) + "\n" for n in names))
     table, _ = T.load_table(T.parse_args(["--dataset", str(root)]))
     assert sorted(table["text"]) == sorted(names)
-    for split in ("train", "test"):  # datasets' documented layout: the train/ folder trains
-        (tmp_path / "splits" / split).mkdir(parents=True)
-        Image.new("RGB", (32, 32)).save(tmp_path / "splits" / split / "x.png")
-        (tmp_path / "splits" / split / "metadata.jsonl").write_text(json.dumps({"file_name": "x.png", "text": split}))
+    for split in ("train", "test"):  # datasets' documented layout: the train/ folder trains, at any depth
+        for folder in (tmp_path / "splits" / split, tmp_path / "hub" / "data" / split):
+            folder.mkdir(parents=True)
+            Image.new("RGB", (32, 32)).save(folder / "x.png")
+            (folder / "metadata.jsonl").write_text(json.dumps({"file_name": "x.png", "text": split}))
     assert T.load_table(T.parse_args(["--dataset", str(tmp_path / "splits")]))[0]["text"] == ["train"]
+    assert T.load_table(T.parse_args(["--dataset", str(tmp_path / "hub")]))[0]["text"] == ["train"]
+    shutil.rmtree(tmp_path / "hub")
+    # Names are matched as datasets matches them, case-sensitively: a category folder Test/ is no split, and a
+    # folder of other files named eval/ is none either.
+    (root / "Test").mkdir()
+    Image.new("RGB", (32, 32)).save(root / "Test" / "t.png")
+    (root / "eval").mkdir()
+    (root / "eval" / "prompts.txt").write_text("a prompt")
+    with open(root / "metadata.jsonl", "a") as f:
+        f.write(json.dumps({"file_name": "Test/t.png", "text": "Test/t.png"}) + "\n")
+    table, _ = T.load_table(T.parse_args(["--dataset", str(root)]))
+    assert sorted(table["text"]) == sorted(names + ["Test/t.png"])
     shutil.rmtree(tmp_path / "splits" / "train")
     assert T.load_table(T.parse_args(["--dataset", str(tmp_path / "splits")]))[0]["text"] == ["test"]  # the only one
     shutil.copytree(tmp_path / "splits" / "test", tmp_path / "splits" / "val")
@@ -464,7 +477,8 @@ def test_kohya_dreambooth_folders_repeat_and_caption_by_folder_name(tmp_path, ca
     for seed in range(3):  # --max_train_samples draws images, each with all its repeats
         few, _ = T.load_table(T.parse_args(["--train_data_dir", str(data), "--max_train_samples", "2", "--seed",
                                             str(seed)]))
-        assert len(set(few["image"])) == 2 and all(few["image"].count(p) in (1, 10) for p in set(few["image"]))
+        repeats = {p: 10 if "10_sks dog" in p else 1 for p in set(few["image"])}
+        assert len(repeats) == 2 and all(list(few["image"]).count(p) == n for p, n in repeats.items()), seed
     assert plan.describe() == "4 images (22 samples an epoch)"  # as the log and the model card count them
     Image.new("RGB", (32, 32)).save(data / "preview.png")  # an uncaptioned picture beside the folders: left out
     table, _ = T.load_table(T.parse_args(["--train_data_dir", str(data)]))

@@ -208,8 +208,26 @@ def test_existing_checkpoints_need_resume_or_overwrite(tiny_model, shapes, tmp_p
                            "--finetune", "full"))
     names = set(os.listdir(out))
     assert {"model_index.json", "unet", "notes.txt", "checkpoint-1"} <= names
-    assert not names & {"pytorch_lora_weights.safetensors", "run.safetensors", "samples"}
+    assert not names & {"pytorch_lora_weights.safetensors", "run.safetensors"}
+    assert os.listdir(os.path.join(out, "samples")) == []  # the first run's grids
     assert "Validation images" not in open(os.path.join(out, "README.md")).read()
+
+
+def test_overwrite_keeps_a_pipeline_this_run_loads(tmp_path):
+    """A full fine-tune continued in place (--output_dir = the base model's folder) with --overwrite_output_dir:
+    the pipeline there is this run's input, not a previous result to remove."""
+    import train_sdxl_debias as T
+
+    out = tmp_path / "model"
+    (out / "unet").mkdir(parents=True)
+    for name in ("model_index.json", "README.md", "unet/config.json"):
+        (out / name).write_text("{}")
+    args = T.parse_args(["--dataset", "x", "--output_dir", str(out), "--pretrained_model_name_or_path", str(out)])
+    T.remove_outputs(args)
+    assert sorted(os.listdir(out)) == ["README.md", "model_index.json", "unet"]
+    args.pretrained_model_name_or_path = str(tmp_path / "elsewhere")
+    T.remove_outputs(args)  # another base model: this folder's pipeline is a previous run's result
+    assert os.listdir(out) == []
 
 
 def test_a_failed_start_loses_nothing_and_a_mismatched_resume_says_why(tiny_model, shapes, tmp_path):
