@@ -60,8 +60,19 @@ def derive_seed(*parts):
 # 1. arguments
 # ----------------------------------------------------------------------------------------------------------------
 
+class Parser(argparse.ArgumentParser):
+    """A bad value ends in one `error:` line, like every other mistake, not a usage dump; and no flag is taken
+    for a prefix of another (kohya's --sdpa as --sdpa_backend, --noise as --noise_offset)."""
+
+    def __init__(self, **kw):
+        super().__init__(allow_abbrev=False, **kw)
+
+    def error(self, message):
+        raise UserError(f"{message} (see --help)")
+
+
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = Parser(description=__doc__.splitlines()[0])
     a = p.add_argument
     # model
     a("--pretrained_model_name_or_path", default="stabilityai/stable-diffusion-xl-base-1.0",
@@ -195,10 +206,10 @@ def parse_args(argv=None):
     # Which flags the file set (the command line did not override), so an error about one can say where it is.
     args.config_flags = sorted(o for a in p._actions for o in a.option_strings
                                if a.dest in values and getattr(args, a.dest) == values[a.dest])
-    if unknown:  # one line, with the replacement when a diffusers flag has one, instead of a usage dump
-        flag = next((u for u in unknown if u.startswith("-")), unknown[0])
-        hint = FOREIGN_FLAGS.get(flag.split("=")[0], "see --help for the flags")
-        raise UserError(f"unrecognized argument {flag!r}: {hint}")
+    if unknown:  # one line for all of them, with the replacement where a diffusers or kohya flag has one
+        flags = [u for u in unknown if u.startswith("-")] or unknown[:1]
+        raise UserError("unrecognized argument" + "s" * (len(flags) > 1) + ": " + "; ".join(
+            f"{f!r} ({FOREIGN_FLAGS.get(f.split('=')[0], 'see --help for the flags')})" for f in flags))
     if args.loss_weighting is None:  # a diffusers command line turns min-SNR on with --snr_gamma alone
         args.loss_weighting = "min_snr" if args.snr_gamma is not None else "debias"
     if args.snr_gamma is None:
@@ -225,6 +236,27 @@ FOREIGN_FLAGS = {
     "--instance_prompt": "write the prompt into a same-name .txt caption next to each image (--train_data_dir)",
     "--network_dim": "use --rank", "--network_alpha": "use --lora_alpha",
     "--local_rank": "launch with accelerate launch or torchrun, which pass the rank in the environment",
+    "--local-rank": "launch with accelerate launch or torchrun, which pass the rank in the environment",
+    "--dream_training": "not supported", "--tracker_project_name": "runs are named train_sdxl_debias",
+    "--non_ema_revision": "not needed: the EMA starts from the loaded weights",
+    "--offload_ema": "not supported", "--foreach_ema": "not needed",
+    # kohya's sd-scripts
+    "--debiased_estimation_loss": "this trainer's default: --loss_weighting debias",
+    "--min_snr_gamma": "use --snr_gamma (with --loss_weighting min_snr)",
+    "--xformers": "not needed: PyTorch's scaled-dot-product attention is used",
+    "--mem_eff_attn": "not needed: PyTorch's scaled-dot-product attention is used",
+    "--sdpa": "always on; --sdpa_backend picks the kernel", "--optimizer_type": "use --optimizer",
+    "--save_every_n_steps": "use --checkpointing_steps", "--cache_latents_to_disk": "use --cache_latents",
+    "--caption_extension": ".txt and .caption files are read as they are", "--output_name": "use --output_dir",
+    "--max_train_epochs": "use --num_train_epochs", "--enable_bucket": "use --aspect_ratio_bucketing",
+    "--v_parameterization": "use --prediction_type v_prediction", "--log_with": "use --report_to",
+    "--max_data_loader_n_workers": "use --dataloader_num_workers", "--vae": "use --pretrained_vae_model_name_or_path",
+    "--sample_prompts": "use --validation_prompt (repeatable)", "--network_dropout": "use --lora_dropout",
+    "--unet_lr": "use --learning_rate",
+    "--network_module": "LoRA is --finetune lora (the default)", "--network_train_unet_only": "the default",
+    "--network_args": "use --rank, --lora_alpha, --lora_target_modules, --use_dora",
+    "--dataset_config": "pass the data folder with --train_data_dir (kohya's folders are read as they are)",
+    "--pretrained_model_name": "use --pretrained_model_name_or_path",
 }
 LORA_DEFAULTS = (("rank", 4), ("lora_alpha", None), ("lora_dropout", 0.0), ("lora_target_modules",
                  "to_q,to_k,to_v,to_out.0"), ("use_dora", False), ("init_lora_weights", "gaussian"))

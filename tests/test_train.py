@@ -2,6 +2,7 @@
 import importlib.util
 import json
 import os
+import re
 import shutil
 
 import numpy as np
@@ -211,6 +212,23 @@ def test_existing_checkpoints_need_resume_or_overwrite(tiny_model, shapes, tmp_p
     assert not names & {"pytorch_lora_weights.safetensors", "run.safetensors"}
     assert os.listdir(os.path.join(out, "samples")) == []  # the first run's grids
     assert "Validation images" not in open(os.path.join(out, "README.md")).read()
+
+
+def test_foreign_flags_prefixes_and_bad_values_are_named_in_one_line():
+    """diffusers' full-SDXL README command has three flags this trainer spells otherwise: all are named at once,
+    each with its replacement. kohya's --sdpa is no prefix of --sdpa_backend; a bad value is one line too."""
+    import train_sdxl_debias as T
+
+    with pytest.raises(T.UserError) as e:
+        T.parse_args(["--dataset", "x", "--enable_xformers_memory_efficient_attention", "--use_8bit_adam",
+                      "--validation_epochs", "5"])
+    for needle in ("unrecognized arguments: ", "'--use_8bit_adam' (use --optimizer adamw8bit)",
+                   "'--validation_epochs' (use --validation_steps", "scaled-dot-product attention"):
+        assert needle in str(e.value), needle
+    for argv, needle in ((["--sdpa"], "'--sdpa' (always on"), (["--noise", "0.1"], "'--noise' (see --help"),
+                         (["--resolution", "1024,1024"], "argument --resolution: invalid int value")):
+        with pytest.raises(T.UserError, match=re.escape(needle)):
+            T.parse_args(["--dataset", "x", *argv])
 
 
 def test_overwrite_keeps_a_pipeline_this_run_loads(tmp_path):
