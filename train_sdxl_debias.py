@@ -414,6 +414,13 @@ def validate(args):
     if not resume and not args.overwrite_output_dir and list_checkpoints(args.output_dir):
         raise UserError(f"{args.output_dir} holds checkpoints of another run: pass --resume_from_checkpoint latest "
                         "to continue it, --overwrite_output_dir to start afresh, or another --output_dir")
+    foreign = [n for n in (os.listdir(args.output_dir) if os.path.isdir(args.output_dir) else [])
+               if CHECKPOINT_RE.match(n) and not os.path.exists(os.path.join(args.output_dir, n, STATE_FILE))]
+    if resume == "latest" and foreign and not list_checkpoints(args.output_dir):
+        # `latest` would find none of ours and start from step 0, over the results the user meant to continue
+        raise UserError(f"--resume_from_checkpoint latest: {args.output_dir} holds {', '.join(sorted(foreign))}, "
+                        f"not written by this trainer (no {STATE_FILE}; diffusers' scripts write such), which it "
+                        "cannot resume: start a new run in another --output_dir")
     import importlib.util
     package = {"adamw8bit": "bitsandbytes", "prodigy": "prodigyopt"}.get(args.optimizer)
     if package and importlib.util.find_spec(package) is None:

@@ -285,6 +285,9 @@ def test_a_foreign_checkpoint_folder_is_moved_aside_not_deleted(tiny_model, shap
     (out / "checkpoint-2").mkdir(parents=True)  # e.g. from diffusers' script: no trainer_state.json
     (out / "checkpoint-2" / "notes.txt").write_text("mine")
     (out / "checkpoint-2.orig").mkdir()  # an earlier one already moved aside: neither is overwritten
+    # `latest` cannot continue it: said, rather than a new run from step 0 over what the user meant to continue.
+    proc = run_trainer(*base_args(tiny_model, shapes, str(out), "--resume_from_checkpoint", "latest"), check=False)
+    assert proc.returncode == 2 and "holds checkpoint-2, not written by this trainer" in proc.stderr
     proc = run_trainer(*base_args(tiny_model, shapes, str(out), "--max_train_steps", "2", "--checkpointing_steps", "2"))
     assert (out / "checkpoint-2.orig1" / "notes.txt").read_text() == "mine" and "moved to" in proc.stderr
     assert (out / "checkpoint-2" / "trainer_state.json").exists()
