@@ -212,6 +212,8 @@ def parse_args(argv=None):
             f"{f!r} ({FOREIGN_FLAGS.get(f.split('=')[0], 'see --help for the flags')})" for f in flags))
     if args.loss_weighting is None:  # a diffusers command line turns min-SNR on with --snr_gamma alone
         args.loss_weighting = "min_snr" if args.snr_gamma is not None else "debias"
+    elif args.loss_weighting != "min_snr" and any(a.split("=")[0] == "--snr_gamma" for a in argv):
+        raise UserError(f"--snr_gamma is min-SNR's γ, unused by --loss_weighting {args.loss_weighting}: drop one")
     if args.snr_gamma is None:
         args.snr_gamma = 5.0
     # LoRA-only flags: remember which were given (an error with --finetune full), then fill their defaults.
@@ -2620,7 +2622,8 @@ def claim_output_dir(args, accelerator, global_step):
         if global_step == 0:
             remove_grids(args.output_dir)
         with open(os.path.join(args.output_dir, "train_config.json"), "w") as f:  # rerun with --config this file
-            json.dump({k: v for k, v in vars(args).items() if k not in NOT_SAVED}, f, indent=2)
+            json.dump({**{k: v for k, v in vars(args).items() if k not in NOT_SAVED},
+                       "mixed_precision": accelerator.mixed_precision}, f, indent=2)  # also when the launcher set it
     accelerator.wait_for_everyone()
 
 
@@ -2672,6 +2675,10 @@ def make_sampler(args, groups, accelerator):
         raise UserError(f"the dataset has {len(groups)} usable images, fewer than one optimizer step needs "
                         f"(batch {args.train_batch_size} × accumulation {accum} × {world} processes"
                         + (", per aspect-ratio bucket" if args.aspect_ratio_bucketing else "") + ")")
+    left = len(groups) - len(sampler) * args.train_batch_size * world
+    if left:  # diffusers' loader would run a smaller last batch; here batches and steps are whole on every rank
+        logger.info("%d of %d samples are left out of each epoch (a different %d each time): batches and optimizer "
+                    "steps are whole on every process", left, len(groups), left)
     return sampler
 
 
@@ -2755,6 +2762,10 @@ def train(args):
         accelerator.init_trackers("train_sdxl_debias", config={k: v for k, v in vars(args).items() if k not in
                                                                NOT_CONFIG and isinstance(v, (int, float, str, bool))})
     what = f"LoRA rank {args.rank}" if args.finetune == "lora" else "full UNet"
+    if args.finetune == "lora" and args.learning_rate < 1e-5:  # diffusers' full-SDXL command, without --finetune full
+        logger.warning("a LoRA at --learning_rate %g barely moves: that is a full fine-tune's rate (add --finetune "
+                       "full, which diffusers' train_text_to_image_sdxl.py trains); LoRAs train at about 1e-4",
+                       args.learning_rate)
     logger.info("training %s of %s with %s loss (%s) on %s: %s, %d epochs, %d steps, effective batch "
                 "%d (%d per device × %d processes × %d accumulation)", what, args.pretrained_model_name_or_path,
                 args.loss_weighting, m.noise_scheduler.config.prediction_type, source, plan.describe(), num_epochs,
