@@ -2893,10 +2893,11 @@ class DataReport:
 
 def after_step(accelerator, args, m, metrics, nonfinite, progress, global_step, max_steps, epoch, lr, grad_norm,
                lr_scheduler):
-    """Log, checkpoint and validate on their cadences (and always at the last step)."""
+    """Log and validate on their cadences and at the last step; checkpoint on its cadence only, as diffusers
+    does (the result is saved anyway, and a full fine-tune's checkpoint with EMA is ~40 GB)."""
     last = global_step == max_steps
     log = global_step % args.logging_steps == 0 or last
-    save = global_step % args.checkpointing_steps == 0 or last
+    save = global_step % args.checkpointing_steps == 0
     sample = args.validation_prompt and (global_step % args.validation_steps == 0 or last)
     if log or save or sample:
         nonfinite.settle()  # nothing is logged or saved past a step whose verdict is unread

@@ -119,8 +119,8 @@ def test_every_compile_scope_gives_the_eager_output_and_gradients():
 
     _, want, want_grad, unet = run()
     stages = {type(b).__name__ for b in [*unet.down_blocks, unet.mid_block, *unet.up_blocks]}
-    for scope, regions in (("blocks", {"BasicTransformerBlock", "ResnetBlock2D"}),
-                           ("transformers", {"Transformer2DModel", "ResnetBlock2D"}), ("stages", stages)):
+    # ("blocks", the trainer's own scope, is compiled in test_train's runs.)
+    for scope, regions in (("transformers", {"Transformer2DModel", "ResnetBlock2D"}), ("stages", stages)):
         torch._dynamo.reset()
         counters.clear()
         try:

@@ -160,8 +160,6 @@ USER_ERRORS = {
                         "--max_timestep", "2000"], "--max_timestep"),
     "misspelt_lora_target": (["--dataset", "{shapes}", "--pretrained_model_name_or_path", "{tiny_model}",
                               "--lora_target_modules", "to_q, to_kk"], "to_kk matches no layer"),
-    "lora_on_a_norm": (["--dataset", "{shapes}", "--pretrained_model_name_or_path", "{tiny_model}",
-                        "--lora_target_modules", "to_q,norm1"], "peft cannot put this LoRA on the UNet2DConditionModel"),
     "output_dir_is_a_file": (["--dataset", "{shapes}", "--output_dir", "{shapes}/train/metadata.jsonl"], "is a file"),
     "output_dir_in_a_file": (["--dataset", "{shapes}", "--output_dir", "{shapes}/train/metadata.jsonl/out"],
                              "metadata.jsonl', a file; pass a folder"),
@@ -206,12 +204,29 @@ def test_existing_checkpoints_need_resume_or_overwrite(tiny_model, shapes, tmp_p
     assert {"pytorch_lora_weights.safetensors", "run.safetensors", "samples"} <= set(os.listdir(out))
     open(os.path.join(out, "notes.txt"), "w").write("mine")
     run_trainer(*base_args(tiny_model, shapes, out, "--max_train_steps", "1", "--overwrite_output_dir",
-                           "--finetune", "full"))
+                           "--finetune", "full", "--checkpointing_steps", "1"))
     names = set(os.listdir(out))
     assert {"model_index.json", "unet", "notes.txt", "checkpoint-1"} <= names
     assert not names & {"pytorch_lora_weights.safetensors", "run.safetensors"}
     assert os.listdir(os.path.join(out, "samples")) == []  # the first run's grids
     assert "Validation images" not in open(os.path.join(out, "README.md")).read()
+
+
+def test_a_lora_peft_cannot_build_is_one_error_line():
+    """A layer type peft has no LoRA for (a GroupNorm) or an init its conv LoRA lacks: the flags are named."""
+    import sys
+    import train_sdxl_debias as T
+    from diffusers import UNet2DConditionModel
+
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts"))
+    import make_tiny_sdxl
+
+    for extra in (["--lora_target_modules", "to_q,norm1"],
+                  ["--lora_target_modules", "to_q,conv1", "--init_lora_weights", "orthogonal"]):
+        args = T.parse_args(["--dataset", "x", *extra])
+        with pytest.raises(T.UserError, match="peft cannot put this LoRA on the UNet2DConditionModel"):
+            T.add_lora(UNet2DConditionModel(**make_tiny_sdxl.tiny_unet_config()), args,
+                       args.lora_target_modules.split(","), False)
 
 
 def test_foreign_flags_prefixes_and_bad_values_are_named_in_one_line():
@@ -286,8 +301,9 @@ def test_a_foreign_checkpoint_folder_is_moved_aside_not_deleted(tiny_model, shap
     (out / "checkpoint-2" / "notes.txt").write_text("mine")
     (out / "checkpoint-2.orig").mkdir()  # an earlier one already moved aside: neither is overwritten
     # `latest` cannot continue it: said, rather than a new run from step 0 over what the user meant to continue.
-    proc = run_trainer(*base_args(tiny_model, shapes, str(out), "--resume_from_checkpoint", "latest"), check=False)
-    assert proc.returncode == 2 and "holds checkpoint-2, not written by this trainer" in proc.stderr
+    import train_sdxl_debias as T
+    with pytest.raises(T.UserError, match="holds checkpoint-2, not written by this trainer"):
+        T.validate(T.parse_args(base_args(tiny_model, shapes, str(out), "--resume_from_checkpoint", "latest")))
     proc = run_trainer(*base_args(tiny_model, shapes, str(out), "--max_train_steps", "2", "--checkpointing_steps", "2"))
     assert (out / "checkpoint-2.orig1" / "notes.txt").read_text() == "mine" and "moved to" in proc.stderr
     assert (out / "checkpoint-2" / "trainer_state.json").exists()
