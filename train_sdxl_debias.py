@@ -416,9 +416,9 @@ def validate(args):
     if not resume and not args.overwrite_output_dir and list_checkpoints(args.output_dir):
         raise UserError(f"{args.output_dir} holds checkpoints of another run: pass --resume_from_checkpoint latest "
                         "to continue it, --overwrite_output_dir to start afresh, or another --output_dir")
-    foreign = [n for n in (os.listdir(args.output_dir) if os.path.isdir(args.output_dir) else [])
+    foreign = [n for n in (os.listdir(args.output_dir) if resume == "latest" and os.path.isdir(args.output_dir) else [])
                if CHECKPOINT_RE.match(n) and not os.path.exists(os.path.join(args.output_dir, n, STATE_FILE))]
-    if resume == "latest" and foreign and not list_checkpoints(args.output_dir):
+    if foreign and not list_checkpoints(args.output_dir):
         # `latest` would find none of ours and start from step 0, over the results the user meant to continue
         raise UserError(f"--resume_from_checkpoint latest: {args.output_dir} holds {', '.join(sorted(foreign))}, "
                         f"not written by this trainer (no {STATE_FILE}; diffusers' scripts write such), which it "
@@ -860,7 +860,8 @@ def drop_rows_without_image(table, column, source):
         raise UserError(f"no row of dataset {source!r} names an image in column {column!r}")
     if len(rows):
         logger.warning("%d of %d rows of %s name no image (null or an empty file name) and are left out: rows %s",
-                       len(rows), len(table), source, ", ".join(map(str, rows[:10])) + (" …" if len(rows) > 10 else ""))
+                       len(rows), len(table), source,
+                       ", ".join(map(str, rows[:10])) + (" …" if len(rows) > 10 else ""))
         table = table.select(kept)
     return table
 
@@ -2010,7 +2011,8 @@ def load_trained(args, folder, unet, text_encoders=(), ema=None):
                    for k, v in sub.items()}
             set_peft_model_state_dict(model, sub, adapter_name="default")
             now = get_peft_model_state_dict(model)  # peft skips a key it can't place without a word
-            if not sub or now.keys() != sub.keys() or any(not torch.equal(now[k], v.to(now[k])) for k, v in sub.items()):
+            landed = now.keys() == sub.keys() and all(torch.equal(now[k], v.to(now[k])) for k, v in sub.items())
+            if not sub or not landed:
                 raise UserError(f"checkpoint {folder} does not match this run's LoRA ({prefix[:-1]}: rank, "
                                 "targets or --train_text_encoder differ)")
     else:
@@ -2122,7 +2124,8 @@ def resume(accelerator, args, lr_scheduler):
         logger.warning("--learning_rate %g is ignored: a resumed run keeps its checkpoint's schedule (from %g)",
                        args.learning_rate, state["learning_rate"])
     was, now = state.get("settings", {}), run_settings(args, accelerator)
-    changed = [f"{'--' * (k in RUN_SETTINGS)}{k} {was[k]!r} -> {now[k]!r}" for k in now if k in was and was[k] != now[k]]
+    changed = [f"{'--' * (k in RUN_SETTINGS)}{k} {was[k]!r} -> {now[k]!r}"  # (processes, data: no flags)
+               for k in now if k in was and was[k] != now[k]]
     if changed:
         logger.warning("resuming with other settings than %s was trained with (%s): from step %d the run follows "
                        "the new ones, not the original run's", path, "; ".join(changed), step)
