@@ -2896,11 +2896,12 @@ class DataReport:
 
 def after_step(accelerator, args, m, metrics, nonfinite, progress, global_step, max_steps, epoch, lr, grad_norm,
                lr_scheduler):
-    """Log and validate on their cadences and at the last step; checkpoint on its cadence only, as diffusers
-    does (the result is saved anyway, and a full fine-tune's checkpoint with EMA is ~40 GB)."""
+    """Log, checkpoint and validate on their cadences, and at the last step. The last checkpoint is what makes a
+    finished run extendable (a larger --max_train_steps), a requeued `latest` a no-op, and a second run into the
+    folder a refusal instead of an overwrite; --checkpoints_total_limit bounds the disk it takes."""
     last = global_step == max_steps
     log = global_step % args.logging_steps == 0 or last
-    save = global_step % args.checkpointing_steps == 0
+    save = global_step % args.checkpointing_steps == 0 or last
     sample = args.validation_prompt and (global_step % args.validation_steps == 0 or last)
     if log or save or sample:
         nonfinite.settle()  # nothing is logged or saved past a step whose verdict is unread

@@ -192,19 +192,19 @@ def test_user_errors_end_in_one_clear_line(case, shapes, tiny_model, tmp_path):
 
 
 def test_existing_checkpoints_need_resume_or_overwrite(tiny_model, shapes, tmp_path):
-    """A second run is refused; with --overwrite_output_dir it starts afresh: none of the first run's results
-    stays beside its own (here a LoRA's files and grids beside a full fine-tune's pipeline), the user's files do."""
+    """A second run is refused (the last step always leaves a checkpoint, whatever --checkpointing_steps says);
+    with --overwrite_output_dir it starts afresh: none of the first run's results stays beside its own (here a
+    LoRA's files and grids beside a full fine-tune's pipeline), the user's files do."""
     out = str(tmp_path / "run")
-    run_trainer(*base_args(tiny_model, shapes, out, "--max_train_steps", "1", "--checkpointing_steps", "1",
-                           "--validation_prompt", "a circle", "--num_validation_images", "1",
-                           "--validation_inference_steps", "1"))
+    run_trainer(*base_args(tiny_model, shapes, out, "--max_train_steps", "1", "--validation_prompt", "a circle",
+                           "--num_validation_images", "1", "--validation_inference_steps", "1"))
     proc = run_trainer(*base_args(tiny_model, shapes, out, "--max_train_steps", "1"), check=False)
     assert proc.returncode == 2 and "--resume_from_checkpoint latest" in proc.stderr.splitlines()[-1]
     assert os.path.isdir(os.path.join(out, "checkpoint-1"))  # nothing lost
     assert {"pytorch_lora_weights.safetensors", "run.safetensors", "samples"} <= set(os.listdir(out))
     open(os.path.join(out, "notes.txt"), "w").write("mine")
     run_trainer(*base_args(tiny_model, shapes, out, "--max_train_steps", "1", "--overwrite_output_dir",
-                           "--finetune", "full", "--checkpointing_steps", "1"))
+                           "--finetune", "full"))
     names = set(os.listdir(out))
     assert {"model_index.json", "unet", "notes.txt", "checkpoint-1"} <= names
     assert not names & {"pytorch_lora_weights.safetensors", "run.safetensors"}
