@@ -2641,15 +2641,18 @@ def remove_outputs(args):
     out, here = args.output_dir, os.path.realpath(args.output_dir)
     inputs = [os.path.realpath(p) for p in (args.pretrained_model_name_or_path, args.pretrained_vae_model_name_or_path,
                                             args.train_data_dir or args.dataset) if p and os.path.exists(p)]
-    if not any(p == here or p.startswith(here + os.sep) or here.startswith(p + os.sep) for p in inputs):
-        files = ["pytorch_lora_weights.safetensors", kohya_name(out), unet_file_name(out), "README.md", "loss.png"]
-        if os.path.exists(os.path.join(out, "model_index.json")):
-            files.append("model_index.json")
-            for folder in PIPELINE_FOLDERS:
-                shutil.rmtree(os.path.join(out, folder), ignore_errors=True)
-        for f in files:
-            with suppress(FileNotFoundError):
-                os.remove(os.path.join(out, f))
+    if any(p == here or p.startswith(here + os.sep) or here.startswith(p + os.sep) for p in inputs):
+        logger.info("--overwrite_output_dir: %s holds or is inside what this run reads (model, VAE or data): only "
+                    "its checkpoints are removed", out)
+        return
+    files = ["pytorch_lora_weights.safetensors", kohya_name(out), unet_file_name(out), "README.md", "loss.png"]
+    if os.path.exists(os.path.join(out, "model_index.json")):
+        files.append("model_index.json")
+        for folder in PIPELINE_FOLDERS:
+            shutil.rmtree(os.path.join(out, folder), ignore_errors=True)
+    for f in files:
+        with suppress(FileNotFoundError):
+            os.remove(os.path.join(out, f))
 
 
 def remove_grids(output_dir):
