@@ -363,8 +363,8 @@ def test_every_local_dataset_form_loads_with_its_captions(shapes, tmp_path):
 
 def test_split_names_in_file_names_brackets_in_paths_and_dataset_configs(tmp_path):
     """datasets reads split names anywhere in a name: given the folder alone, `dog_test_04.png` went to a test
-    split and the run trained on the rest. Only top folders named as splits are splits (train/ trains). A path
-    with [ ] in it is no pattern. --dataset_config_name picks one of a downloaded dataset's README configs."""
+    split and the run trained on the rest. Only folders named exactly as splits are splits (train/ trains, as
+    data/train/ does). A path with [ ] in it is no pattern. --dataset_config_name picks one of a downloaded dataset's README configs."""
     import datasets
 
     root = tmp_path / "photos [v2]"
