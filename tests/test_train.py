@@ -180,26 +180,41 @@ for package, argv in (("prodigyopt", ["--optimizer", "prodigy"]), ("bitsandbytes
         USER_ERRORS[f"missing_{package}"] = (["--dataset", "{shapes}", *argv], f"pip install {package}")
 
 
+def failing_run(argv, monkeypatch, capsys):
+    """(exit code, stderr) of a command line that should fail: in-process through main(), the command line's own
+    entry point, when the mistake is caught before training starts (a flag, a path); else in a fresh process,
+    as a user runs it (what needs the data or the model)."""
+    import train_sdxl_debias as T
+
+    reached = []
+    with monkeypatch.context() as patch:
+        patch.setattr(T, "train", reached.append)
+        code, stderr = T.main(list(map(str, argv))), capsys.readouterr().err
+    if reached:
+        proc = run_trainer(*argv, check=False)
+        code, stderr = proc.returncode, proc.stderr
+    return code, stderr
+
+
 @pytest.mark.parametrize("case", sorted(USER_ERRORS))
-def test_user_errors_end_in_one_clear_line(case, shapes, tiny_model, tmp_path):
+def test_user_errors_end_in_one_clear_line(case, shapes, tiny_model, tmp_path, monkeypatch, capsys):
     argv, needle = USER_ERRORS[case]
-    argv = [a.format(shapes=shapes, tiny_model=tiny_model) for a in argv]
-    proc = run_trainer("--output_dir", str(tmp_path / "out"), "--resolution", "64", *argv, check=False)
-    assert proc.returncode == 2, proc.stderr[-2000:]
-    assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
-    last = proc.stderr.strip().splitlines()[-1]
+    code, stderr = failing_run(["--output_dir", str(tmp_path / "out"), "--resolution", "64",
+                                *(a.format(shapes=shapes, tiny_model=tiny_model) for a in argv)], monkeypatch, capsys)
+    assert code == 2 and "Traceback" not in stderr, stderr[-2000:]
+    last = stderr.strip().splitlines()[-1]
     assert last.startswith("error: ") and needle in last, last
 
 
-def test_existing_checkpoints_need_resume_or_overwrite(tiny_model, shapes, tmp_path):
+def test_existing_checkpoints_need_resume_or_overwrite(tiny_model, shapes, tmp_path, monkeypatch, capsys):
     """A second run is refused (the last step always leaves a checkpoint, whatever --checkpointing_steps says);
     with --overwrite_output_dir it starts afresh: none of the first run's results stays beside its own (here a
     LoRA's files and grids beside a full fine-tune's pipeline), the user's files do."""
     out = str(tmp_path / "run")
     run_trainer(*base_args(tiny_model, shapes, out, "--max_train_steps", "1", "--validation_prompt", "a circle",
                            "--num_validation_images", "1", "--validation_inference_steps", "1"))
-    proc = run_trainer(*base_args(tiny_model, shapes, out, "--max_train_steps", "1"), check=False)
-    assert proc.returncode == 2 and "--resume_from_checkpoint latest" in proc.stderr.splitlines()[-1]
+    code, stderr = failing_run(base_args(tiny_model, shapes, out, "--max_train_steps", "1"), monkeypatch, capsys)
+    assert code == 2 and "--resume_from_checkpoint latest" in stderr.splitlines()[-1]
     assert os.path.isdir(os.path.join(out, "checkpoint-1"))  # nothing lost
     assert {"pytorch_lora_weights.safetensors", "run.safetensors", "samples"} <= set(os.listdir(out))
     open(os.path.join(out, "notes.txt"), "w").write("mine")
@@ -263,7 +278,8 @@ def test_overwrite_keeps_a_pipeline_this_run_loads(tmp_path):
     assert os.listdir(out) == []
 
 
-def test_a_failed_start_loses_nothing_and_a_mismatched_resume_says_why(tiny_model, shapes, tmp_path):
+def test_a_failed_start_loses_nothing_and_a_mismatched_resume_says_why(tiny_model, shapes, tmp_path, monkeypatch,
+                                                                       capsys):
     out = str(tmp_path / "run")
     os.makedirs(out)
     with open(os.path.join(out, "metrics.jsonl"), "w") as f:
@@ -273,10 +289,10 @@ def test_a_failed_start_loses_nothing_and_a_mismatched_resume_says_why(tiny_mode
     before = sorted(os.listdir(out)), open(os.path.join(out, "train_config.json")).read()
 
     def fails(*argv):
-        proc = run_trainer(*argv, check=False)
-        assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+        code, stderr = failing_run(argv, monkeypatch, capsys)
+        assert code == 2 and "Traceback" not in stderr, stderr[-3000:]
         assert (sorted(os.listdir(out)), open(os.path.join(out, "train_config.json")).read()) == before
-        return proc.stderr.strip().splitlines()[-1]
+        return stderr.strip().splitlines()[-1]
 
     # --overwrite_output_dir with a wrong caption column: checkpoints, metrics and config stay as they were.
     assert "--caption_column" in fails(*base_args(tiny_model, shapes, out, "--overwrite_output_dir",
