@@ -226,9 +226,11 @@ def parse_args(argv=None):
 
 
 # Flags of diffusers' and kohya's scripts that this one does differently.
+SDPA_USED = "not needed: PyTorch's scaled-dot-product attention is used"
+RANK_FROM_LAUNCHER = "launch with accelerate launch or torchrun, which pass the rank in the environment"
 FOREIGN_FLAGS = {
     "--use_8bit_adam": "use --optimizer adamw8bit",
-    "--enable_xformers_memory_efficient_attention": "not needed: PyTorch's scaled-dot-product attention is used",
+    "--enable_xformers_memory_efficient_attention": SDPA_USED,
     "--validation_epochs": "use --validation_steps (in optimizer steps)",
     "--debug_loss": "the loss per timestep bucket is always in metrics.jsonl",
     "--image_interpolation_mode": "images are resized with Lanczos",
@@ -237,16 +239,14 @@ FOREIGN_FLAGS = {
                            "in a folder and pass --train_data_dir",
     "--instance_prompt": "write the prompt into a same-name .txt caption next to each image (--train_data_dir)",
     "--network_dim": "use --rank", "--network_alpha": "use --lora_alpha",
-    "--local_rank": "launch with accelerate launch or torchrun, which pass the rank in the environment",
-    "--local-rank": "launch with accelerate launch or torchrun, which pass the rank in the environment",
+    "--local_rank": RANK_FROM_LAUNCHER, "--local-rank": RANK_FROM_LAUNCHER,
     "--dream_training": "not supported", "--tracker_project_name": "runs are named train_sdxl_debias",
     "--non_ema_revision": "not needed: the EMA starts from the loaded weights",
     "--offload_ema": "not supported", "--foreach_ema": "not needed",
     # kohya's sd-scripts
     "--debiased_estimation_loss": "this trainer's default: --loss_weighting debias",
     "--min_snr_gamma": "use --snr_gamma (with --loss_weighting min_snr)",
-    "--xformers": "not needed: PyTorch's scaled-dot-product attention is used",
-    "--mem_eff_attn": "not needed: PyTorch's scaled-dot-product attention is used",
+    "--xformers": SDPA_USED, "--mem_eff_attn": SDPA_USED,
     "--sdpa": "always on; --sdpa_backend picks the kernel", "--optimizer_type": "use --optimizer",
     "--save_every_n_steps": "use --checkpointing_steps", "--cache_latents_to_disk": "use --cache_latents",
     "--caption_extension": ".txt and .caption files are read as they are", "--output_name": "use --output_dir",
