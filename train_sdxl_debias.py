@@ -90,6 +90,9 @@ def parse_args(argv=None):
     a("--train_data_dir", default=None, help="Local folder of training images (same layouts as --dataset).")
     a("--image_column", default=None, help="Default: the first of image, img, images, file_name, path.")
     a("--caption_column", default=None, help="Default: the first of text, caption(s), prompt(s), description.")
+    a("--caption_extension", type=lambda ext: "." + ext.strip().lstrip("."), default=None,  # "txt" = ".txt"
+      help="Folders of images + caption files: read only captions with this extension, e.g. .caption (kohya's "
+           "flag; default: a same-name .txt, else .caption).")
     a("--max_train_samples", type=int, default=None, help="Train on a seeded random subset of this size.")
     a("--resolution", type=int, default=1024)
     a("--center_crop", action="store_true", help="Center crop (default: random crop).")
@@ -249,7 +252,7 @@ FOREIGN_FLAGS = {
     "--xformers": SDPA_USED, "--mem_eff_attn": SDPA_USED,
     "--sdpa": "always on; --sdpa_backend picks the kernel", "--optimizer_type": "use --optimizer",
     "--save_every_n_steps": "use --checkpointing_steps", "--cache_latents_to_disk": "use --cache_latents",
-    "--caption_extension": ".txt and .caption files are read as they are", "--output_name": "use --output_dir",
+    "--output_name": "use --output_dir",
     "--max_train_epochs": "use --num_train_epochs", "--enable_bucket": "use --aspect_ratio_bucketing",
     "--v_parameterization": "use --prediction_type v_prediction", "--log_with": "use --report_to",
     "--max_data_loader_n_workers": "use --dataloader_num_workers", "--vae": "use --pretrained_vae_model_name_or_path",
@@ -751,17 +754,19 @@ def load_table(args):
 
     source = os.path.expanduser(args.train_data_dir or args.dataset)
     if os.path.isdir(source):
-        table = load_folder(source, args.output_dir, args.cache_dir, args.dataset_config_name)
+        table = load_folder(source, args)
     elif os.path.isfile(source):
         builder = DATA_FILES.get(os.path.splitext(source)[1].lower())
         if builder is None:
             raise UserError(f"dataset file {source!r} is not one of {', '.join(DATA_FILES)}: pass a folder or "
                             "such a file")
+        unused_flags(args, "one data file", "dataset_config_name", "caption_extension")
         table = guarded_load(source, datasets.load_dataset, builder, data_files=glob.escape(source),
                              cache_dir=args.cache_dir)
     elif source.startswith((".", "/", "~")):
         raise UserError(f"dataset folder {source!r} does not exist")
     else:
+        unused_flags(args, "a Hub dataset", "caption_extension")
         table = guarded_load(source, datasets.load_dataset, source, args.dataset_config_name,
                              cache_dir=args.cache_dir)
     table = train_split(table, source)
@@ -899,13 +904,15 @@ def check_captions(table, source, column):
                                                                          table[empty[0]]["row"]))
 
 
-def load_folder(source, output_dir, cache_dir=None, config=None):
+def load_folder(source, args):
     """A local folder: saved with save_to_disk, an imagefolder with metadata, kohya's image + caption files, or
-    data files (a Hub dataset downloaded with `huggingface-cli download --local-dir`; `config`: one of the
-    configurations its README defines)."""
+    data files (a Hub dataset downloaded with `huggingface-cli download --local-dir`; --dataset_config_name: one
+    of the configurations its README defines)."""
     import datasets
 
+    output_dir, cache_dir, config = args.output_dir, args.cache_dir, args.dataset_config_name
     if any(os.path.exists(os.path.join(source, f)) for f in ("state.json", "dataset_dict.json")):
+        unused_flags(args, "a folder saved with save_to_disk", "dataset_config_name", "caption_extension")
         return guarded_load(source, datasets.load_from_disk, source)
     files = list_files(source, exclude=output_dir)
     metadata = any(os.path.basename(f) in METADATA_FILES for f in files)
@@ -914,6 +921,8 @@ def load_folder(source, output_dir, cache_dir=None, config=None):
     data_files = any(os.path.splitext(f)[1].lower() in DATA_FILES and not (f.endswith(".json") and images)
                      for f in files)
     if metadata:
+        unused_flags(args, "an imagefolder (captions from its metadata file)", "dataset_config_name",
+                     "caption_extension")
         for f in files:
             if os.path.basename(f) in METADATA_FILES:
                 check_metadata_file(f)
@@ -923,10 +932,12 @@ def load_folder(source, output_dir, cache_dir=None, config=None):
             logger.warning("%d of %d images in %s are not used: the metadata does not name them, or they are in "
                            "another split", len(images) - len(table), len(images), source)
         return table
-    captions = find_captions(source, files, images) if images else None
+    captions = find_captions(source, files, images, args.caption_extension) if images else None
     if captions is not None:
+        unused_flags(args, "images with caption files", "dataset_config_name")
         return datasets.Dataset.from_dict(captions)
     if data_files:  # a downloaded Hub dataset; an image beside its parquet files is a preview, not data
+        unused_flags(args, "a downloaded dataset's data files", "caption_extension")
         if glob.has_magic(source):  # datasets would read the path as a pattern and find no files
             raise UserError(f"dataset folder {source!r}: datasets cannot read a downloaded dataset in a folder "
                             "whose path has [ ] or * in it: rename the folder")
@@ -935,9 +946,17 @@ def load_folder(source, output_dir, cache_dir=None, config=None):
         raise UserError(f"dataset folder {source!r} has no images (looked for {', '.join(IMAGE_EXTS)}) and no data "
                         "files")
     tables = [f for f in files if os.path.splitext(f)[1].lower() in DATA_FILES]  # not read beside images
-    raise UserError(f"dataset folder {source!r} has {len(images)} images but no captions: put a same-name .txt "
-                    "(or .caption) file next to each image, or a metadata.jsonl with file_name and text columns"
+    which = f"{args.caption_extension} file" if args.caption_extension else ".txt (or .caption) file"
+    raise UserError(f"dataset folder {source!r} has {len(images)} images but no captions: put a same-name {which} "
+                    "next to each image, or a metadata.jsonl with file_name and text columns"
                     + (f"; if {tables[0]!r} holds the captions, pass it as --dataset" if tables else ""))
+
+
+def unused_flags(args, kind, *flags):
+    """Say so when a data flag given has no effect on this kind of data, rather than ignore it without a word."""
+    for flag in flags:
+        if getattr(args, flag):
+            logger.warning("--%s %r is not used: the data is %s", flag, getattr(args, flag), kind)
 
 
 # The folder names datasets' imagefolder reads as splits (case-sensitively, at any depth), and the split each names.
@@ -1078,17 +1097,30 @@ def kohya_folders(source, images, captioned):
     return folders or None
 
 
-def find_captions(source, files, images):
+def caption_index(files, extension=None):
+    """{lower-case path less its caption extension: the caption files}, .txt before .caption; `extension`
+    (--caption_extension): only files with that one."""
+    exts = (extension.lower(),) if extension else CAPTION_EXTS
+    captions = {}
+    for f in sorted(files, key=lambda f: os.path.splitext(f)[1].lower() != ".txt"):
+        stem, ext = os.path.splitext(f)
+        if ext.lower() in exts:
+            captions.setdefault(stem.lower(), []).append(f)
+    return captions
+
+
+def caption_files(captions, image):
+    """An image's caption files: IMG_1.txt for IMG_1.JPG (case ignored), or IMG_1.JPG.txt as some taggers name them."""
+    return captions.get(os.path.splitext(image)[0].lower(), []) + captions.get(image.lower(), [])
+
+
+def find_captions(source, files, images, extension=None):
     """kohya layout: each image's caption from a same-name .txt (or .caption) file next to it, extension case
     ignored (IMG_1.JPG + IMG_1.TXT), "" without one. In kohya's DreamBooth folders (kohya_folders) an image
     without a caption file is captioned with its folder's words, and each image counts `repeats` times an
     epoch, as kohya trains them. Returns columns (absolute paths), or None if no image has a caption."""
-    captions = {}  # lower-case stem -> caption files, .txt first
-    for f in sorted(files, key=lambda f: os.path.splitext(f)[1].lower() != ".txt"):
-        stem, ext = os.path.splitext(f)
-        if ext.lower() in CAPTION_EXTS:
-            captions.setdefault(stem.lower(), []).append(f)
-    kohya = kohya_folders(source, images, lambda path: os.path.splitext(path)[0].lower() in captions)
+    captions = caption_index(files, extension)
+    kohya = kohya_folders(source, images, lambda path: bool(caption_files(captions, path)))
     if kohya:
         say = logger.warning if any(n > 1 for n, _ in kohya.values()) else logger.info  # repeats change the mix
         say("kohya DreamBooth folders: %s", "; ".join(
@@ -1098,12 +1130,18 @@ def find_captions(source, files, images):
             logger.warning("%d uncaptioned image(s) beside kohya's DreamBooth folders are left out, as kohya does: %s",
                            len(loose), ", ".join(os.path.basename(p) for p in loose[:10]))
             images = [path for path in images if os.sep in os.path.relpath(path, source)]
-    paths, texts = [], []
+    paths, texts, differing = [], [], []
     for path in images:
-        found = captions.get(os.path.splitext(path)[0].lower())
+        found = caption_files(captions, path)
         repeats, words = kohya[os.path.relpath(path, source).split(os.sep)[0]] if kohya else (1, "")
+        text = read_caption(found[0]) if found else words
+        if len(found) > 1 and any(read_caption(f) != text for f in found[1:]):
+            differing.append(found)
         paths += [os.path.abspath(path)] * repeats
-        texts += [read_caption(found[0]) if found else words] * repeats
+        texts += [text] * repeats
+    if differing:  # a .txt of tags beside a .caption of sentences, say: which one trains is the user's choice
+        logger.warning("%d images have caption files that differ (e.g. %s): the first is used (.txt before .caption); "
+                       "pass --caption_extension to pick one kind", len(differing), " and ".join(differing[0]))
     warn_unsupported(source, files, captions, images)
     if not any(texts):
         return None
@@ -1113,9 +1151,11 @@ def find_captions(source, files, images):
 def warn_unsupported(source, files, captions, images):
     """Files with a caption that are not images we read (an iPhone's .HEIC, a .jxl, a .psd) were meant as
     training data: say they are left out rather than drop them silently."""
-    unused = captions.keys() - {os.path.splitext(p)[0].lower() for p in images}
-    left = [f for f in files if os.path.splitext(f)[0].lower() in unused
-            and os.path.splitext(f)[1].lower() not in CAPTION_EXTS]
+    used = {key for p in images for key in (os.path.splitext(p)[0].lower(), p.lower())}
+    unused = captions.keys() - used
+    text_files = {f for fs in captions.values() for f in fs}
+    left = [f for f in files if (os.path.splitext(f)[0].lower() in unused or f.lower() in unused)
+            and f not in text_files and os.path.splitext(f)[1].lower() not in CAPTION_EXTS]
     if left:
         kinds = sorted({os.path.splitext(f)[1] for f in left})
         logger.warning("%d captioned files in %s are not images this trainer reads (%s), e.g. %s: not used; "

@@ -447,6 +447,40 @@ def test_kohya_folder_captions_txt_caption_bom_subfolders_and_output_dir_exclude
     assert table["text"] == ["a caption file"] * 10  # a kohya DreamBooth folder: 10 repeats
 
 
+def test_caption_extension_picks_one_kind_and_differing_caption_files_are_named(tmp_path, caplog):
+    """A folder captioned twice (tags in .txt, sentences in .caption, as kohya's taggers and BLIP write them):
+    .txt is read, the difference is named, and kohya's --caption_extension picks the other. IMG.JPG.txt (some
+    taggers' naming) is an image's caption too. A data flag that has no effect on the data says so."""
+    folder = tmp_path / "twice"
+    folder.mkdir()
+    for name in ("a", "b", "c"):
+        Image.new("RGB", (32, 32), "red").save(folder / f"{name}.png")
+    for name, tags, sentence in (("a", "red, square", "a red square"), ("b", "same", "same")):
+        (folder / f"{name}.txt").write_text(tags, encoding="utf-8")
+        (folder / f"{name}.caption").write_text(sentence, encoding="utf-8")
+    (folder / "c.png.txt").write_text("c tags", encoding="utf-8")
+
+    def read(*flags):
+        table, _ = T.load_table(T.parse_args(["--dataset", str(folder), *flags]))
+        return {os.path.basename(T.describe_image(v)): text for v, text in zip(table["image"], table["text"])}
+
+    assert read() == {"a.png": "red, square", "b.png": "same", "c.png": "c tags"}
+    assert "1 images have caption files that differ" in caplog.text and "a.txt and" in caplog.text
+    assert "captioned files" not in caplog.text  # c.png.txt is c.png's caption, not a file left out
+    caplog.clear()
+    assert read("--caption_extension", "caption") == {"a.png": "a red square", "b.png": "same", "c.png": ""}
+    assert "differ" not in caplog.text and "1 of 3 images have no caption" in caplog.text
+    with pytest.raises(T.UserError, match=r"no captions: put a same-name \.tags file"):
+        read("--caption_extension", ".tags")
+    caplog.clear()
+    (folder / "metadata.jsonl").write_text("".join(json.dumps({"file_name": f"{n}.png", "text": n}) + "\n"
+                                                   for n in "abc"))
+    assert read("--caption_extension", ".txt", "--dataset_config_name", "x") == {"a.png": "a", "b.png": "b",
+                                                                                  "c.png": "c"}
+    assert "--caption_extension '.txt' is not used: the data is an imagefolder" in caplog.text
+    assert "--dataset_config_name 'x' is not used" in caplog.text
+
+
 def test_kohya_dreambooth_folders_repeat_and_caption_by_folder_name(tmp_path, caplog):
     """kohya's "<repeats>_<words>" folders: images without a caption file are captioned with the words, every
     image counts `repeats` times (as kohya trains them); caption files match whatever the extensions' case; a
