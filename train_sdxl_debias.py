@@ -821,18 +821,22 @@ def subset(table, n, seed):
 
 def relative_to(source):
     """A function that resolves an image path of local data: relative to the data file, or to the data folder,
-    else to the folder of one of its data files (data/train.jsonl listing images/0.png under data/). Absolute
-    paths and paths found nowhere stay as they are (then named as unreadable)."""
+    else to the folder of one of its data files (data/train.jsonl listing images/0.png under data/); spaces
+    around a file name dropped when only that file exists (trimmed). Paths found nowhere stay as they are (then
+    named as unreadable)."""
     bases = [source] if os.path.isdir(source) else [os.path.dirname(os.path.abspath(source))]
     listed = not os.path.isdir(source)  # a folder's data files are looked for at the first path not beside it
 
     def resolve(value):
         nonlocal listed
-        if not isinstance(value, str) or os.path.isabs(value):
+        if not isinstance(value, str):
             return value
+        if os.path.isabs(value):
+            return trimmed(value)
         for base in bases:
-            if os.path.exists(os.path.join(base, value)):
-                return os.path.join(base, value)
+            for path in (os.path.join(base, value), os.path.join(base, value.strip())):
+                if os.path.exists(trimmed(path)):
+                    return trimmed(path)
         if not listed:
             listed = True
             bases.extend(sorted({os.path.dirname(f) for f in list_files(source)
@@ -841,6 +845,15 @@ def relative_to(source):
         return value
 
     return resolve
+
+
+def trimmed(path):
+    """`path`; or, when only that exists, the file a spreadsheet cell with spaces around the name meant
+    ("a.png " in a metadata.csv: datasets joins the cell to the folder as it is)."""
+    head, name = os.path.split(path)
+    if name == name.strip() or os.path.exists(path) or not os.path.exists(os.path.join(head, name.strip())):
+        return path
+    return os.path.join(head, name.strip())
 
 
 def drop_rows_without_image(table, column, source):

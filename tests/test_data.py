@@ -611,7 +611,15 @@ def test_a_metadata_csv_from_a_spreadsheet_loads_or_says_what_to_fix(tmp_path):
     with pytest.raises(T.UserError, match="metadata.jsonl is UTF-16: save it as UTF-8"):
         T.load_table(T.parse_args(["--dataset", str(tmp_path)]))
     os.remove(tmp_path / "metadata.jsonl")
-    # Spaces after the header's commas; the blank rows a spreadsheet leaves after cleared cells.
+    # Spaces after the header's commas, and around a file name; the blank rows a spreadsheet leaves after
+    # cleared cells.
+    Image.new("RGB", (32, 32)).save(tmp_path / "b.png")
+    (tmp_path / "metadata.csv").write_text("file_name, text\na.png,un café crème\n b.png ,b\n,\n,\n",
+                                           encoding="utf-8")
+    table, _ = T.load_table(T.parse_args(["--dataset", str(tmp_path)]))
+    assert table["text"] == ["un café crème", "b"] and table["row"] == [0, 1]
+    assert [T.read_size(v) for v in table["image"]] == [(32, 32)] * 2  # " b.png " is b.png
+    os.remove(tmp_path / "b.png")
     (tmp_path / "metadata.csv").write_text("file_name, text\na.png,un café crème\n,\n,\n", encoding="utf-8")
     table, _ = T.load_table(T.parse_args(["--dataset", str(tmp_path)]))
     assert table["text"] == ["un café crème"] and table["row"] == [0]
