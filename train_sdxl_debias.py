@@ -216,7 +216,8 @@ def parse_args(argv=None):
     if args.loss_weighting is None:  # a diffusers command line turns min-SNR on with --snr_gamma alone
         args.loss_weighting = "min_snr" if args.snr_gamma is not None else "debias"
     elif args.loss_weighting != "min_snr" and any(a.split("=")[0] == "--snr_gamma" for a in argv):
-        raise UserError(f"--snr_gamma is min-SNR's γ, unused by --loss_weighting {args.loss_weighting}: drop one")
+        message = f"--snr_gamma is min-SNR's γ, unused by --loss_weighting {args.loss_weighting}: drop one"
+        raise UserError(message + config_origin(message, args))  # (main has no args yet to say it)
     if args.snr_gamma is None:
         args.snr_gamma = 5.0
     # LoRA-only flags: remember which were given (an error with --finetune full), then fill their defaults.

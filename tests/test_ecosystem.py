@@ -271,12 +271,17 @@ def test_v_prediction_lora_card_samples_it_as_v_and_its_code_runs_as_python(tiny
         assert f.metadata()["ss_v_parameterization"] == "True"  # kohya's flag, read by A1111/Forge
 
 
-def test_diffusers_command_lines_mean_the_same_here():
+def test_diffusers_command_lines_mean_the_same_here(tmp_path):
     assert T.parse_args(["--dataset", "x", "--snr_gamma", "5.0"]).loss_weighting == "min_snr"  # as in diffusers
     default = T.parse_args(["--dataset", "x"])
     assert (default.loss_weighting, default.snr_gamma) == ("debias", 5.0)
     with pytest.raises(T.UserError, match="--snr_gamma is min-SNR's γ, unused by --loss_weighting debias"):
         T.parse_args(["--dataset", "x", "--loss_weighting", "debias", "--snr_gamma", "3"])  # which one was meant?
+    config = tmp_path / "run.yaml"  # the weighting from a config file: the error says where it is set
+    config.write_text("loss_weighting: constant\n")
+    with pytest.raises(T.UserError, match=r"unused by --loss_weighting constant: drop one \(--loss_weighting is "
+                                          r"set in --config '.*run.yaml'\)"):
+        T.parse_args(["--dataset", "x", "--config", str(config), "--snr_gamma", "3"])
     with pytest.raises(T.UserError, match="--use_8bit_adam.*--optimizer adamw8bit"):
         T.parse_args(["--dataset", "x", "--use_8bit_adam"])
     with pytest.raises(T.UserError, match="--bogus_flag.*--help"):
