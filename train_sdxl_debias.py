@@ -102,6 +102,11 @@ def parse_args(argv=None):
            "from cached latents, which need no decoding).")
     a("--caption_dropout", "--proportion_empty_prompts", dest="caption_dropout", type=float, default=0.0,
       help="Probability of training on an empty prompt (for classifier-free guidance).")
+    a("--shuffle_caption", action="store_true",
+      help="Shuffle each caption's comma-separated tags every time it is drawn (kohya's flag, for tag captions); "
+           "captions are then encoded every step instead of cached.")
+    a("--keep_tokens", type=int, default=0,
+      help="With --shuffle_caption: the first N tags stay in front, e.g. a trigger word (kohya's flag).")
     a("--aspect_ratio_bucketing", action="store_true",
       help="Batch images by aspect ratio (SDXL's ~1 MP buckets scaled to --resolution) instead of square crops.")
     a("--cache_latents", action="store_true", help="VAE-encode every image (and flip) once, to --data_cache_dir.")
@@ -353,6 +358,9 @@ def validate(args):
         raise UserError("pass either --dataset or --train_data_dir, not both")
     if args.train_data_dir and not os.path.isdir(args.train_data_dir):
         raise UserError(f"--train_data_dir {args.train_data_dir!r} is not a folder")
+    if args.keep_tokens < 0 or (args.keep_tokens and not args.shuffle_caption):
+        raise UserError(f"--keep_tokens {args.keep_tokens}: the number of leading tags --shuffle_caption leaves in "
+                        "place (0 or more): use it with --shuffle_caption")
     if args.resolution <= 0 or args.resolution % 8:
         raise UserError(f"--resolution {args.resolution} must be a positive multiple of 8 (the VAE downsamples by 8)")
     if args.finetune == "full" and args.lora_flags_given:
@@ -1449,6 +1457,8 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
         if isinstance(caption, (list, tuple)):
             caption = rng.choice(caption) if caption else ""
         caption = "" if caption is None or rng.random() < args.caption_dropout else str(caption)
+        if args.shuffle_caption:
+            caption = shuffled_tags(caption, args.keep_tokens, rng)
         target = plan.targets[i]
         flip = args.random_flip and rng.random() < 0.5
         sample = {"caption": caption}
@@ -1469,6 +1479,15 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
         if size[0] < target[0] or size[1] < target[1]:
             sample["upscaled"] = describe_image(row["image"], number)
         return sample
+
+
+def shuffled_tags(caption, keep, rng):
+    """kohya's --shuffle_caption: the comma-separated tags in a new order each draw, the first `keep` in place (a
+    trigger word), so that no tag is learnt as belonging to a position in the prompt."""
+    tags = [t.strip() for t in caption.split(",") if t.strip()]
+    rest = tags[keep:]
+    rng.shuffle(rest)
+    return ", ".join(tags[:keep] + rest)
 
 
 def collate(samples):
@@ -1661,8 +1680,9 @@ class TensorCache:
 
 
 def caches_text(args):
-    """Text embeddings are cached whenever the text encoders are frozen (off with --train_text_encoder)."""
-    return not (args.no_text_cache or args.train_text_encoder)
+    """Text embeddings are cached whenever the text encoders are frozen (off with --train_text_encoder) and each
+    caption is one text (off with --shuffle_caption: every draw is another)."""
+    return not (args.no_text_cache or args.train_text_encoder or args.shuffle_caption)
 
 
 def cache_namespaces(args, weight_dtype):
@@ -1870,7 +1890,8 @@ RUN_SETTINGS = ("lr_scheduler", "lr_warmup_steps", "max_train_steps", "num_train
                 "gradient_accumulation_steps", "dataset", "train_data_dir", "max_train_samples", "resolution",
                 "aspect_ratio_bucketing", "seed", "pretrained_model_name_or_path", "loss_weighting", "snr_gamma",
                 "prediction_type", "min_timestep", "max_timestep", "noise_offset", "input_perturbation",
-                "caption_dropout", "lora_dropout", "center_crop", "random_flip", "cache_latents",
+                "caption_dropout", "shuffle_caption", "keep_tokens", "caption_extension", "lora_dropout",
+                "center_crop", "random_flip", "cache_latents",
                 "normalize_loss_weights", "pretrained_vae_model_name_or_path", "revision", "variant")
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 STATE_FILE = "trainer_state.json"  # marks a complete checkpoint written by this trainer

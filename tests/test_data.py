@@ -222,7 +222,26 @@ def test_captions_lists_empty_and_dropout(tmp_path):
     assert {T.ImageCaptionDataset(dropped, args, plan)[(0, s)]["caption"] for s in range(5)} == {""}
 
 
-@pytest.mark.parametrize("extra", [[], ["--aspect_ratio_bucketing", "--cache_latents", "--random_flip"]])
+def test_shuffle_caption_reorders_tags_each_draw_and_keeps_the_leading_ones(tmp_path):
+    """kohya's --shuffle_caption/--keep_tokens: the same tags, in another order per draw (a pure function of the
+    sample seed, so a resumed run draws the same), the first N in place; the text cache is off (each draw is
+    another text). --keep_tokens alone would do nothing: refused."""
+    import datasets
+    Image.new("RGB", (64, 64)).save(tmp_path / "a.png")
+    table = datasets.Dataset.from_dict({"image": [str(tmp_path / "a.png")], "text": ["sks, 1girl, red hair,, smile , hat"]})
+    args = T.parse_args(["--dataset", "x", "--resolution", "64", "--shuffle_caption", "--keep_tokens", "1"])
+    ds = T.ImageCaptionDataset(table, args, T.DataPlan(targets=[(64, 64)]))
+    draws = [ds[(0, seed)]["caption"] for seed in range(30)]
+    assert all(d.startswith("sks, ") and sorted(d.split(", ")) == sorted(["sks", "1girl", "red hair", "smile", "hat"])
+               for d in draws)
+    assert len(set(draws)) > 5 and draws == [ds[(0, seed)]["caption"] for seed in range(30)]
+    assert not T.caches_text(args) and T.caches_text(T.parse_args(["--dataset", "x"]))
+    with pytest.raises(T.UserError, match="--keep_tokens 2: .* use it with --shuffle_caption"):
+        T.validate(T.parse_args(["--dataset", str(tmp_path), "--keep_tokens", "2"]))
+
+
+@pytest.mark.parametrize("extra", [[], ["--aspect_ratio_bucketing", "--cache_latents", "--random_flip",
+                                        "--shuffle_caption", "--keep_tokens", "1"]])
 def test_messy_folder_trains_to_the_end_and_names_skipped_files(tiny_model, tmp_path, extra):
     folder = make_messy_folder(str(tmp_path / "messy"))
     out = str(tmp_path / "out")
