@@ -352,6 +352,10 @@ def validate(args):
         raise UserError(f"--cache_dir {args.cache_dir!r} holds this trainer's latent/text cache, which is now "
                         "--data_cache_dir (--cache_dir is the Hub download cache, as in diffusers): pass "
                         f"--data_cache_dir {args.cache_dir!r} to reuse it")
+    launched = any(os.environ.get(v) for v in ("WORLD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "MV2_COMM_WORLD_SIZE"))
+    if os.environ.get("LOCAL_RANK", "-1") != "-1" and not launched:  # accelerate would wait for peers not started
+        raise UserError("LOCAL_RANK is set in the environment but WORLD_SIZE is not: launch with accelerate launch "
+                        "or torchrun, or unset LOCAL_RANK to run one process")
     if not args.dataset and not args.train_data_dir:
         raise UserError("no training data: pass --dataset <hub id or folder> or --train_data_dir <folder>")
     if args.dataset and args.train_data_dir:

@@ -206,6 +206,17 @@ def test_user_errors_end_in_one_clear_line(case, shapes, tiny_model, tmp_path, m
     assert last.startswith("error: ") and needle in last, last
 
 
+def test_a_rank_set_without_a_launcher_is_a_clear_error(shapes, tmp_path, monkeypatch, capsys):
+    """LOCAL_RANK left in the environment (a notebook or job script), no launcher: accelerate would wait for
+    peers that were never started, or fail in torch.distributed with a traceback."""
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    for name in ("WORLD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "MV2_COMM_WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    code, stderr = failing_run(["--dataset", shapes, "--output_dir", str(tmp_path / "out")], monkeypatch, capsys)
+    assert code == 2 and stderr.strip().splitlines()[-1].startswith(
+        "error: LOCAL_RANK is set in the environment but WORLD_SIZE is not: launch with accelerate launch or torchrun")
+
+
 def test_existing_checkpoints_need_resume_or_overwrite(tiny_model, shapes, tmp_path, monkeypatch, capsys):
     """A second run is refused (the last step always leaves a checkpoint, whatever --checkpointing_steps says);
     with --overwrite_output_dir it starts afresh: none of the first run's results stays beside its own (here a
