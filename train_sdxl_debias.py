@@ -1223,6 +1223,8 @@ def displayed_size(img, header_only=False):
     alone: to look for an eXIf chunk after the pixels (rare) Pillow decodes the whole image, 19 ms a megapixel,
     which made the scan of a PNG dataset decode every image once more."""
     w, h = img.size
+    if img.format == "TIFF":  # Pillow's TIFF reader turns the image upright itself: its size is already displayed
+        return w, h
     # Pillow's base getexif reads what the header holds (eXIf, ImageMagick's text chunk, XMP) without decoding.
     exif = Image.Image.getexif(img) if header_only and img.format == "PNG" else img.getexif()
     return (h, w) if exif.get(0x0112, 1) in (5, 6, 7, 8) else (w, h)

@@ -72,6 +72,10 @@ def test_image_modes_are_upright_rgb_and_transparency_is_white(tmp_path, monkeyp
     rotated = T.open_image(os.path.join(folder, "rotated.jpg"))
     assert rotated.size == (64, 96)  # EXIF orientation 6: stored 96x64 landscape, shown portrait
     assert T.read_size(os.path.join(folder, "rotated.jpg")) == (64, 96)
+    for ext in ("tif", "webp", "png"):  # Pillow turns a TIFF upright as it opens it: not turned twice
+        save_jpeg_with_orientation(tmp_path / f"rotated.{ext}", Image.new("RGB", (96, 64), (0, 200, 0)), 6)
+        decoded, size = T.decode_image(str(tmp_path / f"rotated.{ext}"))
+        assert decoded.size == size == T.read_size(str(tmp_path / f"rotated.{ext}")) == (64, 96), ext
     from PIL import PngImagePlugin
     loads, real_load = [], PngImagePlugin.PngImageFile.load
     monkeypatch.setattr(PngImagePlugin.PngImageFile, "load", lambda self: loads.append(1) or real_load(self))
