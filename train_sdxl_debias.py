@@ -35,7 +35,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 import loss as debias_loss
 
@@ -749,6 +749,8 @@ CAPTION_COLUMNS = ("text", "caption", "captions", "prompt", "prompts", "descript
 # PIL's warning that calls each photo above 256 MP a possible attack.
 Image.MAX_IMAGE_PIXELS = 256_000_000
 warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+# A camera's broken EXIF block: the pixels read fine (upright as stored); Pillow's warning names no file.
+warnings.filterwarnings("ignore", message=r"(Possibly )?[Cc]orrupt EXIF data")
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".jpe", ".jfif", ".webp", ".avif", ".bmp", ".gif", ".tif", ".tiff")
 METADATA_FILES = ("metadata.jsonl", "metadata.csv", "metadata.parquet")
 UTF16_BOMS = (b"\xff\xfe", b"\xfe\xff")  # what Notepad's "Unicode" and PowerShell's > write first
@@ -797,7 +799,8 @@ def load_table(args):
         raise UserError(f"--image_column and --caption_column are both {image_col!r}: name two different columns "
                         f"(the dataset has: {', '.join(table.column_names)})")
     feature = table.features[image_col]
-    encoded = isinstance(feature, datasets.Image) or getattr(feature, "dtype", None) in ("binary", "large_binary")
+    encoded = (isinstance(feature, datasets.Image) or getattr(feature, "dtype", None) in ("binary", "large_binary")
+               or isinstance(feature, dict) and {"bytes", "path"} <= set(feature))  # a parquet of {bytes, path}
     if encoded:
         table = table.cast_column(image_col, datasets.Image(decode=False))  # encoded bytes too: {bytes, path}
     table = table.select_columns([image_col, caption_col]).rename_columns({image_col: "image", caption_col: "text"})
@@ -806,12 +809,7 @@ def load_table(args):
     table = table.add_column("row", np.arange(len(table)))  # the dataset's row, for messages after subsets
     table = drop_rows_without_image(table, image_col, source)
     if os.path.exists(source):  # relative paths in local data: beside it if there, as in an imagefolder
-        beside = relative_to(source)
-        if not encoded:
-            table = table.map(lambda v: {"image": beside(v)}, input_columns="image", keep_in_memory=True)
-        elif any(v["bytes"] is None for v in table.select(range(min(len(table), 8)))["image"]):  # paths only
-            table = table.map(lambda v: {"image": v if v["bytes"] else {"bytes": None, "path": beside(v["path"])}},
-                              input_columns="image", keep_in_memory=True)
+        table = resolve_paths(table, source, encoded)
     check_captions(table, source, caption_col)
     if args.max_train_samples:
         table = subset(table, args.max_train_samples, args.seed)
@@ -832,19 +830,39 @@ def subset(table, n, seed):
     return table.select([i for i, p in enumerate(paths) if p in chosen])
 
 
+def resolve_paths(table, source, encoded):
+    """The image column with local data's paths resolved (relative_to): every row of path strings, or the rows of
+    {bytes, path} that hold no bytes (the stored bytes of a Hub parquet are not copied)."""
+    import pyarrow.compute as pc
+
+    beside = relative_to(source)
+    fingerprint = hashlib.blake2b(f"{table._fingerprint}:{os.path.abspath(source)}".encode(), digest_size=16)
+    kw = dict(input_columns="image", keep_in_memory=True, new_fingerprint=fingerprint.hexdigest())  # no hashing
+    if not encoded:
+        return table.map(lambda v: {"image": beside(v)}, **kw)
+    if pc.struct_field(table.with_format("arrow")["image"], "bytes").null_count:  # some rows name a file
+        return table.map(lambda v: {"image": v if v["bytes"] else {"bytes": None, "path": beside(v["path"])}}, **kw)
+    return table
+
+
 def relative_to(source):
     """A function that resolves an image path of local data: relative to the data file, or to the data folder,
-    else to the folder of one of its data files (data/train.jsonl listing images/0.png under data/); spaces
-    around a file name dropped when only that file exists (trimmed). Paths found nowhere stay as they are (then
-    named as unreadable)."""
+    else to the folder of one of its data files (data/train.jsonl listing images/0.png under data/), else to the
+    working directory (paths written from a project's root; said once). Spaces around a file name are dropped
+    when only that file exists (trimmed), Windows' backslashes read as folders, file:// dropped. A path found
+    nowhere is named beside the data (then as unreadable), never looked for elsewhere."""
     bases = [source] if os.path.isdir(source) else [os.path.dirname(os.path.abspath(source))]
     listed = not os.path.isdir(source)  # a folder's data files are looked for at the first path not beside it
+    said = []
 
     def resolve(value):
         nonlocal listed
         if not isinstance(value, str):
             return value
-        if os.path.isabs(value):
+        value = value[len("file://"):] if value.startswith("file://") else value
+        if os.sep == "/" and "\\" in value and not os.path.exists(value):
+            value = value.replace("\\", "/")
+        if os.path.isabs(value) or value.startswith(("http://", "https://")):
             return trimmed(value)
         for base in bases:
             for path in (os.path.join(base, value), os.path.join(base, value.strip())):
@@ -855,7 +873,12 @@ def relative_to(source):
             bases.extend(sorted({os.path.dirname(f) for f in list_files(source)
                                  if os.path.splitext(f)[1].lower() in DATA_FILES} - {source}))
             return resolve(value)
-        return value
+        if os.path.exists(trimmed(os.path.abspath(value))):
+            if not said:
+                said.append(logger.warning("image paths of %s such as %r are found relative to the working "
+                                           "directory, not to the data", source, value))
+            return trimmed(os.path.abspath(value))
+        return os.path.join(bases[0], value)
 
     return resolve
 
@@ -1215,7 +1238,12 @@ def open_file(value):
         value = value["bytes"] if value.get("bytes") else value["path"]
     if not value:  # b"" or None: a row without image data
         raise ValueError("empty image data")
-    return Image.open(io.BytesIO(value) if isinstance(value, bytes) else value)
+    if isinstance(value, str) and value.startswith(("http://", "https://")):
+        raise ValueError("a URL: images are not downloaded, download them and list the files")
+    try:
+        return Image.open(io.BytesIO(value) if isinstance(value, bytes) else value)
+    except UnidentifiedImageError:  # (its message names a BytesIO object, or repeats the path)
+        raise ValueError("not an image file Pillow can read") from None
 
 
 def displayed_size(img, header_only=False):

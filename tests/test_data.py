@@ -232,7 +232,8 @@ def test_shuffle_caption_reorders_tags_each_draw_and_keeps_the_leading_ones(tmp_
     another text). --keep_tokens alone would do nothing: refused."""
     import datasets
     Image.new("RGB", (64, 64)).save(tmp_path / "a.png")
-    table = datasets.Dataset.from_dict({"image": [str(tmp_path / "a.png")], "text": ["sks, 1girl, red hair,, smile , hat"]})
+    table = datasets.Dataset.from_dict({"image": [str(tmp_path / "a.png")],
+                                       "text": ["sks, 1girl, red hair,, smile , hat"]})
     args = T.parse_args(["--dataset", "x", "--resolution", "64", "--shuffle_caption", "--keep_tokens", "1"])
     ds = T.ImageCaptionDataset(table, args, T.DataPlan(targets=[(64, 64)]))
     draws = [ds[(0, seed)]["caption"] for seed in range(30)]
@@ -718,3 +719,35 @@ def test_relative_paths_in_a_data_folder_and_images_stored_in_rows(tmp_path, cap
     table, _ = T.load_table(T.parse_args(["--dataset", str(tmp_path / "holes.parquet")]))
     assert table["row"] == [0, 2] and table["text"] == ["a", "c"]
     assert "2 of 4 rows of " in caplog.text and "name no image (null or an empty file name)" in caplog.text
+
+
+def test_image_paths_resolve_beside_the_data_never_silently_elsewhere(tmp_path, caplog, monkeypatch, capsys):
+    """Paths in a data file: beside it; else relative to the working directory (said); found nowhere, named
+    beside the data, not opened from wherever the run started. Windows' backslashes and file:// read as paths,
+    a URL is named as one; {bytes, path} rows without stored bytes resolve in every row of a plain parquet."""
+    import datasets
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    data, elsewhere = tmp_path / "data", tmp_path / "elsewhere"
+    for folder in (data / "imgs", elsewhere / "imgs"):
+        folder.mkdir(parents=True)
+    Image.new("RGB", (40, 32)).save(data / "imgs" / "a.png")
+    Image.new("RGB", (16, 16)).save(elsewhere / "imgs" / "b.png")  # only in the working directory
+    rows = [{"image": p, "text": p} for p in ("imgs\\a.png", "imgs/b.png", "imgs/gone.png",
+                                               "https://cdn.example.com/c.png", f"file://{data}/imgs/a.png")]
+    (data / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    monkeypatch.chdir(elsewhere)
+    table, _ = T.load_table(T.parse_args(["--dataset", str(data / "train.jsonl")]))
+    assert table["image"][:3] == [str(data / "imgs" / "a.png"), str(elsewhere / "imgs" / "b.png"),
+                                  str(data / "imgs" / "gone.png")] and table["image"][4] == str(data / "imgs/a.png")
+    assert "such as 'imgs/b.png' are found relative to the working directory" in caplog.text
+    _, _, bad = T.scan_images(table, show_progress=False)
+    assert [b[0] for b in bad] == [str(data / "imgs" / "gone.png"), "https://cdn.example.com/c.png"]
+    assert "images are not downloaded" in bad[1][1]
+    struct = pa.array([{"bytes": None, "path": "imgs/a.png"}] * 10 + [{"bytes": b"x", "path": None}],
+                      pa.struct([("bytes", pa.binary()), ("path", pa.string())]))
+    pq.write_table(pa.table({"image": struct, "text": ["a"] * 11}), data / "struct.parquet")  # no HF features
+    table, _ = T.load_table(T.parse_args(["--dataset", str(data / "struct.parquet")]))
+    assert [v["path"] for v in table["image"][:10]] == [str(data / "imgs" / "a.png")] * 10
+    assert "hashed" not in capsys.readouterr().err + caplog.text  # datasets warned so on every local run
