@@ -2246,9 +2246,12 @@ def resume(accelerator, args, lr_scheduler):
 
 def check_random_state(path, rank):
     """accelerate skips an unreadable RNG state with a message at INFO level; the run would then draw other
-    dropout masks than the uninterrupted one without a word."""
+    dropout masks than the uninterrupted one without a word. Read as accelerate reads it (weights_only, numpy
+    allowed): a crafted checkpoint must not run code."""
+    from accelerate.utils import load
+
     try:
-        torch.load(os.path.join(path, f"random_states_{rank}.pkl"), weights_only=False)
+        load(os.path.join(path, f"random_states_{rank}.pkl"))
     except Exception as e:
         logger.warning("cannot restore the random state of %s (%s): the run goes on, but its dropout draws differ "
                        "from an uninterrupted run's", path, first_line(e))

@@ -2,11 +2,13 @@
 import argparse
 import json
 import os
+import random
 import shutil
 import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -280,6 +282,24 @@ def test_damaged_state_files_are_named_or_recomputed(tmp_path, caplog):
         T.read_state(str(tmp_path / "ckpt"))
     T.check_random_state(str(tmp_path / "ckpt"), 0)  # no random_states_0.pkl
     assert "cannot restore the random state" in caplog.text
+    caplog.clear()  # accelerate's own contents read back; a crafted pickle does not run its code
+    torch.save({"step": 0, "random_state": random.getstate(), "numpy_random_seed": np.random.get_state(),
+                "torch_manual_seed": torch.get_rng_state()}, tmp_path / "ckpt" / "random_states_0.pkl")
+    T.check_random_state(str(tmp_path / "ckpt"), 0)
+    assert "cannot restore" not in caplog.text
+    torch.save(RunsCode(str(tmp_path / "pwned")), tmp_path / "ckpt" / "random_states_0.pkl")
+    T.check_random_state(str(tmp_path / "ckpt"), 0)
+    assert not os.path.exists(tmp_path / "pwned") and "cannot restore the random state" in caplog.text
+
+
+class RunsCode:
+    """A pickle that creates a file when loaded with pickle's code execution."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return open, (self.path, "w")
 
 
 def test_lora_checkpoints_of_both_key_styles_load_back(tmp_path):
