@@ -1926,7 +1926,8 @@ RUN_SETTINGS = ("lr_scheduler", "lr_warmup_steps", "max_train_steps", "num_train
                 "prediction_type", "min_timestep", "max_timestep", "noise_offset", "input_perturbation",
                 "caption_dropout", "shuffle_caption", "keep_tokens", "caption_extension", "lora_dropout",
                 "center_crop", "random_flip", "cache_latents",
-                "normalize_loss_weights", "pretrained_vae_model_name_or_path", "revision", "variant")
+                "normalize_loss_weights", "pretrained_vae_model_name_or_path", "revision", "variant",
+                "adam_beta1", "adam_beta2", "adam_epsilon", "adam_weight_decay", "max_grad_norm")
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 STATE_FILE = "trainer_state.json"  # marks a complete checkpoint written by this trainer
 
@@ -2148,7 +2149,7 @@ def read_state(path):
 def run_settings(args, accelerator):
     """RUN_SETTINGS' values, the number of processes, and what the data is (data_fingerprint)."""
     return {**{k: getattr(args, k) for k in RUN_SETTINGS}, "processes": accelerator.num_processes,
-            "data": getattr(args, "data_fingerprint", None)}
+            "mixed precision": accelerator.mixed_precision, "data": getattr(args, "data_fingerprint", None)}
 
 
 def save_checkpoint(accelerator, args, global_step, epoch, lr_scheduler):
@@ -2203,7 +2204,7 @@ def remove_checkpoint(output_dir, step, path):
     shutil.rmtree(gone)
 
 
-def resume(accelerator, args, lr_scheduler):
+def resume(accelerator, args, optimizer, lr_scheduler):
     """Load the checkpoint named by --resume_from_checkpoint; returns the global step it was saved at."""
     path = args.resume_from_checkpoint
     if path == "latest":
@@ -2220,8 +2221,12 @@ def resume(accelerator, args, lr_scheduler):
     if changed:
         raise UserError(f"{path} was trained with other settings ({'; '.join(changed)}): resume with the "
                         "checkpoint's, or start afresh with --overwrite_output_dir or another --output_dir")
+    # The optimizer's state brings back its hyperparameters too: the flags of this command win (named below).
+    fresh = [{k: g[k] for k in ("betas", "eps", "weight_decay") if k in g} for g in optimizer.param_groups]
     try:
         accelerator.load_state(path)
+        for group, values in zip(optimizer.param_groups, fresh):
+            group.update(values)
     except UserError:
         raise
     except Exception as e:  # a missing or damaged file, or a checkpoint of an older trainer version
@@ -2232,6 +2237,7 @@ def resume(accelerator, args, lr_scheduler):
     if state.get("learning_rate", args.learning_rate) != args.learning_rate:
         logger.warning("--learning_rate %g is ignored: a resumed run keeps its checkpoint's schedule (from %g)",
                        args.learning_rate, state["learning_rate"])
+        args.learning_rate = state["learning_rate"]  # what train_config.json and the model card then record
     was, now = state.get("settings", {}), run_settings(args, accelerator)
     changed = [f"{'--' * (k in RUN_SETTINGS)}{k} {was[k]!r} -> {now[k]!r}"  # (processes, data: no flags)
                for k in now if k in was and was[k] != now[k]]
@@ -2871,7 +2877,7 @@ def train(args):
     num_epochs = math.ceil(max_steps / steps_per_epoch)
     params, optimizer, lr_scheduler = make_optimization(args, m, accelerator, max_steps)
     torch.manual_seed(derive_seed(args.seed, "dropout", rank))  # distinct dropout per rank; restored on resume
-    global_step = resume(accelerator, args, lr_scheduler) if args.resume_from_checkpoint else 0
+    global_step = resume(accelerator, args, optimizer, lr_scheduler) if args.resume_from_checkpoint else 0
     if global_step > max_steps:
         raise UserError(f"the checkpoint is at step {global_step}, past this run's {max_steps} steps: raise "
                         "--max_train_steps (or --num_train_epochs) to train on, or resume an earlier checkpoint")

@@ -106,6 +106,27 @@ def test_resumed_run_equals_uninterrupted_run(tiny_model, shapes, tmp_path):
     assert rows(resumed) == rows(full_run)[2:]  # row 4 holds step 4 alone in both runs
 
 
+def test_a_resume_with_other_optimizer_flags_uses_them_and_says_so(tiny_model, shapes, tmp_path):
+    """The optimizer's saved state carries its hyperparameters: a changed --adam_weight_decay or --max_grad_norm
+    takes effect and is named; a changed --learning_rate is not (the schedule is the checkpoint's), and the
+    outputs record the rate the run used, not the one typed."""
+    extra = ["--max_train_steps", "4", "--checkpointing_steps", "2", "--learning_rate", "5e-3"]
+    first = str(tmp_path / "first")
+    run_trainer(*base_args(tiny_model, shapes, first, *extra))
+    again = str(tmp_path / "again")
+    os.makedirs(again)
+    shutil.copytree(os.path.join(first, "checkpoint-2"), os.path.join(again, "checkpoint-2"))
+    proc = run_trainer(*base_args(tiny_model, shapes, again, *extra, "--resume_from_checkpoint", "latest",
+                                  "--adam_weight_decay", "50", "--max_grad_norm", "0.5", "--learning_rate", "1"))
+    assert "--adam_weight_decay 0.01 -> 50.0" in proc.stderr and "--max_grad_norm 1.0 -> 0.5" in proc.stderr
+    assert "--learning_rate 1 is ignored" in proc.stderr
+    config = json.load(open(os.path.join(again, "train_config.json")))
+    assert (config["learning_rate"], config["adam_weight_decay"]) == (5e-3, 50.0)
+    assert "| learning_rate | 0.005 |" in open(os.path.join(again, "README.md")).read()
+    a, b = lora_state(first), lora_state(again)
+    assert rel_l1(a, b) > 1e-3  # the decay took effect (the lr alone would have left b equal to a)
+
+
 def test_channels_last_trains_the_same_lora_and_saves_it(tiny_model, shapes, tmp_path):
     """--channels_last only changes the memory layout: same LoRA (conv layers included, whose channels-last
     weights safetensors would refuse unless made contiguous), loadable by diffusers in both formats."""
