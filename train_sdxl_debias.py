@@ -421,14 +421,18 @@ def validate(args):
     if resume and resume != "latest" and not os.path.isdir(resume) and os.path.isdir(os.path.join(args.output_dir,
                                                                                                  resume)):
         resume = args.resume_from_checkpoint = os.path.join(args.output_dir, resume)  # diffusers: a name in output_dir
+    if resume and resume != "latest" and os.path.isfile(resume):
+        raise UserError(f"--resume_from_checkpoint {resume!r} is a file: pass its checkpoint folder "
+                        f"({os.path.dirname(resume) or '.'!r}) or 'latest'")
     if resume and resume != "latest" and not os.path.isdir(resume):
         raise UserError(f"--resume_from_checkpoint {resume!r} does not exist; pass a checkpoint folder or 'latest'")
     if resume and resume != "latest" and os.path.exists(os.path.join(resume, STATE_FILE)):
         step = read_state(resume)["global_step"]
         newer = [os.path.basename(p) for s, p in list_checkpoints(args.output_dir) if s > step]
         if newer:  # they would outrank the new run's checkpoints for `latest` and be kept by pruning instead
-            raise UserError(f"{args.output_dir} holds checkpoints past step {step} ({', '.join(newer)}) from the run "
-                            f"{resume} belongs to: move or delete them to go back to step {step}, or resume latest")
+            raise UserError(f"{args.output_dir} already holds checkpoints past {os.path.basename(resume)}'s step "
+                            f"{step} ({', '.join(newer)}): --resume_from_checkpoint latest continues from them; to "
+                            f"restart from step {step}, move or delete them first")
     if not resume and not args.overwrite_output_dir and list_checkpoints(args.output_dir):
         raise UserError(f"{args.output_dir} holds checkpoints of another run: pass --resume_from_checkpoint latest "
                         "to continue it, --overwrite_output_dir to start afresh, or another --output_dir")
@@ -2136,14 +2140,16 @@ def load_trained(args, folder, unet, text_encoders=(), ema=None):
             ema.to(next(unet.parameters()).device)
 
 
+DAMAGED = "move that checkpoint folder aside; then --resume_from_checkpoint latest continues from the one before it"
+
+
 def read_state(path):
     """A checkpoint's trainer_state.json, or a UserError naming it."""
     try:
         with open(os.path.join(path, STATE_FILE)) as f:
             return json.load(f)
     except (OSError, ValueError) as e:
-        raise UserError(f"cannot read {os.path.join(path, STATE_FILE)} ({first_line(e)}): resume from another "
-                        "checkpoint") from None
+        raise UserError(f"cannot read {os.path.join(path, STATE_FILE)} ({first_line(e)}): {DAMAGED}") from None
 
 
 def run_settings(args, accelerator):
@@ -2230,7 +2236,7 @@ def resume(accelerator, args, optimizer, lr_scheduler):
     except UserError:
         raise
     except Exception as e:  # a missing or damaged file, or a checkpoint of an older trainer version
-        raise UserError(f"cannot resume from {path}: {first_line(e)}") from None
+        raise UserError(f"cannot resume from {path} ({first_line(e)}): {DAMAGED}") from None
     check_random_state(path, accelerator.process_index)
     step = state["global_step"]
     restore_schedule(lr_scheduler, state["lr_scheduler"])

@@ -335,12 +335,17 @@ def test_a_failed_start_loses_nothing_and_a_mismatched_resume_says_why(tiny_mode
     # Going back while newer checkpoints of the run exist (they would outrank the new ones), or past the end.
     last = fails(*base_args(tiny_model, shapes, out, "--max_train_steps", "2", "--resume_from_checkpoint",
                             "checkpoint-1"))
-    assert "past step 1 (checkpoint-2)" in last and "move or delete them" in last
+    assert "past checkpoint-1's step 1 (checkpoint-2): --resume_from_checkpoint latest continues" in last
+    last = fails(*base_args(tiny_model, shapes, out, "--resume_from_checkpoint",
+                            os.path.join(out, "checkpoint-1", "trainer_state.json")))
+    assert "is a file: pass its checkpoint folder" in last
     last = fails(*base_args(tiny_model, shapes, out, "--max_train_steps", "1", "--resume_from_checkpoint", "latest"))
     assert "at step 2, past this run's 1 steps" in last
     os.remove(os.path.join(out, "checkpoint-2", "optimizer.bin"))
     last = fails(*base_args(tiny_model, shapes, out, "--max_train_steps", "4", "--resume_from_checkpoint", "latest"))
     assert last.startswith("error: cannot resume from") and "checkpoint-2" in last
+    assert last.endswith("move that checkpoint folder aside; then --resume_from_checkpoint latest continues from "
+                         "the one before it")
 
 
 def test_a_foreign_checkpoint_folder_is_moved_aside_not_deleted(tiny_model, shapes, tmp_path):
