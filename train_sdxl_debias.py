@@ -12,6 +12,7 @@ The file reads top to bottom in nine sections: 1 arguments, 2 models, 3 data, 4 
 are imported inside the sections that use them, so a bad flag is reported in a second, not after ten.
 """
 import argparse
+import collections
 import errno
 import glob
 import hashlib
@@ -29,6 +30,7 @@ import signal
 import socket
 import sys
 import time
+import unicodedata
 import warnings
 from contextlib import ExitStack, contextmanager, nullcontext, suppress
 from dataclasses import dataclass
@@ -888,12 +890,16 @@ def relative_to(source):
 
 
 def trimmed(path):
-    """`path`; or, when only that exists, the file a spreadsheet cell with spaces around the name meant
-    ("a.png " in a metadata.csv: datasets joins the cell to the folder as it is)."""
-    head, name = os.path.split(path)
-    if name == name.strip() or os.path.exists(path) or not os.path.exists(os.path.join(head, name.strip())):
+    """`path`; or, when only that exists, the file it meant: a spreadsheet cell with spaces around the name
+    ("a.png " in a metadata.csv: datasets joins the cell to the folder as it is), or the same name with its
+    accents composed otherwise (macOS writes "café" decomposed, most editors type it composed)."""
+    if os.path.exists(path):
         return path
-    return os.path.join(head, name.strip())
+    head, name = os.path.split(path)
+    for form in (name.strip(), unicodedata.normalize("NFC", name.strip()), unicodedata.normalize("NFD", name.strip())):
+        if form != name and os.path.exists(os.path.join(head, form)):
+            return os.path.join(head, form)
+    return path
 
 
 def drop_rows_without_image(table, column, source):
@@ -979,11 +985,11 @@ def load_folder(source, args):
         for f in files:
             if os.path.basename(f) in METADATA_FILES:
                 check_metadata_file(f)
-        table = train_split(guarded_load(source, datasets.load_dataset, "imagefolder",
-                                         data_files=imagefolder_files(source, files), cache_dir=cache_dir), source)
-        if len(table) < len(images):  # datasets silently leaves out images the metadata does not name
-            logger.warning("%d of %d images in %s are not used: the metadata does not name them, or they are in "
-                           "another split", len(images) - len(table), len(images), source)
+        folders = imagefolder_folders(source, files)
+        data_files = {"train": [os.path.join(glob.escape(folder), "**") for folder in folders]}  # `[v2]`: no pattern
+        table = train_split(guarded_load(source, datasets.load_dataset, "imagefolder", data_files=data_files,
+                                         cache_dir=cache_dir), source)
+        unnamed_images(table, [f for f in images if any(f.startswith(os.path.join(d, "")) for d in folders)], source)
         return table
     captions = find_captions(source, files, images, args.caption_extension) if images else None
     if captions is not None:
@@ -1018,12 +1024,12 @@ SPLIT_FOLDERS = {"train": "train", "training": "train", "validation": "validatio
                  "evaluation": "test"}
 
 
-def imagefolder_files(source, files):
-    """The data_files of an imagefolder: every file, or those of its train/ folders. Given the folder alone,
+def imagefolder_folders(source, files):
+    """The folders of an imagefolder's training data: all of it, or its train/ folders. Given the folder alone,
     datasets also reads split names out of file names and other folder names: `dog_test_04.png` or a
     `test_shots/` folder became a test split, and the run trained on the rest without a word. Here only a folder
     named exactly as a split is one (`train/`, `data/train/`), as in datasets' documented layout, and only if it
-    holds images or metadata. Paths are escaped: `[v2]` in a path is no pattern."""
+    holds images or metadata."""
     splits = {}
     for f in files:
         if not (os.path.splitext(f)[1].lower() in IMAGE_EXTS or os.path.basename(f) in METADATA_FILES):
@@ -1033,7 +1039,7 @@ def imagefolder_files(source, files):
         if depth is not None:
             splits.setdefault(SPLIT_FOLDERS[parts[depth]], set()).add(os.path.join(*parts[:depth + 1]))
     if not splits:
-        return {"train": os.path.join(glob.escape(source), "**")}
+        return [source]
     name = "train" if "train" in splits else next(iter(splits))
     if name != "train" and len(splits) > 1:
         raise UserError(f"dataset {source!r} has no train/ folder (it has split folders: "
@@ -1041,7 +1047,30 @@ def imagefolder_files(source, files):
                         "folder of the split you want")
     if name != "train":
         logger.info("dataset %s has one split folder, %s: training on it", source, ", ".join(sorted(splits[name])))
-    return {"train": [os.path.join(glob.escape(source), glob.escape(folder), "**") for folder in sorted(splits[name])]}
+    return [os.path.join(source, folder) for folder in sorted(splits[name])]
+
+
+def unnamed_images(table, images, source):
+    """datasets' imagefolder leaves out, without a word, images its metadata does not name: name them, with a
+    hint when a row names one of them in another case. Rows naming one image twice each train: said too."""
+    import pyarrow.compute as pc
+
+    named = [trimmed(p) for p in pc.struct_field(table.with_format("arrow")["image"], "path").to_pylist() if p]
+    counts = collections.Counter(os.path.realpath(p) for p in named)
+    unused = [f for f in images if os.path.realpath(f) not in counts]
+    if unused:
+        on_disk = {f.lower(): f for f in unused}
+        cased = [(p, on_disk[p.lower()]) for p in named if not os.path.exists(p) and p.lower() in on_disk]
+        hint = (f" (the metadata names {os.path.basename(cased[0][0])!r}, the file is "
+                f"{os.path.basename(cased[0][1])!r}: file_name must match in case)") if cased else ""
+        logger.warning("%d of %d images in %s are not named in its metadata and are not used%s: %s", len(unused),
+                       len(images), source, hint, ", ".join(os.path.relpath(f, source) for f in unused[:10])
+                       + (" …" if len(unused) > 10 else ""))
+    twice = [(p, n) for p, n in counts.items() if n > 1]
+    if twice:
+        logger.warning("%d images are named by more than one metadata row, each row a sample of its own: %s",
+                       len(twice), ", ".join(f"{os.path.relpath(p, os.path.realpath(source))} x{n}"
+                                             for p, n in twice[:10]) + (" …" if len(twice) > 10 else ""))
 
 
 def check_metadata_file(path):
