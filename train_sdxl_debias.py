@@ -952,7 +952,15 @@ def blank(caption):
 
 def check_captions(table, source, column):
     """Rows without a caption (missing, null or empty) train on an empty prompt: say how many, or stop when
-    none has one (the wrong column, or metadata datasets did not match to the images)."""
+    none has one (the wrong column, or metadata datasets did not match to the images). Captions are text, or
+    lists of texts (one drawn per sample): a column of records would train on their Python repr."""
+    kind = table.features["text"]
+    inner = getattr(kind, "feature", kind)  # a list's items
+    if isinstance(kind, dict) or isinstance(inner, dict) or getattr(inner, "dtype", "string") in ("binary",
+                                                                                               "large_binary"):
+        example = next((c for c in table.select(range(min(len(table), 8)))["text"] if c), None)
+        raise UserError(f"caption column {column!r} of dataset {source!r} holds records, not text (e.g. "
+                        f"{str(example)[:80]!r}): pass --caption_column naming a text column, or flatten it into one")
     empty = [i for i, c in enumerate(table["text"]) if blank(c)]
     if len(empty) == len(table):
         raise UserError(f"every caption in column {column!r} of dataset {source!r} is empty: check --caption_column "

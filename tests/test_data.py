@@ -632,6 +632,11 @@ def test_captions_missing_in_metadata_are_counted_and_all_missing_is_an_error(tm
         T.load_table(T.parse_args(["--dataset", str(tmp_path)]))
     with pytest.raises(T.UserError, match="both 'text'"):
         T.load_table(T.parse_args(["--dataset", str(tmp_path), "--image_column", "text"]))
+    for records in ({"en": "a cat", "de": "eine Katze"}, [{"raw": "a cat"}]):  # would train on their repr
+        (tmp_path / "metadata.jsonl").write_text("".join(json.dumps({"file_name": f"{i}.png", "text": records})
+                                                         + "\n" for i in range(4)))
+        with pytest.raises(T.UserError, match="caption column 'text' .* holds records, not text .*'a cat'"):
+            T.load_table(T.parse_args(["--dataset", str(tmp_path)]))
 
 
 def test_a_metadata_csv_from_a_spreadsheet_loads_or_says_what_to_fix(tmp_path):
