@@ -1013,6 +1013,9 @@ def load_folder(source, args):
         raise UserError(f"dataset folder {source!r} has no images (looked for {', '.join(IMAGE_EXTS)}) and no data "
                         "files")
     tables = [f for f in files if os.path.splitext(f)[1].lower() in DATA_FILES]  # not read beside images
+    near = kohya_near_miss(source, images, caption_index(files, args.caption_extension))
+    if near:
+        raise UserError(f"dataset folder {source!r} has {len(images)} images but no captions: {near}")
     which = f"{args.caption_extension} file" if args.caption_extension else ".txt (or .caption) file"
     raise UserError(f"dataset folder {source!r} has {len(images)} images but no captions: put a same-name {which} "
                     "next to each image, or a metadata.jsonl with file_name and text columns"
@@ -1204,6 +1207,28 @@ def caption_files(captions, image):
     return captions.get(os.path.splitext(image)[0].lower(), []) + captions.get(image.lower(), [])
 
 
+def kohya_near_miss(source, images, captions):
+    """Why folders that look like kohya's DreamBooth folders are not read as such (their repeats and folder
+    captions unused), and what to do; "" when none looks like one."""
+    tops = sorted({os.path.relpath(p, source).split(os.sep)[0] for p in images if os.sep in os.path.relpath(p, source)})
+    looks = [t for t in tops if re.match(r"^\d+_.", t)]
+    if not looks:
+        below = sorted({os.sep.join(os.path.relpath(p, source).split(os.sep)[:2]) for p in images
+                        if os.path.relpath(p, source).count(os.sep) >= 2
+                        and KOHYA_FOLDER.match(os.path.relpath(p, source).split(os.sep)[1])})
+        return (f"{below[0]} looks like one of kohya's DreamBooth folders: pass its parent folder "
+                f"{os.path.join(source, os.path.dirname(below[0]))!r} as the data to read them as such") if below else ""
+    bad = [t for t in looks if not KOHYA_FOLDER.match(t) or int(KOHYA_FOLDER.match(t).group(1)) < 1]
+    others = [t for t in tops if t not in looks]
+    loose = [os.path.basename(p) for p in images if os.sep not in os.path.relpath(p, source)
+             and caption_files(captions, p)]
+    why = (f"{bad[0]!r} repeats its images {int(bad[0].split('_')[0])} times (kohya's folders take 1 to 999)" if bad
+           else f"{others[0]!r} beside them is not named <repeats>_<words>" if others
+           else f"{loose[0]!r} beside them has a caption file" if loose else "")
+    return (f"folders {', '.join(map(repr, looks[:5]))} look like kohya's DreamBooth folders but are read as plain "
+            f"folders (no repeats, no captions from folder names): {why}") if why else ""
+
+
 def find_captions(source, files, images, extension=None):
     """kohya layout: each image's caption from a same-name .txt (or .caption) file next to it, extension case
     ignored (IMG_1.JPG + IMG_1.TXT), "" without one. In kohya's DreamBooth folders (kohya_folders) an image
@@ -1214,7 +1239,7 @@ def find_captions(source, files, images, extension=None):
     if kohya:
         say = logger.warning if any(n > 1 for n, _ in kohya.values()) else logger.info  # repeats change the mix
         say("kohya DreamBooth folders: %s", "; ".join(
-            f"{name!r} x{n} (images without a caption file: {words!r})" for name, (n, words) in sorted(kohya.items())))
+            f"{name!r} x{n} (images without a caption: {words!r})" for name, (n, words) in sorted(kohya.items())))
         loose = [path for path in images if os.sep not in os.path.relpath(path, source)]
         if loose:
             logger.warning("%d uncaptioned image(s) beside kohya's DreamBooth folders are left out, as kohya does: %s",
@@ -1224,7 +1249,7 @@ def find_captions(source, files, images, extension=None):
     for path in images:
         found = caption_files(captions, path)
         repeats, words = kohya[os.path.relpath(path, source).split(os.sep)[0]] if kohya else (1, "")
-        text = read_caption(found[0]) if found else words
+        text = (read_caption(found[0]) if found else "") or words  # an empty caption file: the folder's words
         if len(found) > 1 and any(read_caption(f) != text for f in found[1:]):
             differing.append(found)
         paths += [os.path.abspath(path)] * repeats
@@ -1234,7 +1259,9 @@ def find_captions(source, files, images, extension=None):
                        "pass --caption_extension to pick one kind", len(differing), " and ".join(differing[0]))
     warn_unsupported(source, files, captions, images)
     if not any(texts):
-        return None
+        return None  # (load_folder's error says why kohya's folders were not read as such)
+    if not kohya and kohya_near_miss(source, images, captions):
+        logger.warning("%s", kohya_near_miss(source, images, captions))
     return {"image": paths, "text": texts}  # check_captions counts the empty
 
 

@@ -547,12 +547,36 @@ def test_kohya_dreambooth_folders_repeat_and_caption_by_folder_name(tmp_path, ca
     (data / "loose.txt").write_text("loose")
     table, _ = T.load_table(T.parse_args(["--train_data_dir", str(data)]))
     assert len(table) == 5 and table["text"].count("") == 1  # no repeats, no folder captions
+    assert "'loose.png' beside them has a caption file" in caplog.text  # and says why
     os.remove(data / "loose.png")
     (data / "10_sks dog" / "broken.jpg").write_bytes(b"<html>not an image</html>")
     table, _ = T.load_table(T.parse_args(["--train_data_dir", str(data)]))
     plan_table, _, _ = T.plan_data(T.parse_args(["--train_data_dir", str(data), "--resolution", "32"]), table,
                                    show_progress=False)
     assert len(table) == 32 and len(plan_table) == 22 and "skipping 1 unreadable image(s)" in caplog.text
+
+
+def test_folders_that_look_like_kohyas_but_are_not_read_so_say_why(tmp_path, caplog):
+    """Near misses of kohya's layout: a folder not named <repeats>_<words> beside them, 0 or 1000 repeats, or
+    kohya's img/ folder's parent passed as the data. An empty caption file in a DreamBooth folder takes the
+    folder's words (kohya's folders are mostly uncaptioned)."""
+    def layout(name, folders):
+        for sub, caption in folders:
+            (tmp_path / name / sub).mkdir(parents=True)
+            Image.new("RGB", (32, 32)).save(tmp_path / name / sub / "a.png")
+            if caption is not None:
+                (tmp_path / name / sub / "a.txt").write_text(caption)
+        return str(tmp_path / name)
+
+    load = lambda folder: T.load_table(T.parse_args(["--dataset", folder]))[0]
+    table = load(layout("other", [("10_dog", None), ("misc", "a cat")]))
+    assert sorted(table["text"]) == ["", "a cat"] and "'misc' beside them is not named <repeats>_<words>" in caplog.text
+    for name, folders, why in (("zero", [("0_reg", None), ("5_dog", None)], "'0_reg' repeats its images 0 times"),
+                               ("many", [("1000_dog", None)], "'1000_dog' repeats its images 1000 times"),
+                               ("parent", [("img/10_dog", None)], "pass its parent folder")):
+        with pytest.raises(T.UserError, match=f"images but no captions: .*{why}"):
+            load(layout(name, folders))
+    assert load(layout("empty", [("10_sks dog", "")]))["text"] == ["sks dog"] * 10
 
 
 def test_the_data_fingerprint_follows_images_and_captions_not_where_they_are(tmp_path):
