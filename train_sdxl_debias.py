@@ -1210,18 +1210,18 @@ def caption_files(captions, image):
 def kohya_near_miss(source, images, captions):
     """Why folders that look like kohya's DreamBooth folders are not read as such (their repeats and folder
     captions unused), and what to do; "" when none looks like one."""
-    tops = sorted({os.path.relpath(p, source).split(os.sep)[0] for p in images if os.sep in os.path.relpath(p, source)})
+    parts = [os.path.relpath(p, source).split(os.sep) for p in images]
+    tops = sorted({r[0] for r in parts if len(r) > 1})
     looks = [t for t in tops if re.match(r"^\d+_.", t)]
     if not looks:
-        below = sorted({os.sep.join(os.path.relpath(p, source).split(os.sep)[:2]) for p in images
-                        if os.path.relpath(p, source).count(os.sep) >= 2
-                        and KOHYA_FOLDER.match(os.path.relpath(p, source).split(os.sep)[1])})
+        below = sorted({os.path.join(*r[:2]) for r in parts if len(r) > 2 and KOHYA_FOLDER.match(r[1])})
+        if not below:
+            return ""
         return (f"{below[0]} looks like one of kohya's DreamBooth folders: pass its parent folder "
-                f"{os.path.join(source, os.path.dirname(below[0]))!r} as the data to read them as such") if below else ""
+                f"{os.path.join(source, os.path.dirname(below[0]))!r} as the data to read them as such")
     bad = [t for t in looks if not KOHYA_FOLDER.match(t) or int(KOHYA_FOLDER.match(t).group(1)) < 1]
     others = [t for t in tops if t not in looks]
-    loose = [os.path.basename(p) for p in images if os.sep not in os.path.relpath(p, source)
-             and caption_files(captions, p)]
+    loose = [r[0] for r, p in zip(parts, images) if len(r) == 1 and caption_files(captions, p)]
     why = (f"{bad[0]!r} repeats its images {int(bad[0].split('_')[0])} times (kohya's folders take 1 to 999)" if bad
            else f"{others[0]!r} beside them is not named <repeats>_<words>" if others
            else f"{loose[0]!r} beside them has a caption file" if loose else "")
