@@ -13,6 +13,7 @@ are imported inside the sections that use them, so a bad flag is reported in a s
 """
 import argparse
 import collections
+import csv
 import errno
 import glob
 import hashlib
@@ -782,6 +783,7 @@ def load_table(args):
             raise UserError(f"dataset file {source!r} is not one of {', '.join(DATA_FILES)}: pass a folder or "
                             "such a file")
         unused_flags(args, "one data file", "dataset_config_name", "caption_extension")
+        check_metadata_file(source, metadata=False)
         table = guarded_load(source, datasets.load_dataset, builder, data_files=glob.escape(source),
                              cache_dir=args.cache_dir)
     elif source.startswith((".", "/", "~")):
@@ -1084,9 +1086,12 @@ def unnamed_images(table, images, source):
                                              for p, n in twice[:10]) + (" …" if len(twice) > 10 else ""))
 
 
-def check_metadata_file(path):
-    """What spreadsheets and shells write that datasets reads as nonsense: UTF-16 (PowerShell's `>`, Excel's
-    "Unicode Text") and CSV with semicolons (Excel where the decimal mark is a comma). One line each."""
+def check_metadata_file(path, metadata=True):
+    """What spreadsheets, shells and hand-written scripts put in a CSV or JSON Lines file that datasets reads as
+    nonsense or fails on with a parser's message: one line each, naming the file, the line and the fix.
+    `metadata`: an imagefolder's metadata file, which also needs a file_name column."""
+    if not path.lower().endswith((".csv", ".jsonl")):
+        return
     with open(path, "rb") as f:
         head = f.read(4096)
     if head.startswith(UTF16_BOMS):
@@ -1095,6 +1100,58 @@ def check_metadata_file(path):
     if path.endswith(".csv") and b"," not in first and (b";" in first or b"\t" in first):
         raise UserError(f"{path} separates its fields with {'semicolons' if b';' in first else 'tabs'}: save it "
                         "with commas (in Excel: 'CSV UTF-8 (Comma delimited)')")
+    try:
+        with open(path, encoding="utf-8-sig", newline="") as f:
+            columns = (csv_columns if path.endswith(".csv") else jsonl_columns)(path, f)
+    except UnicodeDecodeError:
+        return  # guarded_load says: not UTF-8
+    if columns is None:
+        raise UserError(f"{path} has no rows: add a row per image")
+    if metadata and not any(c == "file_name" or c.endswith("_file_name") for c in columns):
+        near = [c for c in columns if c.strip().lower().replace(" ", "_") in ("file_name", "filename", "file")]
+        raise UserError(f"{path} has no file_name column (it has: {', '.join(columns)}): "
+                        + (f"rename {near[0]!r} to file_name" if near else "add one naming each image's file"))
+
+
+def csv_columns(path, f):
+    """A CSV's header, None without rows; a row whose field count differs from the header's is named."""
+    rows = csv.reader(f)
+    header = next(rows, None)
+    if header and header[0].startswith("sep="):  # Excel's separator hint, which pandas reads as the header
+        raise UserError(f"{path} starts with Excel's {','.join(header)!r} line: delete that line")
+    count = 0
+    for count, row in enumerate(rows, 1):
+        if row and len(row) != len(header):
+            raise UserError(f"{path}: line {rows.line_num} has {len(row)} fields, the header {len(header)}: a caption "
+                            "with a comma in it must be in double quotes (spreadsheets and pandas' to_csv write so)")
+    return [c.strip() for c in header] if header and count else None
+
+
+def jsonl_columns(path, f):
+    """The keys of a JSON Lines file, None without rows; a line that is not a JSON object, or a key holding text
+    in one row and numbers in another, is named."""
+    kinds, keys = {}, {}
+    for number, line in enumerate(f, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError as e:
+            if number == 1 and line.lstrip().startswith("["):  # an indented array: its first line alone is no JSON
+                raise UserError(f"{path} is one JSON array: write one JSON object per line (JSON Lines)") from None
+            raise UserError(f"{path}: line {number} is not valid JSON ({e})") from None
+        if number == 1 and isinstance(row, list):
+            raise UserError(f"{path} is one JSON array: write one JSON object per line (JSON Lines)")
+        if not isinstance(row, dict):
+            raise UserError(f"{path}: line {number} is not a JSON object ({{\"file_name\": ..., \"text\": ...}})")
+        for key, value in row.items():
+            keys.setdefault(key, None)
+            kind = "text" if isinstance(value, str) else "numbers" if isinstance(value, (int, float)) and not \
+                isinstance(value, bool) else None
+            if kind and kinds.setdefault(key, (kind, number))[0] != kind:
+                raise UserError(f"{path}: {key!r} holds {kinds[key][0]} on line {kinds[key][1]} and {kind} on line "
+                                f"{number}: write numbers meant as text in quotes")
+    return list(keys) or None
 
 
 def guarded_load(name, fn, *a, **kw):

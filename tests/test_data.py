@@ -3,6 +3,7 @@ import io
 import json
 import os
 import random
+import re
 import shutil
 import struct
 import subprocess
@@ -693,6 +694,30 @@ def test_a_metadata_csv_from_a_spreadsheet_loads_or_says_what_to_fix(tmp_path):
     assert table["text"] == ["un café crème"] and table["row"] == [0]
     table, _ = T.load_table(T.parse_args(["--dataset", str(tmp_path), "--caption_column", "text"]))
     assert table["text"] == ["un café crème"]
+    os.remove(tmp_path / "metadata.csv")
+    # What datasets' parsers fail on with their own words ("list index out of range", "Expected 2 fields in line
+    # 3, saw 3", "changed from string to number"): the file, the line and the fix.
+    for name, text, needle in (
+            ("metadata.csv", "file_name,text\n", "metadata.csv has no rows"),
+            ("metadata.csv", "sep=,\nfile_name,text\na.png,x\n", "starts with Excel's 'sep=,' line: delete"),
+            ("metadata.csv", "file_name,text\na.png,x\na.png,a red, round thing\n",
+             "line 3 has 3 fields, the header 2: a caption with a comma in it must be in double quotes"),
+            ("metadata.csv", "File_Name,text\na.png,x\n", "no file_name column (it has: File_Name, text): rename"),
+            ("metadata.jsonl", "", "metadata.jsonl has no rows"),
+            ("metadata.jsonl", '[{"file_name": "a.png", "text": "x"}]', "is one JSON array: write one JSON object "
+                                                                          "per line"),
+            ("metadata.jsonl", '{"file_name": "a.png", "text": "x"}\n{"file_name": "a.png", "te\n',
+             "line 2 is not valid JSON"),
+            ("metadata.jsonl", '{"file_name": "a.png", "text": "x"}\n{"file_name": "a.png", "text": 7}\n',
+             "'text' holds text on line 1 and numbers on line 2: write numbers meant as text in quotes")):
+        (tmp_path / name).write_text(text, encoding="utf-8")
+        with pytest.raises(T.UserError, match=re.escape(needle)):
+            T.load_table(T.parse_args(["--dataset", str(tmp_path)]))
+        os.remove(tmp_path / name)
+    (tmp_path / "data.csv").write_text("image;text\na.png;x\n")  # a data file passed itself: the same checks
+    with pytest.raises(T.UserError, match="separates its fields with semicolons"):
+        T.load_table(T.parse_args(["--dataset", str(tmp_path / "data.csv")]))
+    (tmp_path / "metadata.csv").write_text("file_name,text\na.png,un café crème\n", encoding="utf-8")
     os.rename(tmp_path / "metadata.csv", tmp_path / "captions.csv")  # not a name datasets reads as metadata
     for name in ("b.png", "c.png"):  # mostly images: datasets reads the folder as images without captions
         Image.new("RGB", (32, 32)).save(tmp_path / name)
