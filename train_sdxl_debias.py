@@ -74,6 +74,16 @@ class Parser(argparse.ArgumentParser):
         raise UserError(f"{message} (see --help)")
 
 
+def side(value):
+    """--resolution: one side, or kohya's "1024,1024" (square only: other shapes are what buckets are for)."""
+    value = str(value)  # (a --config file's 1024 is an int)
+    sides = {int(v) for v in value.split(",")} if re.fullmatch(r"\s*\d+\s*(,\s*\d+\s*)?", value) else set()
+    if len(sides) != 1:
+        raise argparse.ArgumentTypeError(f"{value!r} is not one number, the side of square training images (for "
+                                         "other shapes add --aspect_ratio_bucketing, whose buckets keep its area)")
+    return sides.pop()
+
+
 def parse_args(argv=None):
     p = Parser(description=__doc__.splitlines()[0])
     a = p.add_argument
@@ -97,7 +107,7 @@ def parse_args(argv=None):
       help="Folders of images + caption files: read only captions with this extension, e.g. .caption (kohya's "
            "flag; default: a same-name .txt, else .caption).")
     a("--max_train_samples", type=int, default=None, help="Train on a seeded random subset of this size.")
-    a("--resolution", type=int, default=1024)
+    a("--resolution", type=side, default=1024, help="Training size (square; the bucket area with bucketing).")
     a("--center_crop", action="store_true", help="Center crop (default: random crop).")
     a("--random_flip", action="store_true")
     a("--dataloader_num_workers", type=int, default=None,

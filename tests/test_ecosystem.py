@@ -282,6 +282,9 @@ def test_diffusers_command_lines_mean_the_same_here(tmp_path):
     with pytest.raises(T.UserError, match=r"unused by --loss_weighting constant: drop one \(--loss_weighting is "
                                           r"set in --config '.*run.yaml'\)"):
         T.parse_args(["--dataset", "x", "--config", str(config), "--snr_gamma", "3"])
+    assert T.parse_args(["--dataset", "x", "--resolution", "1024,1024"]).resolution == 1024  # kohya's form
+    with pytest.raises(T.UserError, match="'1024,768' is not one number.* add --aspect_ratio_bucketing"):
+        T.parse_args(["--dataset", "x", "--resolution", "1024,768"])
     with pytest.raises(T.UserError, match="--use_8bit_adam.*--optimizer adamw8bit"):
         T.parse_args(["--dataset", "x", "--use_8bit_adam"])
     with pytest.raises(T.UserError, match="--bogus_flag.*--help"):
