@@ -210,7 +210,7 @@ def parse_args(argv=None):
     a("--validation_inference_steps", type=int, default=25)
     a("--push_to_hub", action="store_true")
     a("--hub_model_id", default=None)
-    a("--hub_token", default=None, help="Prefer `huggingface-cli login`: a token here is refused with a tracker.")
+    a("--hub_token", default=None, help="Prefer `hf auth login`: a token here is refused with a tracker.")
     a("--save_single_file", action="store_true",
       help="Full fine-tune: also write the UNet as one <output_dir name>_unet.safetensors (ComfyUI's loader).")
     a("--config", default=None, help="YAML or JSON file of flag values (its keys are flag names); the command "
@@ -310,6 +310,9 @@ def read_config(path, parser):
     unknown = [k for k in values if str(k).lstrip("-") not in actions]
     if unknown:
         raise UserError(f"--config {path!r} has unknown keys: {', '.join(map(str, unknown))}")
+    if any(actions[str(k).lstrip("-")].dest == "hub_token" for k in values):
+        raise UserError(f"--config {path!r} holds hub_token, which is never read from a file that may be shared or "
+                        "published: remove it, and log in with `hf auth login` (or set HF_TOKEN)")
     out = {}
     for key, value in values.items():
         action = actions[str(key).lstrip("-")]
@@ -404,7 +407,7 @@ def validate(args):
     if not 0 < args.ema_decay < 1:
         raise UserError("--ema_decay must be between 0 and 1")
     if args.hub_token and (args.report_to not in (None, "none") or resolve_trackers(args)):
-        raise UserError("--hub_token would be logged by --report_to's tracker: run `huggingface-cli login` instead")
+        raise UserError("--hub_token would be logged by --report_to's tracker: run `hf auth login` instead")
     for name in ("train_batch_size", "num_train_epochs", "gradient_accumulation_steps", "checkpointing_steps",
                  "validation_steps", "logging_steps", "num_validation_images", "cache_batch_size"):
         if getattr(args, name) < 1:
@@ -985,7 +988,7 @@ def check_captions(table, source, column):
 
 def load_folder(source, args):
     """A local folder: saved with save_to_disk, an imagefolder with metadata, kohya's image + caption files, or
-    data files (a Hub dataset downloaded with `huggingface-cli download --local-dir`; --dataset_config_name: one
+    data files (a Hub dataset downloaded with `hf download --local-dir`; --dataset_config_name: one
     of the configurations its README defines)."""
     import datasets
 

@@ -348,7 +348,7 @@ def test_loader_workers_default_to_spare_cpus_and_none_for_cached_latents(monkey
 
 
 def dataset_in_every_local_form(shapes, root):
-    """The shapes fixture as users have datasets on disk: a Hub snapshot (huggingface-cli download --local-dir:
+    """The shapes fixture as users have datasets on disk: a Hub snapshot (hf download --local-dir:
     parquet under data/), a save_to_disk folder, one parquet file, and a JSONL file with relative image paths."""
     import shutil
     import datasets
@@ -424,7 +424,7 @@ def test_split_names_in_file_names_brackets_in_paths_and_dataset_configs(tmp_pat
     shutil.copytree(tmp_path / "splits" / "test", tmp_path / "splits" / "val")
     with pytest.raises(T.UserError, match="has no train/ folder .*split folders: test, val"):
         T.load_table(T.parse_args(["--dataset", str(tmp_path / "splits")]))
-    hub = tmp_path / "hub"  # `huggingface-cli download` of a dataset with two configurations
+    hub = tmp_path / "hub"  # `hf download` of a dataset with two configurations
     (hub / "data").mkdir(parents=True)
     for config in ("small", "large"):
         datasets.Dataset.from_dict({"image": [str(root / "a.png")], "text": [config]}).to_parquet(

@@ -282,6 +282,9 @@ def test_diffusers_command_lines_mean_the_same_here(tmp_path):
     with pytest.raises(T.UserError, match=r"unused by --loss_weighting constant: drop one \(--loss_weighting is "
                                           r"set in --config '.*run.yaml'\)"):
         T.parse_args(["--dataset", "x", "--config", str(config), "--snr_gamma", "3"])
+    config.write_text("hub_token: hf_secret\n")  # a push would have failed later, the token silently dropped
+    with pytest.raises(T.UserError, match="holds hub_token, which is never read from a file .* `hf auth login`"):
+        T.parse_args(["--dataset", "x", "--config", str(config)])
     assert T.parse_args(["--dataset", "x", "--resolution", "1024,1024"]).resolution == 1024  # kohya's form
     with pytest.raises(T.UserError, match="'1024,768' is not one number.* add --aspect_ratio_bucketing"):
         T.parse_args(["--dataset", "x", "--resolution", "1024,768"])

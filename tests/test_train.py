@@ -173,7 +173,7 @@ USER_ERRORS = {
     "bad_model": (["--dataset", "{shapes}", "--pretrained_model_name_or_path", "/nonexistent/model"],
                   "/nonexistent/model"),
     "token_with_tracker": (["--dataset", "{shapes}", "--hub_token", "hf_x", "--report_to", "tensorboard"],
-                           "huggingface-cli login"),
+                           "hf auth login"),
     "lora_flag_with_full": (["--dataset", "{shapes}", "--finetune", "full", "--lora_dropout", "0.1"], "--lora_dropout"),
     "ema_with_lora": (["--dataset", "{shapes}", "--use_ema"], "--use_ema"),
     "missing_config": (["--config", "/nonexistent/run.yaml"], "/nonexistent/run.yaml"),
