@@ -69,6 +69,9 @@ def measure(name, kernel, shape, reps=20):
 
 
 def main():
+    import argparse
+
+    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
     if not torch.cuda.is_available():
         sys.exit("sdpa_kernels.py measures GPU kernels: no CUDA device here")
     rows = [measure(name, kernel, shape) for name, shape in SHAPES.items() for kernel in KERNELS.values()]
