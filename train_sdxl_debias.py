@@ -286,7 +286,7 @@ LORA_DEFAULTS = (("rank", 4), ("lora_alpha", None), ("lora_dropout", 0.0), ("lor
                  "to_q,to_k,to_v,to_out.0"), ("use_dora", False), ("init_lora_weights", "gaussian"))
 COMMA_LISTS = ("lora_target_modules",)  # flags whose one value is a comma-separated list
 NOT_CONFIG = ("config", "lora_flags_given", "config_flags", "hub_token",  # never read from or written to a config file
-              "data_fingerprint")
+              "data_fingerprint", "made_output_dir")
 NOT_SAVED = NOT_CONFIG + ("resume_from_checkpoint", "overwrite_output_dir")  # rerunning a config reproduces the run
 
 
@@ -2804,6 +2804,7 @@ def setup(args):
         torch.backends.cudnn.allow_tf32 = True
     prefer_sdpa_backend(args.sdpa_backend)
     if accelerator.is_main_process:
+        args.made_output_dir = not os.path.isdir(args.output_dir)  # (removed again if the start fails: main)
         os.makedirs(args.output_dir, exist_ok=True)
         lock_output_dir(args.output_dir)  # before tidying: another live run's half-written checkpoint is its own
         tidy_output_dir(args.output_dir)
@@ -3231,6 +3232,8 @@ def main(argv=None):
         train(args)
     except UserError as e:
         print(f"error: {e}{config_origin(str(e), args)}", file=sys.stderr)
+        if getattr(args, "made_output_dir", False) and set(os.listdir(args.output_dir)) <= {".lock"}:
+            shutil.rmtree(args.output_dir, ignore_errors=True)  # a failed start leaves no folder holding a lock
         return 3 if isinstance(e, TrainingStopped) else 2
     except KeyboardInterrupt:  # Ctrl-C: checkpoints are complete or absent, so `latest` picks up from the last
         print("\ninterrupted: rerun with --resume_from_checkpoint latest to continue", file=sys.stderr)

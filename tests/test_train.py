@@ -225,6 +225,7 @@ def test_user_errors_end_in_one_clear_line(case, shapes, tiny_model, tmp_path, m
     assert code == 2 and "Traceback" not in stderr, stderr[-2000:]
     last = stderr.strip().splitlines()[-1]
     assert last.startswith("error: ") and needle in last, last
+    assert not os.path.exists(tmp_path / "out") or os.listdir(tmp_path / "out") != [".lock"]  # no litter
 
 
 def test_a_rank_set_without_a_launcher_is_a_clear_error(shapes, tmp_path, monkeypatch, capsys):
