@@ -45,7 +45,7 @@ A configuration that fails (out of memory, a missing package) prints a line with
 A human-readable table comes last.
 
 Sizes: `tiny` is the UNet of scripts/make_tiny_sdxl.py (64² images by default); `full` has SDXL-base's shapes
-(2.567 B UNet parameters, 1024² by default, see shared/GPU.md). Nothing is downloaded.
+(2.567 B UNet parameters, 1024² by default: the published SDXL-base config). Nothing is downloaded.
 """
 import argparse
 import gc
@@ -65,7 +65,7 @@ sys.path[:0] = [ROOT, os.path.join(ROOT, "scripts")]
 import make_tiny_sdxl  # noqa: E402  (the tiny architecture: one definition for the fixtures and this script)
 import train_sdxl_debias as T  # noqa: E402
 
-# bf16 dense matmul throughput measured on the H100 the reference numbers come from (shared/GPU.md).
+# bf16 dense matmul throughput measured on the H100 the reference numbers come from (a large bf16 matmul loop).
 H100_BF16_PEAK_TFLOPS = 798.0
 ENCODER_MODES = ("none", "vae", "text", "all")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -126,7 +126,7 @@ def parse_options(argv=None):
     a("--warmup", type=int, default=2, help="Untimed steps first (compilation, allocator, cuDNN autotuning).")
     a("--peak_tflops", type=float, default=None,
       help=f"Peak TFLOP/s for the MFU column (default on CUDA: {H100_BF16_PEAK_TFLOPS}, the H100 bf16 matmul "
-           "peak measured in shared/GPU.md; none on the CPU).")
+           "peak measured with a large matmul loop; none on the CPU).")
     a("--device", default=None, help="Default: cuda if available, else cpu.")
     a("--threads", type=int, default=None,
       help="torch CPU threads (default: torch's). On a busy CPU, 1 thread is far steadier than several.")

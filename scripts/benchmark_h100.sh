@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The H100 measurements of benchmarks/RESULTS.md, as one command for a lent GPU machine (shared/GPU.md).
+# The H100 measurements of benchmarks/RESULTS.md, as one command for a GPU machine without network.
 #
 #   bash scripts/benchmark_h100.sh fetch     # here (pip's registry): the wheels the GPU machine lacks, into .whl/ (git-ignored)
 #   bash scripts/benchmark_h100.sh [open|measured|all]   # on the GPU machine (device call, carry [".whl"])
