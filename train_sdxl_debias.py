@@ -73,6 +73,12 @@ class Parser(argparse.ArgumentParser):
     def error(self, message):
         raise UserError(f"{message} (see --help)")
 
+    def add_argument(self, *names, **kw):  # --help shows each default that its text does not already give
+        default, text = kw.get("default"), kw.get("help") or ""
+        if default not in (None, False, argparse.SUPPRESS) and "default" not in text.lower():
+            kw["help"] = f"{text} (default: {default})".strip()
+        return super().add_argument(*names, **kw)
+
 
 def side(value):
     """--resolution: one side, or kohya's "1024,1024" (square only: other shapes are what buckets are for)."""
@@ -98,11 +104,12 @@ def parse_args(argv=None):
                                         "scripts (default: the Hugging Face cache).")
     # data
     a("--dataset", "--dataset_name", dest="dataset", default=None,
-      help="Hub dataset id, or a local folder (imagefolder with metadata.jsonl/csv, or images + same-name .txt).")
+      help="Hub dataset id, a local folder (imagefolder with metadata.jsonl/csv, images + same-name .txt, kohya's "
+           "<repeats>_<words> folders, a downloaded or saved dataset) or one .parquet/.arrow/.jsonl/.csv file.")
     a("--dataset_config_name", default=None)
     a("--train_data_dir", default=None, help="Local folder of training images (same layouts as --dataset).")
-    a("--image_column", default=None, help="Default: the first of image, img, images, file_name, path.")
-    a("--caption_column", default=None, help="Default: the first of text, caption(s), prompt(s), description.")
+    a("--image_column", default=None, help=f"Default: the first of {', '.join(IMAGE_COLUMNS)}.")
+    a("--caption_column", default=None, help=f"Default: the first of {', '.join(CAPTION_COLUMNS)}.")
     a("--caption_extension", type=lambda ext: "." + ext.strip().lstrip("."), default=None,  # "txt" = ".txt"
       help="Folders of images + caption files: read only captions with this extension, e.g. .caption (kohya's "
            "flag; default: a same-name .txt, else .caption).")
@@ -3236,7 +3243,8 @@ def main(argv=None):
             shutil.rmtree(args.output_dir, ignore_errors=True)  # a failed start leaves no folder holding a lock
         return 3 if isinstance(e, TrainingStopped) else 2
     except KeyboardInterrupt:  # Ctrl-C: checkpoints are complete or absent, so `latest` picks up from the last
-        print("\ninterrupted: rerun with --resume_from_checkpoint latest to continue", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # once per job, not once per process
+            print("\ninterrupted: rerun with --resume_from_checkpoint latest to continue", file=sys.stderr)
         return 128 + interrupted_by
     except torch.cuda.OutOfMemoryError as e:  # the settings don't fit the card: say which ones shrink the step
         print(f"error: out of GPU memory ({first_line(e).split('. GPU')[0]}): {smaller_step(args)}; checkpoints "
