@@ -1359,14 +1359,17 @@ def warn_unsupported(source, files, captions, images):
 def pick_column(columns, requested, candidates, kind):
     """The column named `requested`, else the first of `candidates` present. Names match with stray spaces around
     them, as a CSV header typed "file_name, text" has."""
-    trimmed = {c.strip(): c for c in columns}
+    names = {c.strip(): c for c in columns}
     if requested:
-        if requested.strip() not in trimmed:
+        if requested.strip() not in names:
             raise UserError(f"--{kind}_column {requested!r} is not in the dataset; its columns are: {', '.join(columns)}")
-        return trimmed[requested.strip()]
-    for c in candidates:
-        if c in trimmed:
-            return trimmed[c]
+        return names[requested.strip()]
+    found = [names[c] for c in candidates if c in names]
+    if len(found) > 1:  # "text" and "caption" both there: which one trains is worth a look
+        logger.warning("%s column %r is used; the dataset also has %s: pass --%s_column to use another", kind,
+                       found[0], ", ".join(map(repr, found[1:])), kind)
+    if found:
+        return found[0]
     hint = ""
     if kind == "caption" and "label" in columns:  # imagefolder without usable metadata: subfolders as classes
         hint = (" (datasets found no metadata for these images and read their subfolders as class labels: put a "

@@ -820,3 +820,6 @@ def test_image_paths_resolve_beside_the_data_never_silently_elsewhere(tmp_path, 
     table, _ = T.load_table(T.parse_args(["--dataset", str(data / "struct.parquet")]))
     assert [v["path"] for v in table["image"][:10]] == [str(data / "imgs" / "a.png")] * 10
     assert "hashed" not in capsys.readouterr().err + caplog.text  # datasets warned so on every local run
+    (data / "two.jsonl").write_text(json.dumps({"image": "imgs/a.png", "text": "photo", "caption": "a long one"}))
+    assert T.load_table(T.parse_args(["--dataset", str(data / "two.jsonl")]))[0]["text"] == ["photo"]
+    assert "caption column 'text' is used; the dataset also has 'caption': pass --caption_column" in caplog.text
