@@ -1174,9 +1174,27 @@ def jsonl_columns(path, f):
     return list(keys) or None
 
 
+@contextmanager
+def held_logs(name):
+    """Log records of `name`'s loggers held back, and let through only if the block succeeds: datasets logs a
+    bad file's error (twice) before raising it, and the error line that follows says it once."""
+    records, source = [], logging.getLogger(name)
+    hold = logging.Handler()
+    hold.emit = records.append
+    propagate, source.propagate = source.propagate, False
+    handlers, source.handlers = source.handlers, [hold]
+    try:
+        yield
+    finally:
+        source.propagate, source.handlers = propagate, handlers
+    for record in records:
+        source.handle(record)
+
+
 def guarded_load(name, fn, *a, **kw):
     try:
-        return fn(*a, **kw)
+        with held_logs("datasets"):
+            return fn(*a, **kw)
     except Exception as e:  # datasets raises many types for "not found / offline / bad files"
         reason = first_line(e)
         if e.__cause__ is not None:  # "An error occurred while generating the dataset": the cause says which

@@ -239,6 +239,15 @@ def test_a_rank_set_without_a_launcher_is_a_clear_error(shapes, tmp_path, monkey
         "error: LOCAL_RANK is set in the environment but WORLD_SIZE is not: launch with accelerate launch or torchrun")
 
 
+def test_a_bad_data_file_is_said_once(tmp_path, monkeypatch, capsys):
+    """datasets logs a file it cannot read (twice) before raising: only the error line is printed."""
+    (tmp_path / "data.parquet").write_bytes(b"not a parquet file")
+    code, stderr = failing_run(["--dataset", str(tmp_path / "data.parquet"), "--output_dir", str(tmp_path / "out")],
+                               monkeypatch, capsys)
+    said = [line for line in stderr.splitlines() if "magic bytes" in line]
+    assert code == 2 and len(said) == 1 and said[0].startswith("error: cannot load dataset"), stderr[-2000:]
+
+
 def test_existing_checkpoints_need_resume_or_overwrite(tiny_model, shapes, tmp_path, monkeypatch, capsys):
     """A second run is refused (the last step always leaves a checkpoint, whatever --checkpointing_steps says);
     with --overwrite_output_dir it starts afresh: none of the first run's results stays beside its own (here a
