@@ -1248,8 +1248,8 @@ def utf8_name(path):
 
 
 def read_caption(path):
-    """A caption file's text: UTF-8 (a byte-order mark dropped), UTF-16 with its mark (Notepad's "Unicode"), or
-    else Windows-1252 (older Western editors), said in a warning, rather than garbled silently."""
+    """A caption file's text: UTF-8 (a byte-order mark dropped), UTF-16 with its mark (Notepad's "Unicode") or
+    without, or else Windows-1252 (older Western editors), said in a warning, rather than garbled silently."""
     try:
         with open(path, "rb") as f:
             data = f.read()
@@ -1257,6 +1257,16 @@ def read_caption(path):
         raise UserError(f"cannot read caption file {path!r}: {e.strerror}; fix its permissions or remove it") from None
     if data.startswith(UTF16_BOMS):
         return data.decode("utf-16").strip()
+    if b"\x00" in data:  # UTF-16 without its mark (the zero bytes of ASCII text say which order), or stray NULs
+        codec = "utf-16-le" if data[1::2].count(0) > data[0::2].count(0) else "utf-16-be"
+        try:
+            text = data.decode(codec)
+            if all(c.isprintable() or c.isspace() for c in text):
+                logger.warning("caption file %s is UTF-16 without a byte-order mark; read as %s", path, codec)
+                return text.strip()
+        except UnicodeDecodeError:
+            pass
+        data = data.replace(b"\x00", b"")
     try:
         return data.decode("utf-8-sig").strip()
     except UnicodeDecodeError:

@@ -741,6 +741,11 @@ def test_caption_encodings_hidden_files_and_odd_names(tmp_path, caplog):
     found = {os.path.basename(p): t for p, t in zip(table["image"], table["text"])}
     assert found == {"latin.png": "un café", "notepad.png": "a naïve ninja", "photo.jfif": "a .jfif photo"}
     assert "not UTF-8; read as Windows-1252" in caplog.text and "not valid UTF-8" in caplog.text
+    for codec in ("utf-16-le", "utf-16-be"):  # no byte-order mark: the zero bytes say which
+        (folder / "notepad.txt").write_bytes("a naïve ninja".encode(codec))
+        assert T.read_caption(str(folder / "notepad.txt")) == "a naïve ninja"
+    (folder / "notepad.txt").write_bytes(b"a cat\x00\n")  # a stray NUL from a buggy script: dropped
+    assert T.read_caption(str(folder / "notepad.txt")) == "a cat"
 
 
 def test_relative_paths_in_a_data_folder_and_images_stored_in_rows(tmp_path, caplog, monkeypatch):
