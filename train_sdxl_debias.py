@@ -806,8 +806,8 @@ def load_table(args):
         check_metadata_file(source, metadata=False)
         table = guarded_load(source, datasets.load_dataset, builder, data_files=glob.escape(source),
                              cache_dir=args.cache_dir)
-    elif source.startswith((".", "/", "~")):
-        raise UserError(f"dataset folder {source!r} does not exist")
+    elif source.startswith((".", "/", "~")) or os.path.splitext(source)[1].lower() in DATA_FILES:
+        raise UserError(f"dataset {'file' if os.path.splitext(source)[1] else 'folder'} {source!r} does not exist")
     else:
         unused_flags(args, "a Hub dataset", "caption_extension")
         table = guarded_load(source, datasets.load_dataset, source, args.dataset_config_name,
@@ -1960,16 +1960,18 @@ def build_latent_cache(args, m, table, plan, cache, accelerator):
                                          num_workers=workers, persistent_workers=workers > 0, collate_fn=list,
                                          worker_init_fn=leave_stop_requests_to_the_trainer)
     from tqdm.auto import tqdm
+    written = 0  # entries, not jobs: a file that fails to decode writes none (and is named)
     with torch.no_grad(), workers_stopped(loader):
         for batch in tqdm(loader, desc="caching latents", disable=not accelerator.is_local_main_process):
             batch = [s for s in batch if s is not None]
+            written += len(batch)
             if not batch:
                 continue
             pixels = torch.stack([s["pixel_values"] for s in batch]).to(accelerator.device)
             latents = encode_latents(m.vae, pixels, m.weight_dtype)
             cache.write({s["key"]: {"latents": lat, "time_ids": s["time_ids"]} for s, lat in zip(batch, latents)},
                         f"r{accelerator.process_index}")
-    return len(jobs)
+    return int(accelerator.reduce(torch.tensor([written], device=accelerator.device), "sum").item())
 
 
 class LatentJobs(torch.utils.data.Dataset):
@@ -2977,7 +2979,8 @@ def make_sampler(args, groups, accelerator):
     if len(sampler) == 0:
         raise UserError(f"the dataset has {len(groups)} usable images, fewer than one optimizer step needs "
                         f"(batch {args.train_batch_size} × accumulation {accum} × {world} processes"
-                        + (", per aspect-ratio bucket" if args.aspect_ratio_bucketing else "") + ")")
+                        + (", per aspect-ratio bucket" if args.aspect_ratio_bucketing else "") + "): lower "
+                        "--train_batch_size or --gradient_accumulation_steps, or add images")
     left = len(groups) - len(sampler) * args.train_batch_size * world
     if left:  # diffusers' loader would run a smaller last batch; here batches and steps are whole on every rank
         logger.info("%d of %d samples are left out of each epoch (a different %d each time): batches and optimizer "

@@ -188,7 +188,9 @@ USER_ERRORS = {
                           "from_single_file"),
     "dataset_smaller_than_a_step": (["--dataset", "{shapes}", "--train_batch_size", "64",  # checked before the
                                      "--pretrained_model_name_or_path", "/nonexistent/model"],  # model loads
-                                    "fewer than one optimizer step"),
+                                    "fewer than one optimizer step needs (batch 64 × accumulation 1 × 1 processes):"
+                                    " lower --train_batch_size"),
+    "missing_data_file": (["--dataset", "captions.jsonl"], "dataset file 'captions.jsonl' does not exist"),
     "diffusers_only_flag": (["--dataset", "{shapes}", "--use_8bit_adam"], "--optimizer adamw8bit"),
     "single_file_with_lora": (["--dataset", "{shapes}", "--save_single_file"], "--save_single_file"),
     "te_lr_without_te": (["--dataset", "{shapes}", "--text_encoder_lr", "1e-5"], "--train_text_encoder"),
