@@ -351,7 +351,7 @@ def config_value(action, value, path):
         raise UserError(f"{name} has a value of the wrong type: {value!r}")
     try:
         items = [action.type(v) if action.type else v for v in items]
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, argparse.ArgumentTypeError):
         raise UserError(f"{name} has a value of the wrong type: {value!r}") from None
     if action.choices and any(v not in action.choices for v in items):
         raise UserError(f"{name} must be one of {', '.join(map(str, action.choices))}, not {value!r}")

@@ -300,7 +300,8 @@ def test_foreign_flags_prefixes_and_bad_values_are_named_in_one_line():
                    "'--validation_epochs' (use --validation_steps", "scaled-dot-product attention"):
         assert needle in str(e.value), needle
     for argv, needle in ((["--sdpa"], "'--sdpa' (always on"), (["--noise", "0.1"], "'--noise' (see --help"),
-                         (["--resolution", "1024,1024"], "argument --resolution: invalid int value")):
+                         (["--resolution", "1024x1024"], "argument --resolution: '1024x1024' is not one number"),
+                         (["--rank", "four"], "argument --rank: invalid int value")):
         with pytest.raises(T.UserError, match=re.escape(needle)):
             T.parse_args(["--dataset", "x", *argv])
 
