@@ -757,9 +757,11 @@ def build_pipeline(args, m, unet, text_encoders=None, for_saving=False):
         te1, te2 = text_encoders or m.text_encoders
         parts = dict(vae=m.vae, text_encoder=te1, text_encoder_2=te2, tokenizer=m.tokenizers[0],
                      tokenizer_2=m.tokenizers[1])
-    pipe = StableDiffusionXLPipeline.from_pretrained(args.pretrained_model_name_or_path, unet=unet,
-                                                     revision=args.revision, variant=args.variant,
-                                                     cache_dir=args.cache_dir, **parts)
+    with warnings.catch_warnings():  # newer diffusers renames torch_dtype to dtype; older ones know only torch_dtype
+        warnings.filterwarnings("ignore", message="`torch_dtype` is deprecated", category=FutureWarning)
+        pipe = StableDiffusionXLPipeline.from_pretrained(args.pretrained_model_name_or_path, unet=unet,
+                                                         revision=args.revision, variant=args.variant,
+                                                         cache_dir=args.cache_dir, **parts)
     if args.prediction_type:  # what the UNet was trained to predict, for sampling and in the saved config
         pipe.scheduler.register_to_config(prediction_type=args.prediction_type)
     return pipe
