@@ -75,8 +75,9 @@ class Parser(argparse.ArgumentParser):
 
     def add_argument(self, *names, **kw):  # --help shows each default that its text does not already give
         default, text = kw.get("default"), kw.get("help") or ""
-        if default not in (None, False, argparse.SUPPRESS) and "default" not in text.lower():
-            kw["help"] = f"{text} (default: {default})".strip()
+        if default is not None and default is not False and text != argparse.SUPPRESS and "default" not in \
+                text.lower():  # (a default of 0 is shown; % is argparse's format character)
+            kw["help"] = f"{text} (default: {str(default).replace('%', '%%')})".strip()
         return super().add_argument(*names, **kw)
 
 
@@ -837,9 +838,9 @@ def load_table(args):
     if len(table) == 0:
         raise UserError(f"dataset {source!r} has no rows")
     table = table.add_column("row", np.arange(len(table)))  # the dataset's row, for messages after subsets
-    table = drop_rows_without_image(table, image_col, source)
     if os.path.exists(source):  # relative paths in local data: beside it if there, as in an imagefolder
         table = resolve_paths(table, source, encoded)
+    table = drop_rows_without_image(table, image_col, source)
     check_captions(table, source, caption_col)
     if args.max_train_samples:
         table = subset(table, args.max_train_samples, args.seed)
@@ -862,17 +863,31 @@ def subset(table, n, seed):
 
 def resolve_paths(table, source, encoded):
     """The image column with local data's paths resolved (relative_to): every row of path strings, or the rows of
-    {bytes, path} that hold no bytes (the stored bytes of a Hub parquet are not copied)."""
+    {bytes, path} that hold no bytes. The stored bytes of a Hub parquet stay where they are (memory-mapped on
+    disk): the new column is built from the old one's arrays, not by mapping rows through Python."""
+    import datasets
+    import pyarrow as pa
     import pyarrow.compute as pc
 
     beside = relative_to(source)
     fingerprint = hashlib.blake2b(f"{table._fingerprint}:{os.path.abspath(source)}".encode(), digest_size=16)
-    kw = dict(input_columns="image", keep_in_memory=True, new_fingerprint=fingerprint.hexdigest())  # no hashing
-    if not encoded:
-        return table.map(lambda v: {"image": beside(v)}, **kw)
-    if pc.struct_field(table.with_format("arrow")["image"], "bytes").null_count:  # some rows name a file
-        return table.map(lambda v: {"image": v if v["bytes"] else {"bytes": None, "path": beside(v["path"])}}, **kw)
-    return table
+    if not encoded:  # (no hashing of the function: datasets warned that it could not, on every run)
+        return table.map(lambda v: {"image": beside(v)}, input_columns="image", keep_in_memory=True,
+                         new_fingerprint=fingerprint.hexdigest())
+    column = table.with_format("arrow")["image"]  # no rows selected yet: zero-copy
+    if not pc.struct_field(column, "bytes").null_count:
+        return table
+    chunks = []
+    for chunk in column.chunks:
+        parts = dict(zip((f.name for f in chunk.type), chunk.flatten()))
+        no_bytes = parts["bytes"].is_null().to_pylist()
+        paths = pa.array([beside(p) if empty else p for p, empty in zip(parts["path"].to_pylist(), no_bytes)],
+                         pa.string())
+        chunks.append(pa.StructArray.from_arrays([parts["bytes"], paths], names=["bytes", "path"],
+                                                 mask=chunk.is_null()))
+    table = table.remove_columns("image", new_fingerprint=fingerprint.hexdigest())
+    return table.add_column("image", pa.chunked_array(chunks, chunks[0].type), feature=datasets.Image(decode=False),
+                            new_fingerprint=hashlib.blake2b(fingerprint.digest(), digest_size=16).hexdigest())
 
 
 def relative_to(source):
@@ -887,7 +902,7 @@ def relative_to(source):
 
     def resolve(value):
         nonlocal listed
-        if not isinstance(value, str):
+        if not isinstance(value, str) or not value.strip():  # (an empty cell: drop_rows_without_image's)
             return value
         value = value[len("file://"):] if value.startswith("file://") else value
         if os.sep == "/" and "\\" in value and not os.path.exists(value):
@@ -1038,12 +1053,11 @@ def load_folder(source, args):
                         "files")
     tables = [f for f in files if os.path.splitext(f)[1].lower() in DATA_FILES]  # not read beside images
     near = kohya_near_miss(source, images, caption_index(files, args.caption_extension))
-    if near:
-        raise UserError(f"dataset folder {source!r} has {len(images)} images but no captions: {near}")
     which = f"{args.caption_extension} file" if args.caption_extension else ".txt (or .caption) file"
     raise UserError(f"dataset folder {source!r} has {len(images)} images but no captions: put a same-name {which} "
                     "next to each image, or a metadata.jsonl with file_name and text columns"
-                    + (f"; if {tables[0]!r} holds the captions, pass it as --dataset" if tables else ""))
+                    + (f"; if {tables[0]!r} holds the captions, pass it as --dataset" if tables else "")
+                    + (f" ({near})" if near else ""))
 
 
 def unused_flags(args, kind, *flags):
@@ -1087,12 +1101,21 @@ def imagefolder_folders(source, files):
 
 def unnamed_images(table, images, source):
     """datasets' imagefolder leaves out, without a word, images its metadata does not name: name them, with a
-    hint when a row names one of them in another case. Rows naming one image twice each train: said too."""
+    hint when a row names one of them in another case. Rows naming one image twice each train: said too.
+    Every image column counts (file_name, and *_file_name such as a ControlNet's conditioning images)."""
     import pyarrow.compute as pc
 
-    named = [trimmed(p) for p in pc.struct_field(table.with_format("arrow")["image"], "path").to_pylist() if p]
-    counts = collections.Counter(os.path.realpath(p) for p in named)
-    unused = [f for f in images if os.path.realpath(f) not in counts]
+    import datasets
+
+    columns = [c for c, f in table.features.items() if isinstance(f, datasets.Image)]  # conditioning images too
+    if not columns:
+        return
+    named = {c: [trimmed(p) for p in pc.struct_field(table.with_format("arrow")[c], "path").to_pylist() if p]
+             for c in columns}
+    counts = collections.Counter(os.path.realpath(p) for p in named[columns[0]])  # the training images
+    used = {os.path.realpath(p) for paths in named.values() for p in paths}
+    unused = [f for f in images if os.path.realpath(f) not in used]
+    named = [p for paths in named.values() for p in paths]
     if unused:
         on_disk = {f.lower(): f for f in unused}
         cased = [(p, on_disk[p.lower()]) for p in named if not os.path.exists(p) and p.lower() in on_disk]
@@ -1112,38 +1135,40 @@ def check_metadata_file(path, metadata=True):
     """What spreadsheets, shells and hand-written scripts put in a CSV or JSON Lines file that datasets reads as
     nonsense or fails on with a parser's message: one line each, naming the file, the line and the fix.
     `metadata`: an imagefolder's metadata file, which also needs a file_name column."""
-    if not path.lower().endswith((".csv", ".jsonl")):
+    kind = os.path.splitext(path)[1].lower()
+    if kind not in (".csv", ".jsonl"):
         return
     with open(path, "rb") as f:
         head = f.read(4096)
     if head.startswith(UTF16_BOMS):
         raise UserError(f"{path} is UTF-16: save it as UTF-8 (in PowerShell: Out-File -Encoding utf8)")
     first = head.split(b"\n", 1)[0]
-    if path.endswith(".csv") and b"," not in first and (b";" in first or b"\t" in first):
+    if kind == ".csv" and b"," not in first and (b";" in first or b"\t" in first):
         raise UserError(f"{path} separates its fields with {'semicolons' if b';' in first else 'tabs'}: save it "
                         "with commas (in Excel: 'CSV UTF-8 (Comma delimited)')")
     try:
         with open(path, encoding="utf-8-sig", newline="") as f:
-            columns = (csv_columns if path.endswith(".csv") else jsonl_columns)(path, f)
+            columns = (csv_columns if kind == ".csv" else jsonl_columns)(path, f)
     except UnicodeDecodeError:
         return  # guarded_load says: not UTF-8
     if columns is None:
         raise UserError(f"{path} has no rows: add a row per image")
-    if metadata and not any(c == "file_name" or c.endswith("_file_name") for c in columns):
+    if metadata and not any(re.fullmatch(r"(.*_)?file_names?", c) for c in columns):  # as datasets reads them
         near = [c for c in columns if c.strip().lower().replace(" ", "_") in ("file_name", "filename", "file")]
         raise UserError(f"{path} has no file_name column (it has: {', '.join(columns)}): "
                         + (f"rename {near[0]!r} to file_name" if near else "add one naming each image's file"))
 
 
 def csv_columns(path, f):
-    """A CSV's header, None without rows; a row whose field count differs from the header's is named."""
+    """A CSV's header, None without rows; a row with more fields than the header is named (pandas would read the
+    first as an index; fewer is a row with empty cells, read as such)."""
     rows = csv.reader(f)
     header = next(rows, None)
     if header and header[0].startswith("sep="):  # Excel's separator hint, which pandas reads as the header
         raise UserError(f"{path} starts with Excel's {','.join(header)!r} line: delete that line")
     count = 0
     for count, row in enumerate(rows, 1):
-        if row and len(row) != len(header):
+        if len(row) > len(header):
             raise UserError(f"{path}: line {rows.line_num} has {len(row)} fields, the header {len(header)}: a caption "
                             "with a comma in it must be in double quotes (spreadsheets and pandas' to_csv write so)")
     return [c.strip() for c in header] if header and count else None
@@ -1259,8 +1284,9 @@ def read_caption(path):
         raise UserError(f"cannot read caption file {path!r}: {e.strerror}; fix its permissions or remove it") from None
     if data.startswith(UTF16_BOMS):
         return data.decode("utf-16").strip()
-    if b"\x00" in data:  # UTF-16 without its mark (the zero bytes of ASCII text say which order), or stray NULs
-        codec = "utf-16-le" if data[1::2].count(0) > data[0::2].count(0) else "utf-16-be"
+    odd, even = data[1::2].count(0), data[0::2].count(0)
+    if max(odd, even) > len(data) / 6:  # UTF-16 without its mark: ASCII's zero bytes, a third of one parity or more
+        codec = "utf-16-le" if odd > even else "utf-16-be"
         try:
             text = data.decode(codec)
             if all(c.isprintable() or c.isspace() for c in text):
@@ -1268,7 +1294,7 @@ def read_caption(path):
                 return text.strip()
         except UnicodeDecodeError:
             pass
-        data = data.replace(b"\x00", b"")
+    data = data.replace(b"\x00", b"")  # stray NULs a script wrote
     try:
         return data.decode("utf-8-sig").strip()
     except UnicodeDecodeError:
@@ -1311,7 +1337,8 @@ def caption_index(files, extension=None):
 
 def caption_files(captions, image):
     """An image's caption files: IMG_1.txt for IMG_1.JPG (case ignored), or IMG_1.JPG.txt as some taggers name them."""
-    return captions.get(os.path.splitext(image)[0].lower(), []) + captions.get(image.lower(), [])
+    found = captions.get(os.path.splitext(image)[0].lower(), []) + captions.get(image.lower(), [])
+    return sorted(found, key=lambda f: os.path.splitext(f)[1].lower() != ".txt")  # .txt first, as caption_index
 
 
 def kohya_near_miss(source, images, captions):
@@ -1319,17 +1346,17 @@ def kohya_near_miss(source, images, captions):
     captions unused), and what to do; "" when none looks like one."""
     parts = [os.path.relpath(p, source).split(os.sep) for p in images]
     tops = sorted({r[0] for r in parts if len(r) > 1})
-    looks = [t for t in tops if re.match(r"^\d+_.", t)]
+    looks = [t for t in tops if re.match(r"^\d{1,3}_.", t)]  # (2023_trip/ is a year, not 2023 repeats)
     if not looks:
         below = sorted({os.path.join(*r[:2]) for r in parts if len(r) > 2 and KOHYA_FOLDER.match(r[1])})
         if not below:
             return ""
         return (f"{below[0]} looks like one of kohya's DreamBooth folders: pass its parent folder "
                 f"{os.path.join(source, os.path.dirname(below[0]))!r} as the data to read them as such")
-    bad = [t for t in looks if not KOHYA_FOLDER.match(t) or int(KOHYA_FOLDER.match(t).group(1)) < 1]
+    bad = [t for t in looks if int(t.split("_")[0]) < 1]
     others = [t for t in tops if t not in looks]
     loose = [r[0] for r, p in zip(parts, images) if len(r) == 1 and caption_files(captions, p)]
-    why = (f"{bad[0]!r} repeats its images {int(bad[0].split('_')[0])} times (kohya's folders take 1 to 999)" if bad
+    why = (f"{bad[0]!r} repeats its images 0 times (kohya's folders take 1 to 999)" if bad
            else f"{others[0]!r} beside them is not named <repeats>_<words>" if others
            else f"{loose[0]!r} beside them has a caption file" if loose else "")
     return (f"folders {', '.join(map(repr, looks[:5]))} look like kohya's DreamBooth folders but are read as plain "
@@ -1367,8 +1394,9 @@ def find_captions(source, files, images, extension=None):
     warn_unsupported(source, files, captions, images)
     if not any(texts):
         return None  # (load_folder's error says why kohya's folders were not read as such)
-    if not kohya and kohya_near_miss(source, images, captions):
-        logger.warning("%s", kohya_near_miss(source, images, captions))
+    near = "" if kohya else kohya_near_miss(source, images, captions)
+    if near:
+        logger.warning("%s", near)
     return {"image": paths, "text": texts}  # check_captions counts the empty
 
 
@@ -1429,8 +1457,8 @@ def displayed_size(img, header_only=False):
     alone: to look for an eXIf chunk after the pixels (rare) Pillow decodes the whole image, 19 ms a megapixel,
     which made the scan of a PNG dataset decode every image once more."""
     w, h = img.size
-    if img.format == "TIFF":  # Pillow's TIFF reader turns the image upright itself: its size is already displayed
-        return w, h
+    if img.format == "TIFF":  # Pillow 11+ gives a rotated TIFF's size upright already, older ones as stored
+        w, h = img.tag_v2.get(256, w), img.tag_v2.get(257, h)  # (ImageWidth, ImageLength): as stored, for both
     # Pillow's base getexif reads what the header holds (eXIf, ImageMagick's text chunk, XMP) without decoding.
     exif = Image.Image.getexif(img) if header_only and img.format == "PNG" else img.getexif()
     return (h, w) if exif.get(0x0112, 1) in (5, 6, 7, 8) else (w, h)
@@ -2330,7 +2358,8 @@ def read_state(path):
 
 def run_settings(args, accelerator):
     """RUN_SETTINGS' values, the number of processes, and what the data is (data_fingerprint)."""
-    return {**{k: getattr(args, k) for k in RUN_SETTINGS}, "processes": accelerator.num_processes,
+    unused = ("adam_beta1", "adam_beta2", "adam_epsilon") if args.optimizer == "adafactor" else ()  # its own
+    return {**{k: getattr(args, k) for k in RUN_SETTINGS if k not in unused}, "processes": accelerator.num_processes,
             "mixed precision": accelerator.mixed_precision, "data": getattr(args, "data_fingerprint", None)}
 
 
@@ -2846,7 +2875,7 @@ def setup(args):
         torch.backends.cudnn.allow_tf32 = True
     prefer_sdpa_backend(args.sdpa_backend)
     if accelerator.is_main_process:
-        args.made_output_dir = not os.path.isdir(args.output_dir)  # (removed again if the start fails: main)
+        args.made_output_dir = outermost_missing(args.output_dir)  # (removed again if the start fails: main)
         os.makedirs(args.output_dir, exist_ok=True)
         lock_output_dir(args.output_dir)  # before tidying: another live run's half-written checkpoint is its own
         tidy_output_dir(args.output_dir)
@@ -2891,6 +2920,35 @@ def lock_output_dir(output_dir):
     f.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
     f.flush()
     _LOCK = f
+
+
+def outermost_missing(folder):
+    """The outermost of `folder` and its parents that does not exist yet (None if `folder` does)."""
+    folder, made = os.path.abspath(folder), None
+    while not os.path.isdir(folder) and folder != os.path.dirname(folder):
+        folder, made = os.path.dirname(folder), folder
+    return made
+
+
+def forget_output_dir(args):
+    """A run that stops before it starts (bad data found after setup, say) removes the folders it made for its
+    output, which hold only its lock: none is left behind for the user to clean up. Only while this process
+    holds that lock: a run refused because another holds it leaves the other's folder alone."""
+    global _LOCK
+    top = getattr(args, "made_output_dir", None)
+    lock = top and os.path.realpath(os.path.join(args.output_dir, ".lock"))
+    if not top or _LOCK is None or _LOCK.name != lock or os.listdir(args.output_dir) != [".lock"]:
+        return
+    _LOCK.close()
+    _LOCK = None
+    os.remove(lock)
+    folder = os.path.abspath(args.output_dir)
+    while True:  # the output folder, then each parent this run made, while empty
+        with suppress(OSError):
+            os.rmdir(folder)
+        if folder == top or os.path.exists(folder):
+            return
+        folder = os.path.dirname(folder)
 
 
 def tidy_output_dir(output_dir):
@@ -3275,8 +3333,7 @@ def main(argv=None):
         train(args)
     except UserError as e:
         print(f"error: {e}{config_origin(str(e), args)}", file=sys.stderr)
-        if getattr(args, "made_output_dir", False) and set(os.listdir(args.output_dir)) <= {".lock"}:
-            shutil.rmtree(args.output_dir, ignore_errors=True)  # a failed start leaves no folder holding a lock
+        forget_output_dir(args)
         return 3 if isinstance(e, TrainingStopped) else 2
     except KeyboardInterrupt:  # Ctrl-C: checkpoints are complete or absent, so `latest` picks up from the last
         if os.environ.get("RANK", "0") == "0":  # once per job, not once per process

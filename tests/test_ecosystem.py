@@ -274,7 +274,9 @@ def test_v_prediction_lora_card_samples_it_as_v_and_its_code_runs_as_python(tiny
 def test_diffusers_command_lines_mean_the_same_here(tmp_path, capsys):
     with pytest.raises(SystemExit) as done:  # --help prints (argparse %-formats every help text) with defaults
         T.parse_args(["--help"])
-    assert done.value.code == 0 and "(default: 1024)" in capsys.readouterr().out
+    text = " ".join(capsys.readouterr().out.split())
+    assert done.value.code == 0 and "(default: 1024)" in text and "tags stay in front, e.g. a trigger word " \
+        "(kohya's flag). (default: 0)" in text  # a default of 0 is shown too
     assert T.parse_args(["--dataset", "x", "--snr_gamma", "5.0"]).loss_weighting == "min_snr"  # as in diffusers
     default = T.parse_args(["--dataset", "x"])
     assert (default.loss_weighting, default.snr_gamma) == ("debias", 5.0)

@@ -480,3 +480,36 @@ def test_a_second_run_in_the_same_output_dir_is_refused_while_the_first_runs(tin
         assert (out / ".tmp-checkpoint-5").is_dir()
     run_trainer(*args_for(tiny_model, shapes, str(out), "--max_train_steps", "1"))  # released: it runs
     assert (out / "pytorch_lora_weights.safetensors").exists() and not (out / ".tmp-checkpoint-5").exists()
+
+
+def test_a_failed_start_removes_only_the_folders_it_made(tmp_path, monkeypatch):
+    """A run stopped before it starts removes the output folders it created (holding only its lock), its new
+    parents too, never a folder that was there before or that another run holds; a later run in the same
+    process locks the folder again."""
+    import fcntl
+
+    def start(output_dir):  # what setup() does for the main process
+        args = T.parse_args(["--dataset", "x", "--output_dir", str(output_dir)])
+        args.made_output_dir = T.outermost_missing(args.output_dir)
+        os.makedirs(args.output_dir, exist_ok=True)
+        T.lock_output_dir(args.output_dir)
+        return args
+
+    monkeypatch.setattr(T, "_LOCK", None)
+    (tmp_path / "runs").mkdir()
+    args = start(tmp_path / "runs" / "new" / "lora")
+    T.forget_output_dir(args)
+    assert os.listdir(tmp_path / "runs") == []  # new/ and new/lora/ gone, runs/ (there before) kept
+    args = start(tmp_path / "runs" / "new" / "lora")  # the same folder again, in the same process
+    with open(tmp_path / "runs" / "new" / "lora" / ".lock") as f, pytest.raises(BlockingIOError):
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)  # locked again, by this process
+    (tmp_path / "runs" / "new" / "lora" / "cache").mkdir()  # something else there: kept
+    T.forget_output_dir(args)
+    assert sorted(os.listdir(tmp_path / "runs" / "new" / "lora")) == [".lock", "cache"]
+    monkeypatch.setattr(T, "_LOCK", None)  # refused: another run holds the lock (and made the folder) just now
+    args = T.parse_args(["--dataset", "x", "--output_dir", str(tmp_path / "theirs")])
+    args.made_output_dir = T.outermost_missing(args.output_dir)
+    os.makedirs(args.output_dir)
+    (tmp_path / "theirs" / ".lock").touch()
+    T.forget_output_dir(args)
+    assert os.listdir(tmp_path / "theirs") == [".lock"]
