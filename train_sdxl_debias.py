@@ -525,7 +525,9 @@ def load_part(cls, args, subfolder, path=None, own_repo=False, **kw):
 
 
 def first_line(e):
-    return (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+    """An exception's first line, for a one-line message; a very long one is cut at a word, marked with …."""
+    line = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    return line if len(line) <= 300 else line[:300].rsplit(" ", 1)[0] + " …"
 
 
 def load_models(args, accelerator):
