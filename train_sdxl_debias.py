@@ -2444,17 +2444,25 @@ def resume(accelerator, args, optimizer, lr_scheduler):
         raise
     except Exception as e:  # a missing or damaged file, or a checkpoint of an older trainer version
         raise UserError(f"cannot resume from {path} ({first_line(e)}): {DAMAGED}") from None
-    check_random_state(path, accelerator.process_index)
+    was = state.get("settings", {})
+    if accelerator.process_index < was.get("processes", accelerator.num_processes):  # (a new rank has no state)
+        check_random_state(path, accelerator.process_index)
     step = state["global_step"]
     restore_schedule(lr_scheduler, state["lr_scheduler"])
     if state.get("learning_rate", args.learning_rate) != args.learning_rate:
         logger.warning("--learning_rate %g is ignored: a resumed run keeps its checkpoint's schedule (from %g)",
                        args.learning_rate, state["learning_rate"])
         args.learning_rate = state["learning_rate"]  # what train_config.json and the model card then record
-    was, now = state.get("settings", {}), run_settings(args, accelerator)
+    now = run_settings(args, accelerator)
     changed = [f"{'--' * (k in RUN_SETTINGS)}{k} {was[k]!r} -> {now[k]!r}"  # (processes, data: no flags)
                for k in now if k in was and was[k] != now[k]]
-    if changed:
+    per_step = ("train_batch_size", "gradient_accumulation_steps", "processes")  # samples an optimizer step takes
+    before, after = (math.prod(s.get(k, 0) for k in per_step) for s in (was, now))
+    if before and before != after and accelerator.is_main_process:  # the epoch's position is counted in steps
+        logger.warning("an optimizer step now takes %d samples instead of %d: the interrupted epoch goes on from "
+                       "the new step size's position, so some of its samples are skipped or trained twice; the "
+                       "epochs after it are whole", after, before)
+    if changed and accelerator.is_main_process:
         logger.warning("resuming with other settings than %s was trained with (%s): from step %d the run follows "
                        "the new ones, not the original run's", path, "; ".join(changed), step)
     if accelerator.is_main_process:  # rows a killed run logged after this checkpoint will be logged again
@@ -3345,6 +3353,14 @@ def main(argv=None):
         print(f"error: out of GPU memory ({first_line(e).split('. GPU')[0]}): {smaller_step(args)}; checkpoints "
               "are complete or absent: rerun with --resume_from_checkpoint latest", file=sys.stderr)
         return 2
+    except PermissionError as e:
+        folder = next((d for d in (args.output_dir, args.data_cache_dir) if inside(e.filename, d)), None) if args \
+            else None
+        if folder is None:
+            raise
+        print(f"error: cannot write {e.filename} ({e.strerror}): give this user write access to {folder}; "
+              "checkpoints are complete or absent: then rerun with --resume_from_checkpoint latest", file=sys.stderr)
+        return 2
     except Exception as e:
         if not disk_full(e):
             raise
@@ -3352,6 +3368,14 @@ def main(argv=None):
               "room and rerun with --resume_from_checkpoint latest", file=sys.stderr)
         return 2
     return 0
+
+
+def inside(path, folder):
+    """Whether `path` is `folder` or below it."""
+    if not path or not folder:
+        return False
+    path, folder = os.path.realpath(path), os.path.realpath(folder)
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
 
 
 def smaller_step(args):

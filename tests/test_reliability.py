@@ -454,9 +454,17 @@ def test_a_full_disk_ends_in_one_line_that_says_how_to_go_on(monkeypatch, capsys
         line = capsys.readouterr().err.strip()
         assert "\n" not in line and line.startswith("error: the disk is full or read-only")
         assert line.endswith("make room and rerun with --resume_from_checkpoint latest")
-    for bug in (RuntimeError("a bug"), OSError("a bug without an errno")):
+    # An output folder made read-only under the run (chmod -w, a changed owner): named, with the same way on.
+    denied = PermissionError(errno.EACCES, "Permission denied", os.path.join("out", ".tmp-checkpoint-10"))
+    monkeypatch.setattr(T, "train", lambda args: (_ for _ in ()).throw(denied))
+    assert T.main(["--dataset", "x", "--output_dir", "out"]) == 2
+    line = capsys.readouterr().err.strip()
+    assert line == ("error: cannot write out/.tmp-checkpoint-10 (Permission denied): give this user write access to "
+                    "out; checkpoints are complete or absent: then rerun with --resume_from_checkpoint latest")
+    for bug in (RuntimeError("a bug"), OSError("a bug without an errno"),
+                PermissionError(errno.EACCES, "Permission denied", "/etc/elsewhere")):  # not ours to write
         monkeypatch.setattr(T, "train", lambda args, bug=bug: (_ for _ in ()).throw(bug))
-        with pytest.raises(type(bug), match="a bug"):
+        with pytest.raises(type(bug), match="a bug|Permission denied"):
             T.main(["--dataset", "x", "--output_dir", "out"])
 
 
