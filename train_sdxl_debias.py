@@ -386,6 +386,10 @@ def validate(args):
         raise UserError("pass either --dataset or --train_data_dir, not both")
     if args.train_data_dir and not os.path.isdir(args.train_data_dir):
         raise UserError(f"--train_data_dir {args.train_data_dir!r} is not a folder")
+    data = args.train_data_dir or args.dataset
+    if os.path.isdir(data) and os.path.realpath(data) == os.path.realpath(args.output_dir):
+        raise UserError(f"--output_dir {args.output_dir!r} is the dataset folder: pass another (a folder beside it, "
+                        "or inside it: an output folder inside the data is not read as data)")
     if args.keep_tokens < 0 or (args.keep_tokens and not args.shuffle_caption):
         raise UserError(f"--keep_tokens {args.keep_tokens}: the number of leading tags --shuffle_caption leaves in "
                         "place (0 or more): use it with --shuffle_caption")
@@ -786,7 +790,8 @@ warnings.filterwarnings("ignore", message=r"(Possibly )?[Cc]orrupt EXIF data")
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".jpe", ".jfif", ".webp", ".avif", ".bmp", ".gif", ".tif", ".tiff")
 METADATA_FILES = ("metadata.jsonl", "metadata.csv", "metadata.parquet")
 UTF16_BOMS = (b"\xff\xfe", b"\xfe\xff")  # what Notepad's "Unicode" and PowerShell's > write first
-DATA_FILES = {".parquet": "parquet", ".arrow": "arrow", ".jsonl": "json", ".json": "json", ".csv": "csv"}
+DATA_FILES = {".parquet": "parquet", ".arrow": "arrow", ".jsonl": "json", ".json": "json", ".csv": "csv",
+              ".tar": "webdataset"}  # (WebDataset shards: 000001.jpg + 000001.txt, read as columns jpg and txt)
 
 
 def load_table(args):
@@ -832,11 +837,20 @@ def load_table(args):
         raise UserError(f"--image_column and --caption_column are both {image_col!r}: name two different columns "
                         f"(the dataset has: {', '.join(table.column_names)})")
     feature = table.features[image_col]
+    if isinstance(getattr(feature, "feature", None), datasets.Image):
+        raise UserError(f"image column {image_col!r} of dataset {source!r} holds several images per row: this "
+                        "trainer takes one image per row (a row per image, or --image_column naming such a column)")
     encoded = (isinstance(feature, datasets.Image) or getattr(feature, "dtype", None) in ("binary", "large_binary")
                or isinstance(feature, dict) and {"bytes", "path"} <= set(feature))  # a parquet of {bytes, path}
     if encoded:
         table = table.cast_column(image_col, datasets.Image(decode=False))  # encoded bytes too: {bytes, path}
     table = table.select_columns([image_col, caption_col]).rename_columns({image_col: "image", caption_col: "text"})
+    if isinstance(table.features["text"], datasets.ClassLabel):  # a classification dataset: train on the class names
+        names = table.features["text"].names
+        table = table.map(lambda v: {"text": names[v] if v is not None and 0 <= v < len(names) else None},
+                          input_columns="text", keep_in_memory=True,
+                          features=datasets.Features({**table.features, "text": datasets.Value("string")}),
+                          new_fingerprint=hashlib.blake2b(table._fingerprint.encode(), digest_size=16).hexdigest())
     if len(table) == 0:
         raise UserError(f"dataset {source!r} has no rows")
     table = table.add_column("row", np.arange(len(table)))  # the dataset's row, for messages after subsets
@@ -980,6 +994,9 @@ def train_split(table, source):
     if "train" not in table and len(table) == 1:
         logger.info("dataset %s has one split, %r: training on it", source, next(iter(table)))
         return next(iter(table.values()))
+    if "train" not in table and os.path.exists(os.path.join(source, "dataset_dict.json")):  # save_to_disk's
+        raise UserError(f"dataset {source!r} has no 'train' split (it has: {', '.join(table)}); pass the folder of "
+                        f"the split to train on, e.g. {os.path.join(source, next(iter(table)))!r}")
     if "train" not in table:
         raise UserError(f"dataset {source!r} has no 'train' split (it has: {', '.join(table)}); name a folder "
                         "train/, or pass the folder of the split you want")
@@ -997,6 +1014,9 @@ def check_captions(table, source, column):
     lists of texts (one drawn per sample): a column of records would train on their Python repr."""
     kind = table.features["text"]
     inner = getattr(kind, "feature", kind)  # a list's items
+    if getattr(inner, "dtype", None) == "bool":
+        raise UserError(f"caption column {column!r} of dataset {source!r} holds true/false values, not text: pass "
+                        "--caption_column naming a text column")
     if isinstance(kind, dict) or isinstance(inner, dict) or getattr(inner, "dtype", "string") in ("binary",
                                                                                                "large_binary"):
         example = next((c for c in table.select(range(min(len(table), 8)))["text"] if c), None)
@@ -1051,8 +1071,9 @@ def load_folder(source, args):
                             "whose path has [ ] or * in it: rename the folder")
         return guarded_load(source, datasets.load_dataset, source, config, cache_dir=cache_dir)
     if not images:
+        archives = [f for f in files if f.lower().endswith((".zip", ".tar.gz", ".tgz", ".7z", ".rar"))]
         raise UserError(f"dataset folder {source!r} has no images (looked for {', '.join(IMAGE_EXTS)}) and no data "
-                        "files")
+                        "files" + (f"; {archives[0]} is an archive: extract it first" if archives else ""))
     tables = [f for f in files if os.path.splitext(f)[1].lower() in DATA_FILES]  # not read beside images
     near = kohya_near_miss(source, images, caption_index(files, args.caption_extension))
     which = f"{args.caption_extension} file" if args.caption_extension else ".txt (or .caption) file"
@@ -1195,11 +1216,12 @@ def jsonl_columns(path, f):
             raise UserError(f"{path}: line {number} is not a JSON object ({{\"file_name\": ..., \"text\": ...}})")
         for key, value in row.items():
             keys.setdefault(key, None)
-            kind = "text" if isinstance(value, str) else "numbers" if isinstance(value, (int, float)) and not \
-                isinstance(value, bool) else None
+            kind = "text" if isinstance(value, str) else "lists" if isinstance(value, list) else "numbers" if \
+                isinstance(value, (int, float)) and not isinstance(value, bool) else None
             if kind and kinds.setdefault(key, (kind, number))[0] != kind:
                 raise UserError(f"{path}: {key!r} holds {kinds[key][0]} on line {kinds[key][1]} and {kind} on line "
-                                f"{number}: write numbers meant as text in quotes")
+                                f"{number}: " + ("write numbers meant as text in quotes" if "numbers" in (kind,
+                                kinds[key][0]) else "make each a list (one caption is drawn per sample)"))
     return list(keys) or None
 
 
@@ -1228,10 +1250,32 @@ def guarded_load(name, fn, *a, **kw):
         reason = first_line(e)
         if e.__cause__ is not None:  # "An error occurred while generating the dataset": the cause says which
             reason += f": {first_line(e.__cause__)}"
+        text = f"{e}\n{e.__cause__ or ''}"
         hint = "" if os.path.exists(name) else " (check the id; offline, only local folders and cached datasets load)"
+        if not os.path.exists(name) and os.path.isdir(name.split("/")[0]):
+            hint = f" (nor is it a local folder: {name!r} does not exist)"
         if any(isinstance(x, UnicodeDecodeError) for x in (e, e.__cause__, e.__context__)):
             hint = " (a metadata or data file is not UTF-8: save it as UTF-8, in Excel as 'CSV UTF-8')"
+        if "Couldn't cast" in text:  # the rest of datasets' message is two schemas, many lines long
+            hint = (" (the data files disagree on their columns or types: a column missing in one file, or images "
+                    "stored as paths in one and as bytes in another; make them alike)")
+        if "Config name is missing" in text:
+            configs = re.search(r"available configs: (\[.*?\])", text)
+            hint = f" (pass --dataset_config_name, one of {configs.group(1) if configs else 'its configs'})"
+        pointers = [f for f in (list_files(name) if os.path.isdir(name) else [name] if os.path.isfile(name) else [])
+                    if os.path.splitext(f)[1].lower() in DATA_FILES and lfs_pointer(f)]
+        if pointers:
+            hint = f" ({pointers[0]} is a Git LFS pointer, not the data: run `git lfs pull` in the dataset's repository)"
         raise UserError(f"cannot load dataset {name!r}: {reason}{hint}") from None
+
+
+def lfs_pointer(path):
+    """Whether `path` is a Git LFS pointer (a Hub repository cloned without git-lfs) instead of its content."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(24) == b"version https://git-lfs."
+    except OSError:
+        return False
 
 
 CAPTION_EXTS = (".txt", ".caption")
@@ -1434,7 +1478,11 @@ def pick_column(columns, requested, candidates, kind):
     if kind == "caption" and "label" in columns:  # imagefolder without usable metadata: subfolders as classes
         hint = (" (datasets found no metadata for these images and read their subfolders as class labels: put a "
                 "metadata.jsonl beside the images, in each split folder such as train/)")
-    raise UserError(f"no {kind} column found among: {', '.join(columns)}; name it with --{kind}_column{hint}")
+    if sum(os.path.splitext(str(c))[1].lower() in IMAGE_EXTS for c in columns) > len(columns) / 2:
+        hint = (" (this file is one object mapping file names to captions: write it as JSON Lines, one "
+                "{\"file_name\": ..., \"text\": ...} object per line)")
+    shown = ", ".join(map(str, columns[:12])) + (f", … ({len(columns)} columns)" if len(columns) > 12 else "")
+    raise UserError(f"no {kind} column found among: {shown}; name it with --{kind}_column{hint}")
 
 
 def open_file(value):
@@ -1451,6 +1499,8 @@ def open_file(value):
     try:
         return Image.open(io.BytesIO(value) if isinstance(value, bytes) else value)
     except UnidentifiedImageError:  # (its message names a BytesIO object, or repeats the path)
+        if isinstance(value, str) and lfs_pointer(value):
+            raise ValueError("a Git LFS pointer, not the image: run `git lfs pull` in the dataset's repository") from None
         raise ValueError("not an image file Pillow can read") from None
 
 
@@ -1530,10 +1580,12 @@ def image_identity(value):
 
 
 def describe_image(value, row=None):
-    """How messages name an image: its path, or its row for bytes stored in the dataset."""
+    """How messages name an image: its path, or its row for bytes stored in the dataset (a path is cut short if
+    it is no path at all: a base64 string of the image, say)."""
     if isinstance(value, dict):
-        return value.get("path") or (f"the image in row {row}" if row is not None else "an image stored in the data")
-    return str(value)
+        value = value.get("path") or (f"the image in row {row}" if row is not None else "an image stored in the data")
+    value = str(value)
+    return value if len(value) <= 300 else f"{value[:80]}… ({len(value)} characters: no file path)"
 
 
 # SDXL's training buckets at 1024² (width, height): ~1 megapixel each, sides multiples of 64.
@@ -1696,7 +1748,8 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
         args, plan, row = self.args, self.plan, self.table[i]
         number = row.get("row", i)  # the dataset's row, in messages
         caption = row["text"]
-        if isinstance(caption, (list, tuple)):
+        if isinstance(caption, (list, tuple)):  # one of the captions, not a null or empty one among them
+            caption = [c for c in caption if not blank(c)]
             caption = rng.choice(caption) if caption else ""
         caption = "" if caption is None or rng.random() < args.caption_dropout else str(caption)
         if args.shuffle_caption:

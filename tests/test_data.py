@@ -843,3 +843,73 @@ def test_image_paths_resolve_beside_the_data_never_silently_elsewhere(tmp_path, 
     (data / "two.jsonl").write_text(json.dumps({"image": "imgs/a.png", "text": "photo", "caption": "a long one"}))
     assert T.load_table(T.parse_args(["--dataset", str(data / "two.jsonl")]))[0]["text"] == ["photo"]
     assert "caption column 'text' is used; the dataset also has 'caption': pass --caption_column" in caplog.text
+
+
+def test_more_dataset_shapes_load_or_say_what_they_are(tmp_path, caplog):
+    """WebDataset shards load; a ClassLabel caption trains on the class names; a list's null items are never
+    drawn. What cannot train is said in one line: several images per row, true/false captions, a JSON object
+    of file name -> caption, a save_to_disk dict without train, an archive, Git LFS pointers, a JSON Lines column
+    of text and lists, parquet shards that disagree, and no message quotes a base64 "path" in full."""
+    import datasets
+    import tarfile
+
+    load = lambda *argv: T.load_table(T.parse_args(["--dataset", *map(str, argv)]))[0]
+    png = io.BytesIO()
+    Image.new("RGB", (32, 32)).save(png, format="PNG")
+    (tmp_path / "wds").mkdir()
+    with tarfile.open(tmp_path / "wds" / "shard-000000.tar", "w") as tar:
+        for key, name, payload in (("000", "png", png.getvalue()), ("000", "txt", b"a shard's caption")):
+            info = tarfile.TarInfo(f"{key}.{name}")
+            info.size = len(payload)
+            tar.addfile(info, io.BytesIO(payload))
+    assert list(load(tmp_path / "wds")["text"]) == ["a shard's caption"]
+    assert list(load(tmp_path / "wds" / "shard-000000.tar")["text"]) == ["a shard's caption"]
+    labels = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=["cat", "dog"])})
+    datasets.Dataset.from_dict({"image": [{"bytes": png.getvalue(), "path": None}] * 2, "label": [1, 0]},
+                               features=labels).save_to_disk(str(tmp_path / "classes"))
+    assert list(load(tmp_path / "classes", "--caption_column", "label")["text"]) == ["dog", "cat"]
+    table = datasets.Dataset.from_dict({"image": [str(tmp_path / "x.png")], "text": [["a cat", None, ""]]})
+    args = T.parse_args(["--dataset", "x", "--resolution", "32"])
+    Image.new("RGB", (32, 32)).save(tmp_path / "x.png")
+    ds = T.ImageCaptionDataset(table, args, T.DataPlan(targets=[(32, 32)]))
+    assert {ds[(0, seed)]["caption"] for seed in range(20)} == {"a cat"}
+    for name, data, needle in (
+            ("several", {"images": [[{"bytes": png.getvalue(), "path": None}] * 2], "text": ["two"]},
+             "holds several images per row"),
+            ("flags", {"image": [{"bytes": png.getvalue(), "path": None}], "text": [True]}, "holds true/false values")):
+        features = datasets.Features({**({"images": datasets.List(datasets.Image())} if "images" in data else
+                                         {"image": datasets.Image()}),
+                                      "text": datasets.Value("bool" if name == "flags" else "string")})
+        datasets.Dataset.from_dict(data, features=features).to_parquet(str(tmp_path / f"{name}.parquet"))
+        with pytest.raises(T.UserError, match=needle):
+            load(tmp_path / f"{name}.parquet")
+    (tmp_path / "captions.json").write_text(json.dumps({f"{i:05d}.png": f"caption {i}" for i in range(50)}))
+    with pytest.raises(T.UserError, match=r"00011.png, … \(50 columns\).*mapping file names to captions: write it "
+                                          r"as JSON Lines"):
+        load(tmp_path / "captions.json")
+    datasets.DatasetDict({"validation": datasets.Dataset.from_dict({"image": ["x.png"], "text": ["a"]}),
+                          "test": datasets.Dataset.from_dict({"image": ["x.png"], "text": ["a"]})}
+                         ).save_to_disk(str(tmp_path / "dd"))
+    with pytest.raises(T.UserError, match="pass the folder of the split to train on, e.g. '.*dd/validation'"):
+        load(tmp_path / "dd")
+    (tmp_path / "zipped").mkdir()
+    (tmp_path / "zipped" / "images.zip").write_bytes(b"PK\x03\x04")
+    with pytest.raises(T.UserError, match="images.zip is an archive: extract it first"):
+        load(tmp_path / "zipped")
+    pointer = b"version https://git-lfs.github.com/spec/v1\noid sha256:0\nsize 1\n"
+    (tmp_path / "lfs").mkdir()
+    (tmp_path / "lfs" / "train.parquet").write_bytes(pointer)
+    with pytest.raises(T.UserError, match="train.parquet is a Git LFS pointer, not the data: run `git lfs pull`"):
+        load(tmp_path / "lfs")
+    (tmp_path / "lfs.png").write_bytes(pointer)
+    with pytest.raises(ValueError, match="a Git LFS pointer, not the image"):
+        T.open_file(str(tmp_path / "lfs.png"))
+    (tmp_path / "mixed.jsonl").write_text('{"image": "x.png", "text": "a"}\n{"image": "x.png", "text": ["a", "b"]}\n')
+    with pytest.raises(T.UserError, match="holds text on line 1 and lists on line 2: make each a list"):
+        load(tmp_path / "mixed.jsonl")
+    (tmp_path / "shards").mkdir()
+    datasets.Dataset.from_dict({"image": ["x.png"], "text": ["a"]}).to_parquet(str(tmp_path / "shards" / "a.parquet"))
+    datasets.Dataset.from_dict({"image": ["x.png"], "caption": ["a"]}).to_parquet(str(tmp_path / "shards" / "b.parquet"))
+    with pytest.raises(T.UserError, match="the data files disagree on their columns or types"):
+        load(tmp_path / "shards")
+    assert T.describe_image("iVBORw0KGgo" * 1000).endswith("(11000 characters: no file path)")

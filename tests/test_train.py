@@ -193,6 +193,7 @@ USER_ERRORS = {
                                     "fewer than one optimizer step needs (batch 64 × accumulation 1 × 1 processes):"
                                     " lower --train_batch_size"),
     "missing_data_file": (["--dataset", "captions.jsonl"], "dataset file 'captions.jsonl' does not exist"),
+    "output_dir_is_the_data": (["--dataset", "{shapes}", "--output_dir", "{shapes}"], "is the dataset folder"),
     "diffusers_only_flag": (["--dataset", "{shapes}", "--use_8bit_adam"], "--optimizer adamw8bit"),
     "single_file_with_lora": (["--dataset", "{shapes}", "--save_single_file"], "--save_single_file"),
     "te_lr_without_te": (["--dataset", "{shapes}", "--text_encoder_lr", "1e-5"], "--train_text_encoder"),
