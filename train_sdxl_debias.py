@@ -1500,7 +1500,8 @@ def open_file(value):
         return Image.open(io.BytesIO(value) if isinstance(value, bytes) else value)
     except UnidentifiedImageError:  # (its message names a BytesIO object, or repeats the path)
         if isinstance(value, str) and lfs_pointer(value):
-            raise ValueError("a Git LFS pointer, not the image: run `git lfs pull` in the dataset's repository") from None
+            raise ValueError("a Git LFS pointer, not the image: run `git lfs pull` in the dataset's repository") \
+                from None
         raise ValueError("not an image file Pillow can read") from None
 
 

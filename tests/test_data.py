@@ -908,8 +908,9 @@ def test_more_dataset_shapes_load_or_say_what_they_are(tmp_path, caplog):
     with pytest.raises(T.UserError, match="holds text on line 1 and lists on line 2: make each a list"):
         load(tmp_path / "mixed.jsonl")
     (tmp_path / "shards").mkdir()
-    datasets.Dataset.from_dict({"image": ["x.png"], "text": ["a"]}).to_parquet(str(tmp_path / "shards" / "a.parquet"))
-    datasets.Dataset.from_dict({"image": ["x.png"], "caption": ["a"]}).to_parquet(str(tmp_path / "shards" / "b.parquet"))
+    for name, column in (("a", "text"), ("b", "caption")):
+        shard = datasets.Dataset.from_dict({"image": ["x.png"], column: ["a"]})
+        shard.to_parquet(str(tmp_path / "shards" / f"{name}.parquet"))
     with pytest.raises(T.UserError, match="the data files disagree on their columns or types"):
         load(tmp_path / "shards")
     assert T.describe_image("iVBORw0KGgo" * 1000).endswith("(11000 characters: no file path)")
