@@ -388,8 +388,8 @@ def validate(args):
         raise UserError(f"--train_data_dir {args.train_data_dir!r} is not a folder")
     data = args.train_data_dir or args.dataset
     if os.path.isdir(data) and os.path.realpath(data) == os.path.realpath(args.output_dir):
-        raise UserError(f"--output_dir {args.output_dir!r} is the dataset folder: pass another (a folder beside it, "
-                        "or inside it: an output folder inside the data is not read as data)")
+        raise UserError(f"--output_dir {args.output_dir!r} is the dataset folder: pass another, beside it (the "
+                        "outputs would be read as data on the next run)")
     if args.keep_tokens < 0 or (args.keep_tokens and not args.shuffle_caption):
         raise UserError(f"--keep_tokens {args.keep_tokens}: the number of leading tags --shuffle_caption leaves in "
                         "place (0 or more): use it with --shuffle_caption")
@@ -531,7 +531,10 @@ def load_part(cls, args, subfolder, path=None, own_repo=False, **kw):
 def first_line(e):
     """An exception's first line, for a one-line message; a very long one is cut at a word, marked with …."""
     line = (str(e).strip().splitlines() or [type(e).__name__])[0]
-    return line if len(line) <= 300 else line[:300].rsplit(" ", 1)[0] + " …"
+    if len(line) <= 300:
+        return line
+    cut = line[:300].rsplit(" ", 1)[0]
+    return (cut if len(cut) > 240 else line[:300]) + " …"  # at a word near the end, else where it falls
 
 
 def load_models(args, accelerator):
@@ -846,11 +849,7 @@ def load_table(args):
         table = table.cast_column(image_col, datasets.Image(decode=False))  # encoded bytes too: {bytes, path}
     table = table.select_columns([image_col, caption_col]).rename_columns({image_col: "image", caption_col: "text"})
     if isinstance(table.features["text"], datasets.ClassLabel):  # a classification dataset: train on the class names
-        names = table.features["text"].names
-        table = table.map(lambda v: {"text": names[v] if v is not None and 0 <= v < len(names) else None},
-                          input_columns="text", keep_in_memory=True,
-                          features=datasets.Features({**table.features, "text": datasets.Value("string")}),
-                          new_fingerprint=hashlib.blake2b(table._fingerprint.encode(), digest_size=16).hexdigest())
+        table = class_names(table)
     if len(table) == 0:
         raise UserError(f"dataset {source!r} has no rows")
     table = table.add_column("row", np.arange(len(table)))  # the dataset's row, for messages after subsets
@@ -861,6 +860,23 @@ def load_table(args):
     if args.max_train_samples:
         table = subset(table, args.max_train_samples, args.seed)
     return table, source
+
+
+def class_names(table):
+    """The caption column of class numbers as the class names, built with arrow (the image bytes beside it are
+    neither read nor copied); -1 (no label) is a missing caption."""
+    import datasets
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    names = pa.array(table.features["text"].names, pa.string())
+    labels = table.with_format("arrow")["text"]
+    labels = pc.if_else(pc.less(labels, 0), pa.scalar(None, labels.type), labels)
+    text = pa.chunked_array([pc.take(names, chunk) for chunk in labels.chunks], pa.string())
+    fingerprint = hashlib.blake2b(f"{table._fingerprint}:names".encode(), digest_size=16)
+    table = table.remove_columns("text", new_fingerprint=fingerprint.hexdigest())
+    return table.add_column("text", text, feature=datasets.Value("string"),
+                            new_fingerprint=hashlib.blake2b(fingerprint.digest(), digest_size=16).hexdigest())
 
 
 def subset(table, n, seed):
@@ -1045,9 +1061,9 @@ def load_folder(source, args):
     files = list_files(source, exclude=output_dir)
     metadata = any(os.path.basename(f) in METADATA_FILES for f in files)
     images = [f for f in files if os.path.splitext(f)[1].lower() in IMAGE_EXTS]
-    # Data files make a dataset; a lone .json beside images is more likely an info file than the data.
-    data_files = any(os.path.splitext(f)[1].lower() in DATA_FILES and not (f.endswith(".json") and images)
-                     for f in files)
+    # Data files make a dataset; a lone .json or .tar beside images is more likely an info file or a backup.
+    data_files = any(os.path.splitext(f)[1].lower() in DATA_FILES and not
+                     (os.path.splitext(f)[1].lower() in (".json", ".tar") and images) for f in files)
     if metadata:
         unused_flags(args, "an imagefolder (captions from its metadata file)", "dataset_config_name",
                      "caption_extension")
@@ -1171,7 +1187,7 @@ def check_metadata_file(path, metadata=True):
                         "with commas (in Excel: 'CSV UTF-8 (Comma delimited)')")
     try:
         with open(path, encoding="utf-8-sig", newline="") as f:
-            columns = (csv_columns if kind == ".csv" else jsonl_columns)(path, f)
+            columns = csv_columns(path, f) if kind == ".csv" else jsonl_columns(path, f, metadata)
     except UnicodeDecodeError:
         return  # guarded_load says: not UTF-8
     if columns is None:
@@ -1197,9 +1213,9 @@ def csv_columns(path, f):
     return [c.strip() for c in header] if header and count else None
 
 
-def jsonl_columns(path, f):
+def jsonl_columns(path, f, metadata=True):
     """The keys of a JSON Lines file, None without rows; a line that is not a JSON object, or a key holding text
-    in one row and numbers in another, is named."""
+    in one row and numbers in another (or lists, in a metadata file: datasets stops on both there), is named."""
     kinds, keys = {}, {}
     for number, line in enumerate(f, 1):
         if not line.strip():
@@ -1216,12 +1232,12 @@ def jsonl_columns(path, f):
             raise UserError(f"{path}: line {number} is not a JSON object ({{\"file_name\": ..., \"text\": ...}})")
         for key, value in row.items():
             keys.setdefault(key, None)
-            kind = "text" if isinstance(value, str) else "lists" if isinstance(value, list) else "numbers" if \
-                isinstance(value, (int, float)) and not isinstance(value, bool) else None
+            kind = "text" if isinstance(value, str) else "lists" if isinstance(value, list) and metadata else \
+                "numbers" if isinstance(value, (int, float)) and not isinstance(value, bool) else None
             if kind and kinds.setdefault(key, (kind, number))[0] != kind:
                 raise UserError(f"{path}: {key!r} holds {kinds[key][0]} on line {kinds[key][1]} and {kind} on line "
                                 f"{number}: " + ("write numbers meant as text in quotes" if "numbers" in (kind,
-                                kinds[key][0]) else "make each a list (one caption is drawn per sample)"))
+                                kinds[key][0]) else "make them all lists, or all text"))
     return list(keys) or None
 
 
@@ -1259,6 +1275,8 @@ def guarded_load(name, fn, *a, **kw):
         if "Couldn't cast" in text:  # the rest of datasets' message is two schemas, many lines long
             hint = (" (the data files disagree on their columns or types: a column missing in one file, or images "
                     "stored as paths in one and as bytes in another; make them alike)")
+        if "should be in WebDataset format" in text:
+            hint = " (a .tar here is an archive, not WebDataset shards of 000001.jpg + 000001.txt: extract it first)"
         if "Config name is missing" in text:
             configs = re.search(r"available configs: (\[.*?\])", text)
             hint = f" (pass --dataset_config_name, one of {configs.group(1) if configs else 'its configs'})"
@@ -1476,8 +1494,12 @@ def pick_column(columns, requested, candidates, kind):
         return found[0]
     hint = ""
     if kind == "caption" and "label" in columns:  # imagefolder without usable metadata: subfolders as classes
-        hint = (" (datasets found no metadata for these images and read their subfolders as class labels: put a "
+        hint = (" (to train on the class names of its 'label' column, pass --caption_column label; if these are your "
+                "own images, datasets found no metadata and read their subfolders as class labels: put a "
                 "metadata.jsonl beside the images, in each split folder such as train/)")
+    if kind == "caption" and "__key__" in columns:  # WebDataset: each member's extension is a column
+        hint = (" (WebDataset shards need a caption beside each image, 000001.jpg + 000001.txt; a .tar of "
+                "something else is an archive: extract it first)")
     if sum(os.path.splitext(str(c))[1].lower() in IMAGE_EXTS for c in columns) > len(columns) / 2:
         hint = (" (this file is one object mapping file names to captions: write it as JSON Lines, one "
                 "{\"file_name\": ..., \"text\": ...} object per line)")
@@ -1586,7 +1608,9 @@ def describe_image(value, row=None):
     if isinstance(value, dict):
         value = value.get("path") or (f"the image in row {row}" if row is not None else "an image stored in the data")
     value = str(value)
-    return value if len(value) <= 300 else f"{value[:80]}… ({len(value)} characters: no file path)"
+    if len(value) > 300 and re.fullmatch(r"(data:[^,]*,)?[A-Za-z0-9+/=\s]+", value):  # base64, not a file name
+        return f"{value[:80]}… ({len(value)} characters of base64: store images as files or bytes)"
+    return value
 
 
 # SDXL's training buckets at 1024² (width, height): ~1 megapixel each, sides multiples of 64.
@@ -2513,9 +2537,9 @@ def resume(accelerator, args, optimizer, lr_scheduler):
     per_step = ("train_batch_size", "gradient_accumulation_steps", "processes")  # samples an optimizer step takes
     before, after = (math.prod(s.get(k, 0) for k in per_step) for s in (was, now))
     if before and before != after and accelerator.is_main_process:  # the epoch's position is counted in steps
-        logger.warning("an optimizer step now takes %d samples instead of %d: the interrupted epoch goes on from "
-                       "the new step size's position, so some of its samples are skipped or trained twice; the "
-                       "epochs after it are whole", after, before)
+        logger.warning("an optimizer step now takes %d samples instead of %d: the position in the data is counted "
+                       "in steps, so the rest of this epoch may skip or repeat some samples of the interrupted run's; "
+                       "the epochs after it are whole", after, before)
     if changed and accelerator.is_main_process:
         logger.warning("resuming with other settings than %s was trained with (%s): from step %d the run follows "
                        "the new ones, not the original run's", path, "; ".join(changed), step)
@@ -3412,7 +3436,7 @@ def main(argv=None):
             else None
         if folder is None:
             raise
-        print(f"error: cannot write {e.filename} ({e.strerror}): give this user write access to {folder}; "
+        print(f"error: cannot access {e.filename} ({e.strerror}): give this user read and write access to {folder}; "
               "checkpoints are complete or absent: then rerun with --resume_from_checkpoint latest", file=sys.stderr)
         return 2
     except Exception as e:
@@ -3426,7 +3450,7 @@ def main(argv=None):
 
 def inside(path, folder):
     """Whether `path` is `folder` or below it."""
-    if not path or not folder:
+    if not isinstance(path, str) or not folder:
         return False
     path, folder = os.path.realpath(path), os.path.realpath(folder)
     return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)

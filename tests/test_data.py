@@ -905,12 +905,28 @@ def test_more_dataset_shapes_load_or_say_what_they_are(tmp_path, caplog):
     with pytest.raises(ValueError, match="a Git LFS pointer, not the image"):
         T.open_file(str(tmp_path / "lfs.png"))
     (tmp_path / "mixed.jsonl").write_text('{"image": "x.png", "text": "a"}\n{"image": "x.png", "text": ["a", "b"]}\n')
-    with pytest.raises(T.UserError, match="holds text on line 1 and lists on line 2: make each a list"):
-        load(tmp_path / "mixed.jsonl")
+    assert len(load(tmp_path / "mixed.jsonl")) == 2  # datasets reads it; in an imagefolder's metadata it cannot:
+    (tmp_path / "meta").mkdir()
+    Image.new("RGB", (32, 32)).save(tmp_path / "meta" / "x.png")
+    (tmp_path / "meta" / "metadata.jsonl").write_text((tmp_path / "mixed.jsonl").read_text().replace("image",
+                                                                                                     "file_name"))
+    with pytest.raises(T.UserError, match="holds text on line 1 and lists on line 2: make them all lists, or all"):
+        load(tmp_path / "meta")
+    (tmp_path / "backup").mkdir()  # uncaptioned images beside a .tar backup: still "no captions", not a dataset
+    Image.new("RGB", (32, 32)).save(tmp_path / "backup" / "a.png")
+    with tarfile.open(tmp_path / "backup" / "old.tar", "w") as tar:
+        tar.add(tmp_path / "backup" / "a.png", arcname="photos/a.png")
+    with pytest.raises(T.UserError, match="has 1 images but no captions"):
+        load(tmp_path / "backup")
+    os.remove(tmp_path / "backup" / "a.png")
+    with pytest.raises(T.UserError, match="WebDataset shards need a caption beside each image.*extract it first"):
+        load(tmp_path / "backup")
     (tmp_path / "shards").mkdir()
     for name, column in (("a", "text"), ("b", "caption")):
         shard = datasets.Dataset.from_dict({"image": ["x.png"], column: ["a"]})
         shard.to_parquet(str(tmp_path / "shards" / f"{name}.parquet"))
     with pytest.raises(T.UserError, match="the data files disagree on their columns or types"):
         load(tmp_path / "shards")
-    assert T.describe_image("iVBORw0KGgo" * 1000).endswith("(11000 characters: no file path)")
+    assert T.describe_image("iVBORw0KGgo" * 1000).endswith("(11000 characters of base64: store images as files "
+                                                           "or bytes)")
+    assert T.describe_image("/mnt/" + "deep_folder/" * 40 + "a.png").endswith("a.png")  # a long path is a path

@@ -459,8 +459,9 @@ def test_a_full_disk_ends_in_one_line_that_says_how_to_go_on(monkeypatch, capsys
     monkeypatch.setattr(T, "train", lambda args: (_ for _ in ()).throw(denied))
     assert T.main(["--dataset", "x", "--output_dir", "out"]) == 2
     line = capsys.readouterr().err.strip()
-    assert line == ("error: cannot write out/.tmp-checkpoint-10 (Permission denied): give this user write access to "
-                    "out; checkpoints are complete or absent: then rerun with --resume_from_checkpoint latest")
+    assert line == ("error: cannot access out/.tmp-checkpoint-10 (Permission denied): give this user read and "
+                    "write access to out; checkpoints are complete or absent: then rerun with "
+                    "--resume_from_checkpoint latest")
     for bug in (RuntimeError("a bug"), OSError("a bug without an errno"),
                 PermissionError(errno.EACCES, "Permission denied", "/etc/elsewhere")):  # not ours to write
         monkeypatch.setattr(T, "train", lambda args, bug=bug: (_ for _ in ()).throw(bug))

@@ -120,7 +120,7 @@ def test_a_resume_with_other_optimizer_flags_uses_them_and_says_so(tiny_model, s
                                   "--adam_weight_decay", "50", "--max_grad_norm", "0.5", "--learning_rate", "1",
                                   "--gradient_accumulation_steps", "2"))
     assert "--adam_weight_decay 0.01 -> 50.0" in proc.stderr and "--max_grad_norm 1.0 -> 0.5" in proc.stderr
-    assert "an optimizer step now takes 4 samples instead of 2: the interrupted epoch goes on" in proc.stderr
+    assert "an optimizer step now takes 4 samples instead of 2: the position in the data is counted" in proc.stderr
     assert "--learning_rate 1 is ignored" in proc.stderr
     config = json.load(open(os.path.join(again, "train_config.json")))
     assert (config["learning_rate"], config["adam_weight_decay"]) == (5e-3, 50.0)
