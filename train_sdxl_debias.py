@@ -1082,6 +1082,11 @@ def load_folder(source, args):
         return datasets.Dataset.from_dict(captions)
     if data_files:  # a downloaded Hub dataset; an image beside its parquet files is a preview, not data
         unused_flags(args, "a downloaded dataset's data files", "caption_extension")
+        shards = [f for f in files if f.lower().endswith(".tar")]
+        if shards and all(os.path.splitext(f)[0] + ".tar" in shards for f in files if f.endswith(".parquet")):
+            # img2dataset's output: 00000.tar, and 00000.parquet listing its URLs and statuses, not the images
+            return guarded_load(source, datasets.load_dataset, "webdataset", cache_dir=cache_dir,
+                                data_files={"train": [glob.escape(f) for f in shards]})
         if glob.has_magic(source):  # datasets would read the path as a pattern and find no files
             raise UserError(f"dataset folder {source!r}: datasets cannot read a downloaded dataset in a folder "
                             "whose path has [ ] or * in it: rename the folder")

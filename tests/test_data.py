@@ -864,6 +864,11 @@ def test_more_dataset_shapes_load_or_say_what_they_are(tmp_path, caplog):
             tar.addfile(info, io.BytesIO(payload))
     assert list(load(tmp_path / "wds")["text"]) == ["a shard's caption"]
     assert list(load(tmp_path / "wds" / "shard-000000.tar")["text"]) == ["a shard's caption"]
+    os.rename(tmp_path / "wds" / "shard-000000.tar", tmp_path / "wds" / "00000.tar")  # img2dataset's layout: the
+    datasets.Dataset.from_dict({"url": ["http://x/0.png"], "caption": ["from the web"], "key": ["000"],  # parquet
+                                "status": ["success"]}).to_parquet(str(tmp_path / "wds" / "00000.parquet"))  # lists
+    (tmp_path / "wds" / "00000_stats.json").write_text("{}")  # what was downloaded
+    assert list(load(tmp_path / "wds")["text"]) == ["a shard's caption"]
     labels = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=["cat", "dog"])})
     datasets.Dataset.from_dict({"image": [{"bytes": png.getvalue(), "path": None}] * 2, "label": [1, 0]},
                                features=labels).save_to_disk(str(tmp_path / "classes"))
