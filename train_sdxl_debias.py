@@ -376,7 +376,8 @@ def validate(args):
         raise UserError(f"--cache_dir {args.cache_dir!r} holds this trainer's latent/text cache, which is now "
                         "--data_cache_dir (--cache_dir is the Hub download cache, as in diffusers): pass "
                         f"--data_cache_dir {args.cache_dir!r} to reuse it")
-    launched = any(os.environ.get(v) for v in ("WORLD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "MV2_COMM_WORLD_SIZE"))
+    launched = any(os.environ.get(v) for v in ("WORLD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE",
+                                               "MV2_COMM_WORLD_SIZE"))
     if os.environ.get("LOCAL_RANK", "-1") != "-1" and not launched:  # accelerate would wait for peers not started
         raise UserError("LOCAL_RANK is set in the environment but WORLD_SIZE is not: launch with accelerate launch "
                         "or torchrun, or unset LOCAL_RANK to run one process")
@@ -873,10 +874,17 @@ def class_names(table):
     labels = table.with_format("arrow")["text"]
     labels = pc.if_else(pc.less(labels, 0), pa.scalar(None, labels.type), labels)
     text = pa.chunked_array([pc.take(names, chunk) for chunk in labels.chunks], pa.string())
-    fingerprint = hashlib.blake2b(f"{table._fingerprint}:names".encode(), digest_size=16)
-    table = table.remove_columns("text", new_fingerprint=fingerprint.hexdigest())
-    return table.add_column("text", text, feature=datasets.Value("string"),
-                            new_fingerprint=hashlib.blake2b(fingerprint.digest(), digest_size=16).hexdigest())
+    return replace_column(table, "text", text, datasets.Value("string"), "names")
+
+
+def replace_column(table, name, values, feature, salt):
+    """`table` with column `name` replaced by the arrow array `values`; the other columns are not touched (a
+    Hub parquet's image bytes stay memory-mapped). The new fingerprints are derived from the old one and `salt`:
+    given them, datasets hashes nothing (it would otherwise hash `values`, or warn that it could not)."""
+    key = hashlib.blake2b(f"{table._fingerprint}:{salt}".encode(), digest_size=16)
+    table = table.remove_columns(name, new_fingerprint=key.hexdigest())
+    return table.add_column(name, values, feature=feature,
+                            new_fingerprint=hashlib.blake2b(key.digest(), digest_size=16).hexdigest())
 
 
 def subset(table, n, seed):
@@ -902,8 +910,8 @@ def resolve_paths(table, source, encoded):
     import pyarrow.compute as pc
 
     beside = relative_to(source)
-    fingerprint = hashlib.blake2b(f"{table._fingerprint}:{os.path.abspath(source)}".encode(), digest_size=16)
-    if not encoded:  # (no hashing of the function: datasets warned that it could not, on every run)
+    if not encoded:  # (a fingerprint given: datasets warned on every run that it could not hash the function)
+        fingerprint = hashlib.blake2b(f"{table._fingerprint}:{os.path.abspath(source)}".encode(), digest_size=16)
         return table.map(lambda v: {"image": beside(v)}, input_columns="image", keep_in_memory=True,
                          new_fingerprint=fingerprint.hexdigest())
     column = table.with_format("arrow")["image"]  # no rows selected yet: zero-copy
@@ -917,9 +925,8 @@ def resolve_paths(table, source, encoded):
                          pa.string())
         chunks.append(pa.StructArray.from_arrays([parts["bytes"], paths], names=["bytes", "path"],
                                                  mask=chunk.is_null()))
-    table = table.remove_columns("image", new_fingerprint=fingerprint.hexdigest())
-    return table.add_column("image", pa.chunked_array(chunks, chunks[0].type), feature=datasets.Image(decode=False),
-                            new_fingerprint=hashlib.blake2b(fingerprint.digest(), digest_size=16).hexdigest())
+    return replace_column(table, "image", pa.chunked_array(chunks, chunks[0].type), datasets.Image(decode=False),
+                          os.path.abspath(source))
 
 
 def relative_to(source):
@@ -943,18 +950,18 @@ def relative_to(source):
             return trimmed(value)
         for base in bases:
             for path in (os.path.join(base, value), os.path.join(base, value.strip())):
-                if os.path.exists(trimmed(path)):
-                    return trimmed(path)
+                if os.path.exists(path := trimmed(path)):
+                    return path
         if not listed:
             listed = True
             bases.extend(sorted({os.path.dirname(f) for f in list_files(source)
                                  if os.path.splitext(f)[1].lower() in DATA_FILES} - {source}))
             return resolve(value)
-        if os.path.exists(trimmed(os.path.abspath(value))):
+        if os.path.exists(here := trimmed(os.path.abspath(value))):
             if not said:
                 said.append(logger.warning("image paths of %s such as %r are found relative to the working "
                                            "directory, not to the data", source, value))
-            return trimmed(os.path.abspath(value))
+            return here
         return os.path.join(bases[0], value)
 
     return resolve
@@ -1393,11 +1400,11 @@ def kohya_folders(source, images, captioned):
 
 
 def caption_index(files, extension=None):
-    """{lower-case path less its caption extension: the caption files}, .txt before .caption; `extension`
-    (--caption_extension): only files with that one."""
+    """{lower-case path less its caption extension: the caption files} (caption_files orders an image's files);
+    `extension` (--caption_extension): only files with that one."""
     exts = (extension.lower(),) if extension else CAPTION_EXTS
     captions = {}
-    for f in sorted(files, key=lambda f: os.path.splitext(f)[1].lower() != ".txt"):
+    for f in files:
         stem, ext = os.path.splitext(f)
         if ext.lower() in exts:
             captions.setdefault(stem.lower(), []).append(f)
@@ -1407,7 +1414,7 @@ def caption_index(files, extension=None):
 def caption_files(captions, image):
     """An image's caption files: IMG_1.txt for IMG_1.JPG (case ignored), or IMG_1.JPG.txt as some taggers name them."""
     found = captions.get(os.path.splitext(image)[0].lower(), []) + captions.get(image.lower(), [])
-    return sorted(found, key=lambda f: os.path.splitext(f)[1].lower() != ".txt")  # .txt first, as caption_index
+    return sorted(found, key=lambda f: os.path.splitext(f)[1].lower() != ".txt")  # .txt before .caption
 
 
 def kohya_near_miss(source, images, captions):
@@ -1415,14 +1422,14 @@ def kohya_near_miss(source, images, captions):
     captions unused), and what to do; "" when none looks like one."""
     parts = [os.path.relpath(p, source).split(os.sep) for p in images]
     tops = sorted({r[0] for r in parts if len(r) > 1})
-    looks = [t for t in tops if re.match(r"^\d{1,3}_.", t)]  # (2023_trip/ is a year, not 2023 repeats)
+    looks = [t for t in tops if KOHYA_FOLDER.match(t)]  # (2023_trip/ is a year, not 2023 repeats)
     if not looks:
         below = sorted({os.path.join(*r[:2]) for r in parts if len(r) > 2 and KOHYA_FOLDER.match(r[1])})
         if not below:
             return ""
         return (f"{below[0]} looks like one of kohya's DreamBooth folders: pass its parent folder "
                 f"{os.path.join(source, os.path.dirname(below[0]))!r} as the data to read them as such")
-    bad = [t for t in looks if int(t.split("_")[0]) < 1]
+    bad = [t for t in looks if int(KOHYA_FOLDER.match(t).group(1)) < 1]
     others = [t for t in tops if t not in looks]
     loose = [r[0] for r, p in zip(parts, images) if len(r) == 1 and caption_files(captions, p)]
     why = (f"{bad[0]!r} repeats its images 0 times (kohya's folders take 1 to 999)" if bad
@@ -3090,10 +3097,10 @@ def remove_outputs(args):
     none is left beside the new run's (a LoRA's kohya file beside a DoRA, LoRA files beside a full pipeline).
     Other files stay, and all of them where output_dir and what this run reads overlap (a full fine-tune
     continued in place: its pipeline is the base model this run loaded)."""
-    out, here = args.output_dir, os.path.realpath(args.output_dir)
-    inputs = [os.path.realpath(p) for p in (args.pretrained_model_name_or_path, args.pretrained_vae_model_name_or_path,
-                                            args.train_data_dir or args.dataset) if p and os.path.exists(p)]
-    if any(p == here or p.startswith(here + os.sep) or here.startswith(p + os.sep) for p in inputs):
+    out = args.output_dir
+    inputs = [p for p in (args.pretrained_model_name_or_path, args.pretrained_vae_model_name_or_path,
+                          args.train_data_dir or args.dataset) if p and os.path.exists(p)]
+    if any(inside(p, out) or inside(out, p) for p in inputs):
         logger.info("--overwrite_output_dir: %s holds or is inside what this run reads (model, VAE or data): only "
                     "its checkpoints are removed", out)
         return
@@ -3105,6 +3112,14 @@ def remove_outputs(args):
     for f in files:
         with suppress(FileNotFoundError):
             os.remove(os.path.join(out, f))
+
+
+def inside(path, folder):
+    """Whether `path` is `folder` or below it."""
+    if not isinstance(path, str) or not folder:
+        return False
+    path, folder = os.path.realpath(path), os.path.realpath(folder)
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
 
 
 def remove_grids(output_dir):
@@ -3451,14 +3466,6 @@ def main(argv=None):
               "room and rerun with --resume_from_checkpoint latest", file=sys.stderr)
         return 2
     return 0
-
-
-def inside(path, folder):
-    """Whether `path` is `folder` or below it."""
-    if not isinstance(path, str) or not folder:
-        return False
-    path, folder = os.path.realpath(path), os.path.realpath(folder)
-    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
 
 
 def smaller_step(args):
