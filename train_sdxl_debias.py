@@ -15,6 +15,7 @@ import argparse
 import collections
 import csv
 import errno
+import functools
 import glob
 import hashlib
 import inspect
@@ -38,7 +39,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageCms, ImageOps, UnidentifiedImageError
 
 import loss as debias_loss
 
@@ -1552,12 +1553,14 @@ def displayed_size(img, header_only=False):
 
 
 def upright_rgb(img):
-    """EXIF orientation applied, and RGB: transparency composited on white, 16-bit and float greyscale scaled to
-    8 bits."""
+    """EXIF orientation applied, and sRGB: a colour profile applied, transparency composited on white, 16-bit and
+    float greyscale scaled to 8 bits."""
     img = ImageOps.exif_transpose(img)
     # Transparency is an alpha channel, or one colour marked transparent (palette, greyscale and RGB PNGs).
-    if img.mode in ("RGBA", "LA", "PA") or (img.mode in ("P", "L", "RGB") and "transparency" in img.info):
-        img = img.convert("RGBA")  # transparent pixels become white, not black
+    if img.mode in ("LA", "PA") or (img.mode in ("P", "L", "RGB") and "transparency" in img.info):
+        img = img.convert("RGBA")
+    img = to_srgb(img)
+    if img.mode == "RGBA":  # transparent pixels become white, not black
         img = Image.alpha_composite(Image.new("RGBA", img.size, (255, 255, 255, 255)), img)
     elif img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
         arr = np.asarray(img, dtype=np.float32)
@@ -1569,6 +1572,32 @@ def upright_rgb(img):
             arr = arr / 257.0
         img = Image.fromarray(arr.round().clip(0, 255).astype(np.uint8))
     return img.convert("RGB")
+
+
+def to_srgb(img):
+    """The pixels in sRGB, what SDXL was trained on and what a generated image is shown as. An embedded colour
+    profile other than sRGB is applied, as browsers and viewers do: an iPhone's Display P3 photo read as sRGB
+    trains duller colours (P3 red (200, 120, 80) is sRGB (213, 115, 70)), an Adobe RGB camera file more so, and a
+    print CMYK file's naive conversion is far off. Untagged RGB is sRGB; a profile lcms cannot read, or of another
+    colour space than the pixels, is ignored (the pixels as they are)."""
+    icc = img.info.get("icc_profile")
+    if not icc or img.mode not in ("RGB", "RGBA", "CMYK"):
+        return img
+    try:
+        transform = srgb_transform(icc, img.mode)
+        return img if transform is None else ImageCms.applyTransform(img, transform)
+    except (ImageCms.PyCMSError, OSError, ValueError, TypeError):
+        return img
+
+
+@functools.lru_cache(maxsize=32)  # per loader worker: a photo collection has a handful of profiles
+def srgb_transform(icc, mode):
+    """lcms' transform from the profile `icc` (bytes) to sRGB; None for an sRGB profile (nothing to do: most
+    tagged images, saved ~60 ms per 6 MP)."""
+    profile = ImageCms.ImageCmsProfile(io.BytesIO(icc))
+    if mode != "CMYK" and ImageCms.getProfileDescription(profile).strip().lower().startswith("srgb"):
+        return None
+    return ImageCms.buildTransform(profile, ImageCms.createProfile("sRGB"), mode, "RGBA" if mode == "RGBA" else "RGB")
 
 
 def open_image(value):
@@ -2026,7 +2055,8 @@ def cache_namespaces(args, weight_dtype):
     text_files = [os.path.join(base, sub) for sub in ("text_encoder", "text_encoder_2")]
     vae_files = [vae] if vae else [os.path.join(base, "vae")]
     return (cache_key("text", *model, files_fingerprint(text_files)),
-            cache_key("latents", *model, vae or "vae", files_fingerprint(vae_files)))
+            # "sRGB": latents cached before colour profiles were applied (to_srgb) are not reused
+            cache_key("latents", *model, vae or "vae", files_fingerprint(vae_files), "sRGB"))
 
 
 def files_fingerprint(folders):

@@ -14,7 +14,7 @@ import zlib
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageCms
 
 import train_sdxl_debias as T
 from conftest import ROOT, run_trainer
@@ -104,6 +104,56 @@ def test_image_modes_are_upright_rgb_and_transparency_is_white(tmp_path, monkeyp
     for mode, key in (("L", 0), ("RGB", (0, 0, 0))):  # one colour marked transparent, no alpha channel
         Image.new(mode, (8, 8), key).save(tmp_path / f"key-{mode}.png", transparency=key)
         assert T.open_image(str(tmp_path / f"key-{mode}.png")).getpixel((0, 0)) == (255, 255, 255), mode
+
+
+def rgb_profile(colorants, name):
+    """A minimal ICC v2 display profile: D50-adapted primaries (XYZ of R, G, B) and sRGB's transfer curve."""
+    def s15(v):
+        return struct.pack(">i", round(v * 65536))
+
+    def xyz(x, y, z):
+        return b"XYZ \0\0\0\0" + s15(x) + s15(y) + s15(z)
+
+    curve = b"para\0\0\0\0" + struct.pack(">HH", 3, 0) + b"".join(
+        s15(v) for v in (2.4, 1 / 1.055, 0.055 / 1.055, 1 / 12.92, 0.04045))
+    text = name.encode() + b"\0"
+    tags = [(b"desc", b"desc\0\0\0\0" + struct.pack(">I", len(text)) + text + b"\0" * 78),
+            (b"wtpt", xyz(0.9642, 1.0, 0.8249))]
+    tags += [(tag, xyz(*c)) for tag, c in zip((b"rXYZ", b"gXYZ", b"bXYZ"), colorants)]
+    tags += [(tag, curve) for tag in (b"rTRC", b"gTRC", b"bTRC")]
+    start, table, data = 132 + 12 * len(tags), b"", b""
+    for tag, body in tags:
+        body += b"\0" * (-len(body) % 4)
+        table, data = table + tag + struct.pack(">II", start + len(data), len(body)), data + body
+    header = struct.pack(">I", start + len(data)) + b"\0" * 4 + bytes([2, 0x10, 0, 0]) + b"mntrRGB XYZ "
+    header = (header + b"\0" * 12 + b"acsp").ljust(68, b"\0") + s15(0.9642) + s15(1.0) + s15(0.8249)
+    return header.ljust(128, b"\0") + struct.pack(">I", len(tags)) + table + data
+
+
+DISPLAY_P3 = rgb_profile([(0.5151, 0.2412, -0.0011), (0.2920, 0.6922, 0.0419), (0.1571, 0.0666, 0.7841)], "Display P3")
+
+
+def test_colour_profiles_are_applied(tmp_path):
+    """A phone's Display P3 photo trains on its sRGB colours (what a viewer shows), in every decoding path."""
+    # P3 (200, 120, 80) in sRGB, from the standard matrices (P3-D65 -> XYZ -> sRGB) and sRGB's curve: (213, 115, 70).
+    p3, srgb = (200, 120, 80), (213, 115, 70)
+    Image.new("RGB", (64, 48), p3).save(tmp_path / "p3.png", icc_profile=DISPLAY_P3)
+    Image.new("RGB", (3000, 2000), p3).save(tmp_path / "p3.jpg", icc_profile=DISPLAY_P3, quality=100, subsampling=0)
+    rgba = Image.new("RGBA", (64, 48), p3 + (255,))
+    rgba.putpixel((0, 0), (0, 0, 0, 0))
+    rgba.save(tmp_path / "p3a.png", icc_profile=DISPLAY_P3)
+    assert T.open_image(str(tmp_path / "p3.png")).getpixel((5, 5)) == srgb
+    decoded, size = T.decode_image(str(tmp_path / "p3.jpg"), cover=(64, 64))  # decoded at 1/8 scale: still applied
+    assert size == (3000, 2000) and decoded.size == (375, 250)  # (JPEG rounds by 2 levels; untagged is 13 off)
+    assert all(abs(a - b) <= 2 for a, b in zip(decoded.getpixel((100, 100)), srgb)), decoded.getpixel((100, 100))
+    alpha = T.open_image(str(tmp_path / "p3a.png"))
+    assert alpha.getpixel((0, 0)) == (255, 255, 255) and alpha.getpixel((5, 5)) == srgb
+    # An sRGB profile, an unreadable one, or one for other pixels (an RGB profile on a greyscale image): as they are.
+    srgb_bytes = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+    for name, mode, icc in (("srgb", "RGB", srgb_bytes), ("broken", "RGB", b"not a profile"),
+                            ("grey", "L", DISPLAY_P3)):
+        Image.new(mode, (8, 8), 90 if mode == "L" else p3).save(tmp_path / f"{name}.png", icc_profile=icc)
+        assert T.open_image(str(tmp_path / f"{name}.png")).getpixel((1, 1)) == ((90,) * 3 if mode == "L" else p3)
 
 
 def test_large_jpegs_decode_at_a_reduced_scale_with_full_size_conditioning(tmp_path):
