@@ -39,7 +39,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from PIL import Image, ImageCms, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageCms, ImageOps, PngImagePlugin, UnidentifiedImageError
 
 import loss as debias_loss
 
@@ -789,10 +789,13 @@ CAPTION_COLUMNS = ("text", "caption", "captions", "prompt", "prompts", "descript
 # the user's own, and phones now take 200 MP photos. Refuse above 512 MP (named as unreadable), and don't print
 # PIL's warning that calls each photo above 256 MP a possible attack.
 Image.MAX_IMAGE_PIXELS = 256_000_000
+# Likewise a PNG whose compressed text (a ComfyUI workflow, XMP) unpacks past 1 MB: Pillow refused the whole image.
+PngImagePlugin.MAX_TEXT_CHUNK = 64 << 20
 warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 # A camera's broken EXIF block: the pixels read fine (upright as stored); Pillow's warning names no file.
 warnings.filterwarnings("ignore", message=r"(Possibly )?[Cc]orrupt EXIF data")
-IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".jpe", ".jfif", ".webp", ".avif", ".bmp", ".gif", ".tif", ".tiff")
+IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".jpe", ".jfif", ".webp", ".avif", ".bmp", ".gif", ".tif", ".tiff", ".apng",
+              ".tga", ".jp2", ".j2k", ".jpf", ".jpx", ".dib", ".pbm", ".pgm", ".ppm", ".pnm")  # (all in imagefolder's too)
 METADATA_FILES = ("metadata.jsonl", "metadata.csv", "metadata.parquet")
 UTF16_BOMS = (b"\xff\xfe", b"\xfe\xff")  # what Notepad's "Unicode" and PowerShell's > write first
 DATA_FILES = {".parquet": "parquet", ".arrow": "arrow", ".jsonl": "json", ".json": "json", ".csv": "csv",
@@ -1300,11 +1303,14 @@ def guarded_load(name, fn, *a, **kw):
         raise UserError(f"cannot load dataset {name!r}: {reason}{hint}") from None
 
 
+LFS_POINTER = b"version https://git-lfs."
+
+
 def lfs_pointer(path):
     """Whether `path` is a Git LFS pointer (a Hub repository cloned without git-lfs) instead of its content."""
     try:
         with open(path, "rb") as f:
-            return f.read(24) == b"version https://git-lfs."
+            return f.read(len(LFS_POINTER)) == LFS_POINTER
     except OSError:
         return False
 
@@ -1317,7 +1323,7 @@ def list_files(folder, exclude=None):
     `exclude` (our output folder, which may sit inside the dataset and holds sample images), an earlier run's
     output folder (it holds train_config.json), and hidden files and folders (.ipynb_checkpoints copies, macOS'
     ._ resource forks and __MACOSX, as datasets' imagefolder does)."""
-    files, seen, skip = [], set(), os.path.realpath(exclude) if exclude else None
+    files, misnamed, seen, skip = [], [], set(), os.path.realpath(exclude) if exclude else None
     hidden = lambda n: n.startswith((".", "__MACOSX"))
 
     def unreadable(e):
@@ -1335,19 +1341,20 @@ def list_files(folder, exclude=None):
         seen.add(real)
         dirs[:] = sorted(d for d in dirs if not hidden(d))  # sorted: which path of a folder seen twice is kept
         for n in names:
-            if not hidden(n) and utf8_name(os.path.join(root, n)):
-                files.append(os.path.join(root, n))
+            if not hidden(n):
+                (files if utf8_name(n) else misnamed).append(os.path.join(root, n))
+    if misnamed:  # an unzipped Windows archive can have thousands: one line, not one each
+        logger.warning("skipping %d file(s) whose names are not valid UTF-8 (e.g. %r): rename them to use them",
+                       len(misnamed), misnamed[0])
     return sorted(files, key=lambda f: (os.path.dirname(f), os.path.basename(f)))  # folder by folder, as always
 
 
-def utf8_name(path):
-    """False (with a warning) for a name that is not valid UTF-8, as unzipped Windows archives have: datasets
-    cannot store it."""
+def utf8_name(name):
+    """False for a name that is not valid UTF-8, as unzipped Windows archives have: datasets cannot store it."""
     try:
-        path.encode("utf-8")
+        name.encode("utf-8")
         return True
     except UnicodeEncodeError:
-        logger.warning("skipping %r: its name is not valid UTF-8; rename it to use it", path)
         return False
 
 
@@ -1456,9 +1463,11 @@ def find_captions(source, files, images, extension=None):
             logger.warning("%d uncaptioned image(s) beside kohya's DreamBooth folders are left out, as kohya does: %s",
                            len(loose), ", ".join(os.path.basename(p) for p in loose[:10]))
             images = [path for path in images if os.sep in os.path.relpath(path, source)]
-    paths, texts, differing = [], [], []
+    paths, texts, differing, users = [], [], [], {}
     for path in images:
         found = caption_files(captions, path)
+        if found:
+            users.setdefault(found[0], []).append(os.path.basename(path))
         repeats, words = kohya[os.path.relpath(path, source).split(os.sep)[0]] if kohya else (1, "")
         text = (read_caption(found[0]) if found else "") or words  # an empty caption file: the folder's words
         if len(found) > 1 and any(read_caption(f) != text for f in found[1:]):
@@ -1468,6 +1477,12 @@ def find_captions(source, files, images, extension=None):
     if differing:  # a .txt of tags beside a .caption of sentences, say: which one trains is the user's choice
         logger.warning("%d images have caption files that differ (e.g. %s): the first is used (.txt before .caption); "
                        "pass --caption_extension to pick one kind", len(differing), " and ".join(differing[0]))
+    shared = [(caption, names) for caption, names in users.items() if len(names) > 1]
+    if shared:  # a.png converted to a.webp, the original kept: the same picture would train twice as often
+        caption, names = shared[0]
+        logger.warning("%d caption files each caption several images of one name (e.g. %s for %s): each image "
+                       "trains; if they are copies of one picture in other formats, remove the copies",
+                       len(shared), os.path.basename(caption), ", ".join(names))
     warn_unsupported(source, files, captions, images)
     if not any(texts):
         return None  # (load_folder's error says why kohya's folders were not read as such)
@@ -1532,12 +1547,43 @@ def open_file(value):
     if isinstance(value, str) and value.startswith(("http://", "https://")):
         raise ValueError("a URL: images are not downloaded, download them and list the files")
     try:
-        return Image.open(io.BytesIO(value) if isinstance(value, bytes) else value)
+        return full_resolution_page(Image.open(io.BytesIO(value) if isinstance(value, bytes) else value))
+    except FileNotFoundError:
+        if isinstance(value, str) and os.path.islink(value):
+            raise ValueError(f"a broken link to {os.readlink(value)}") from None
+        raise
+    except Image.DecompressionBombError:  # (Pillow's words call it a possible attack)
+        raise ValueError(f"larger than the {2 * Image.MAX_IMAGE_PIXELS // 1_000_000} MP this trainer reads: "
+                         "downscale it") from None
     except UnidentifiedImageError:  # (its message names a BytesIO object, or repeats the path)
-        if isinstance(value, str) and lfs_pointer(value):
-            raise ValueError("a Git LFS pointer, not the image: run `git lfs pull` in the dataset's repository") \
-                from None
-        raise ValueError("not an image file Pillow can read") from None
+        raise ValueError(why_not_an_image(value)) from None
+
+
+def full_resolution_page(img):
+    """A TIFF whose first page is a thumbnail (NewSubfileType bit 0: "reduced resolution", as raw converters
+    write them) opened at its first full-size page instead; any other image as it is."""
+    if img.format == "TIFF" and img.tag_v2.get(254, 0) & 1:
+        for page in range(1, getattr(img, "n_frames", 1)):
+            img.seek(page)
+            if not img.tag_v2.get(254, 0) & 1:
+                return img
+        img.seek(0)  # thumbnails only: the first
+    return img
+
+
+def why_not_an_image(value):
+    """What a file Pillow cannot identify is, where it can be told from its first bytes."""
+    head = value[:32] if isinstance(value, bytes) else b""
+    if isinstance(value, str):
+        with suppress(OSError), open(value, "rb") as f:
+            head = f.read(32)
+    if isinstance(value, str) and not head:
+        return "an empty file (0 bytes)"
+    if head.startswith(LFS_POINTER):
+        return "a Git LFS pointer, not the image: run `git lfs pull` in the dataset's repository"
+    if head[4:8] == b"ftyp" and head[8:12] in (b"heic", b"heix", b"heim", b"heis", b"mif1", b"msf1"):
+        return "a HEIC/HEIF image (an iPhone's format), whatever its extension: convert it to JPEG"
+    return "not an image file Pillow can read"
 
 
 def displayed_size(img, header_only=False):
@@ -1570,6 +1616,9 @@ def upright_rgb(img):
             arr = arr * 255.0
         elif arr.max() > 255:  # 32-bit integers: 16-bit data, unless the values say 8-bit
             arr = arr / 257.0
+        key = img.info.get("transparency")  # a 16-bit PNG's transparent grey level (tRNS): white, as above
+        if isinstance(key, int):
+            arr[np.asarray(img) == key] = 255
         img = Image.fromarray(arr.round().clip(0, 255).astype(np.uint8))
     return img.convert("RGB")
 
@@ -1614,7 +1663,7 @@ def decode_image(value, cover=None, row=None):
         img = open_file(value)
         size = displayed_size(img)
         scale = max(cover[0] / size[0], cover[1] / size[1]) if cover else 1.0
-        if img.format == "JPEG" and scale < 0.5:
+        if img.format in ("JPEG", "MPO") and scale < 0.5:  # (MPO: a phone's JPEG with a depth or gain map)
             img.draft(img.mode, (math.ceil(img.size[0] * scale), math.ceil(img.size[1] * scale)))
         img = upright_rgb(img)
         img.load()
@@ -1837,8 +1886,6 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
         img, size = decoded
         pixels, original, crop = transform_image(img, target, args.center_crop, flip, rng, size=size)
         sample.update(pixel_values=pixels, time_ids=time_ids(original, crop, target))
-        if size[0] < target[0] or size[1] < target[1]:
-            sample["upscaled"] = describe_image(row["image"], number)
         return sample
 
 
@@ -1855,8 +1902,7 @@ def collate(samples):
     """Stack a batch, naming the files that were skipped. A batch whose every sample failed (no substitute
     decoded either) has no tensors: the loop then has no work for it."""
     good = [s for s in samples if "caption" in s]
-    batch = {"skipped": [name for s in samples for name in s["skipped"]],
-             "upscaled": [s["upscaled"] for s in good if s.get("upscaled")]}
+    batch = {"skipped": [name for s in samples for name in s["skipped"]]}
     if good:
         batch["captions"] = [s["caption"] for s in good]
         for name in ("pixel_values", "latents", "time_ids", "prompt_embeds", "pooled_prompt_embeds"):
@@ -1905,6 +1951,24 @@ class BatchSampler:
             yield [(i, derive_seed(self.seed, "sample", self.epoch, i)) for i in batch]
 
 
+def report_upscaled(table, sizes, targets):
+    """Name the images smaller than their training size (bucket), most enlarged first: a web thumbnail or an icon
+    trains as a blur, worth a warning when enlarged more than twice."""
+    factor = {i: max(tw / w, th / h) for i, ((w, h), (tw, th)) in enumerate(zip(sizes, targets)) if w < tw or h < th}
+    if not factor:
+        return
+    worst = sorted(factor, key=lambda i: -factor[i])[:5]
+    column = table.select(worst)["image"]
+    rows = table.select(worst)["row"] if "row" in table.column_names else worst
+    names = [f"{describe_image(v, r)} ({sizes[i][0]}x{sizes[i][1]}, {factor[i]:.1f}x)"
+             for i, v, r in zip(worst, column, rows)]
+    big = sum(f > 2 for f in factor.values())
+    (logger.warning if big else logger.info)(
+        "%d of %d images are smaller than their training size and are upscaled%s; the most: %s", len(factor),
+        len(sizes), f" ({big} more than 2x: they train blurred; remove them or lower --resolution)" if big else "",
+        "; ".join(names))
+
+
 def plan_data(args, table, show_progress=True):
     """Drop unreadable rows (named), give every row a target size (its bucket, or the square), and the
     groups the sampler batches by. Reads only image headers: decoding happens in the loader workers."""
@@ -1918,10 +1982,6 @@ def plan_data(args, table, show_progress=True):
         raise UserError(f"none of the {len(table)} images could be read (first: {bad[0][0]}: {bad[0][1]})")
     if len(keep) < len(table):
         table, sizes, idents = table.select(keep), [sizes[i] for i in keep], [idents[i] for i in keep]
-    small = sum(1 for w, h in sizes if min(w, h) < args.resolution)
-    if small:
-        logger.info("%d of %d images are smaller than %d px on a side and will be upscaled", small, len(sizes),
-                    args.resolution)
     if not args.aspect_ratio_bucketing:
         targets, groups = [(args.resolution, args.resolution)] * len(sizes), [0] * len(sizes)
     else:
@@ -1930,6 +1990,7 @@ def plan_data(args, table, show_progress=True):
         targets = [buckets[g] for g in groups]
         histogram = ", ".join(f"{buckets[b][0]}x{buckets[b][1]}: {groups.count(b)}" for b in sorted(set(groups)))
         logger.info("aspect-ratio buckets (w x h: images): %s", histogram)
+    report_upscaled(table, sizes, targets)
     logger.info("scanned %d images in %.1f s", len(table), time.perf_counter() - start)
     return table, DataPlan(targets=targets, idents=idents), groups
 
@@ -2352,8 +2413,11 @@ def export_trained(args, folder, unet, text_encoders=(), ema=None, step=None, pr
 
 def kohya_name(output_dir, step=None):
     """`<output_dir name>.safetensors`; a checkpoint's `<name>-step00000500.safetensors`, as kohya names them, so
-    that several copied into one loras/ folder (ComfyUI, A1111) keep apart."""
-    return os.path.basename(os.path.abspath(output_dir)) + (f"-step{step:08d}" if step else "") + ".safetensors"
+    that several copied into one loras/ folder (ComfyUI, A1111) keep apart. An output folder named like
+    diffusers' file gets `_kohya` added: the kohya file would overwrite the diffusers one."""
+    name = os.path.basename(os.path.abspath(output_dir))
+    name += "_kohya" if name == "pytorch_lora_weights" else ""
+    return name + (f"-step{step:08d}" if step else "") + ".safetensors"
 
 
 def unet_file_name(output_dir):
@@ -2788,6 +2852,9 @@ def write_model_card(args, m, source, data, run, repo_id=None):
                   "A1111/Forge, ComfyUI).", ""]
     elif lora:
         lines += ["DoRA has no kohya-format equivalent: use `pytorch_lora_weights.safetensors` with diffusers.", ""]
+    if prediction != "epsilon":  # diffusers reads the scheduler; other tools take a UNet file or a LoRA as ε
+        lines += [f"Sample it as `{prediction}`: in ComfyUI with a ModelSamplingDiscrete node set to it; the WebUIs "
+                  "use the base checkpoint's setting.", ""]
     if samples:
         lines += ["## Validation images", "", f"Prompts: {' | '.join(args.validation_prompt)}; first grid: the base "
                   "model before training.", ""] + [f"![{s}](samples/{s})" for s in samples] + [""]
@@ -3368,11 +3435,11 @@ def update_weights(accelerator, args, m, params, optimizer, lr_scheduler, metric
 
 
 class DataReport:
-    """Names the files the loader skipped, says once that small images are upscaled, and fails clearly when an
-    epoch yields no sample at all (files that pass the header scan but never decode)."""
+    """Names the files the loader skipped, and fails clearly when an epoch yields no sample at all (files that
+    pass the header scan but never decode)."""
 
     def __init__(self):
-        self.skipped, self.told_upscale, self.seen = set(), False, 0
+        self.skipped, self.seen = set(), 0
 
     def new_epoch(self):
         self.seen = 0
@@ -3380,9 +3447,6 @@ class DataReport:
     def add(self, batch):
         self.skipped.update(batch["skipped"])
         self.seen += len(batch.get("captions", ()))
-        if batch["upscaled"] and not self.told_upscale:
-            logger.info("images smaller than the training size are upscaled (first: %s)", batch["upscaled"][0])
-            self.told_upscale = True
 
     def check_epoch(self):
         if self.seen == 0 and self.skipped:

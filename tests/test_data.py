@@ -1,6 +1,7 @@
 """The data path: messy images, captions, bucketing, the sampler, and the disk cache."""
 import io
 import json
+import logging
 import os
 import random
 import re
@@ -14,7 +15,7 @@ import zlib
 import numpy as np
 import pytest
 import torch
-from PIL import Image, ImageCms
+from PIL import Image, ImageCms, PngImagePlugin
 
 import train_sdxl_debias as T
 from conftest import ROOT, run_trainer
@@ -99,7 +100,7 @@ def test_image_modes_are_upright_rgb_and_transparency_is_white(tmp_path, monkeyp
             f"print(T.read_size({str(tmp_path / '300mp.png')!r}))")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.stdout.strip() == "(20000, 15000)" and proc.stderr == "", proc.stderr
-    with pytest.raises(Image.DecompressionBombError):
+    with pytest.raises(ValueError, match="larger than the 512 MP this trainer reads: downscale it"):
         T.read_size(str(tmp_path / "600mp.png"))
     for mode, key in (("L", 0), ("RGB", (0, 0, 0))):  # one colour marked transparent, no alpha channel
         Image.new(mode, (8, 8), key).save(tmp_path / f"key-{mode}.png", transparency=key)
@@ -154,6 +155,29 @@ def test_colour_profiles_are_applied(tmp_path):
                             ("grey", "L", DISPLAY_P3)):
         Image.new(mode, (8, 8), 90 if mode == "L" else p3).save(tmp_path / f"{name}.png", icc_profile=icc)
         assert T.open_image(str(tmp_path / f"{name}.png")).getpixel((1, 1)) == ((90,) * 3 if mode == "L" else p3)
+
+
+def test_phone_and_tool_exports_decode_as_shown(tmp_path):
+    """A TIFF with a thumbnail first (raw converters), a phone's MPO JPEG (depth or gain map inside), a 16-bit
+    PNG with a transparent grey, a PNG carrying a large compressed workflow (ComfyUI): each as a viewer shows it."""
+    full = Image.new("RGB", (120, 80), "blue")
+    full.encoderinfo = {"tiffinfo": {254: 0}}  # NewSubfileType 0: the full-size page, second
+    Image.new("RGB", (12, 8), "red").save(tmp_path / "thumb_first.tif", save_all=True, append_images=[full],
+                                          tiffinfo={254: 1})
+    assert T.read_size(str(tmp_path / "thumb_first.tif")) == (120, 80)
+    assert T.decode_image(str(tmp_path / "thumb_first.tif"))[0].getpixel((0, 0)) == (0, 0, 255)
+    Image.new("RGB", (3000, 2000), "green").save(tmp_path / "phone.jpg", format="MPO", save_all=True,
+                                                 append_images=[Image.new("RGB", (300, 200))])
+    assert Image.open(tmp_path / "phone.jpg").format == "MPO"
+    assert T.decode_image(str(tmp_path / "phone.jpg"), cover=(256, 256))[0].size == (750, 500)  # libjpeg's 1/4
+    grey = np.array([[1000] * 4] * 2 + [[5000] * 4] * 2, dtype="<u2")
+    Image.frombytes("I;16", (4, 4), grey.tobytes()).save(tmp_path / "grey16.png", transparency=1000)
+    grey16 = T.open_image(str(tmp_path / "grey16.png"))
+    assert grey16.getpixel((0, 0)) == (255, 255, 255) and grey16.getpixel((0, 3)) == (19, 19, 19)
+    workflow = PngImagePlugin.PngInfo()
+    workflow.add_itxt("workflow", '{"nodes": []}' * 200000, zip=True)  # 2.6 MB unpacked: past Pillow's 1 MB
+    Image.new("RGB", (8, 8)).save(tmp_path / "comfy.png", pnginfo=workflow)
+    assert T.open_image(str(tmp_path / "comfy.png")).size == (8, 8)
 
 
 def test_large_jpegs_decode_at_a_reduced_scale_with_full_size_conditioning(tmp_path):
@@ -251,6 +275,27 @@ def test_bucketed_batches_have_one_shape_and_true_time_ids(shapes):
         assert (ids[:, 4] == h).all() and (ids[:, 5] == w).all()
         assert (ids[:, :2] >= 96).all()  # shapes images are 96-160 px: the true original size, not the target
         assert (ids[:, 2:4] >= 0).all()
+
+
+def test_upscaled_images_are_named_by_their_bucket(tmp_path, caplog):
+    """Upscaling is judged against each image's bucket: a 1344x768 photo fills its bucket at --resolution 1024,
+    an icon is named, most enlarged first, with a warning when it trains as a blur."""
+    for name, size in (("wide.png", (1344, 768)), ("square.png", (1024, 1024)), ("small.png", (800, 800)),
+                       ("icon.png", (16, 16))):
+        Image.new("RGB", size, (90, 30, 200)).save(tmp_path / name)
+        (tmp_path / name).with_suffix(".txt").write_text("a picture")
+    caplog.set_level(logging.INFO)
+    args = T.parse_args(["--dataset", str(tmp_path), "--resolution", "1024", "--aspect_ratio_bucketing"])
+    T.plan_data(args, T.load_table(args)[0], show_progress=False)
+    line = next(r for r in caplog.records if "upscaled" in r.message)
+    assert line.levelname == "WARNING" and line.message.startswith("2 of 4 images")  # not the wide one
+    assert line.message.index("icon.png (16x16, 64.0x)") < line.message.index("small.png (800x800, 1.3x)")
+    caplog.clear()
+    args = T.parse_args(["--dataset", str(tmp_path), "--resolution", "768"])
+    T.plan_data(args, T.load_table(args)[0], show_progress=False)
+    assert [r.message.split("; the most")[0] for r in caplog.records if "upscaled" in r.message] == [
+        "1 of 4 images are smaller than their training size and are upscaled (1 more than 2x: they train blurred; "
+        "remove them or lower --resolution)"]
 
 
 class _FakeAccelerator:
@@ -521,6 +566,24 @@ def test_kohya_folder_captions_txt_caption_bom_subfolders_and_output_dir_exclude
     os.symlink(folder / "sub", only_links / "10_shapes")
     table, _ = T.load_table(T.parse_args(["--dataset", str(only_links)]))
     assert table["text"] == ["a caption file"] * 10  # a kohya DreamBooth folder: 10 repeats
+
+
+def test_copies_in_other_formats_and_undecodable_names_are_summed_up(tmp_path, caplog):
+    """a.png kept beside its conversion a.webp, one a.txt: both train (as kohya does), named once. Names that are
+    not UTF-8 (an unzipped Windows archive: thousands of them) are one line, not one per file."""
+    for name in ("a.png", "a.webp", "b.png"):
+        Image.new("RGB", (32, 32), "red").save(tmp_path / name)
+    for name in ("a", "b"):
+        (tmp_path / f"{name}.txt").write_text(f"{name} caption")
+    for i in range(3):
+        Image.new("RGB", (32, 32)).save(os.path.join(os.fsencode(tmp_path), b"caf\xe9%d.png" % i))
+        open(os.path.join(os.fsencode(tmp_path), b"caf\xe9%d.txt" % i), "w").write("latin-1 name")
+    table, _ = T.load_table(T.parse_args(["--dataset", str(tmp_path)]))
+    assert sorted(table["text"]) == ["a caption", "a caption", "b caption"]
+    warnings = [r.message for r in caplog.records if r.levelname == "WARNING"]
+    assert "1 caption files each caption several images of one name (e.g. a.txt for a.png, a.webp)" in warnings[-1]
+    assert len([w for w in warnings if "UTF-8" in w]) == 1 and "skipping 6 file(s) whose names are not valid" in \
+        warnings[0]
 
 
 def test_caption_extension_picks_one_kind_and_differing_caption_files_are_named(tmp_path, caplog):
@@ -847,10 +910,11 @@ def test_relative_paths_in_a_data_folder_and_images_stored_in_rows(tmp_path, cap
     subset = table["row"]  # the dataset's rows in the shuffled subset: messages name these, not positions
     T.plan_data(args, table, show_progress=False)  # as on every process but the first (no progress bar)
     bad = [r for r in subset if stored[r]["image"] in (b"junk", b"")]
-    assert bad and all(f"the image in row {r} " in caplog.text for r in bad), (subset, caplog.text)
-    assert not any(f"row {r} " in caplog.text for r in subset if r not in bad)
+    skipped = next(r.message for r in caplog.records if "unreadable" in r.message)
+    assert bad and all(f"the image in row {r} " in skipped for r in bad), (subset, caplog.text)
+    assert not any(f"row {r} " in skipped for r in subset if r not in bad)
     if 3 in bad:
-        assert "the image in row 3 (empty image data)" in caplog.text
+        assert "the image in row 3 (empty image data)" in skipped
     # A Hub-style Image column with a null row: left out and counted, the others keep their row numbers.
     datasets.Dataset.from_dict({"image": [{"bytes": png.getvalue(), "path": None}, None] * 2, "text": list("abcd")},
                                features=datasets.Features({"image": datasets.Image(), "text": datasets.Value("string")})
@@ -959,6 +1023,14 @@ def test_more_dataset_shapes_load_or_say_what_they_are(tmp_path, caplog):
     (tmp_path / "lfs.png").write_bytes(pointer)
     with pytest.raises(ValueError, match="a Git LFS pointer, not the image"):
         T.open_file(str(tmp_path / "lfs.png"))
+    # Files that are not images say what they are, where the first bytes tell.
+    (tmp_path / "empty.jpg").write_bytes(b"")
+    (tmp_path / "iphone.jpg").write_bytes(b"\0\0\0\x18ftypheic\0\0\0\0mif1heic" + bytes(64))
+    os.symlink(tmp_path / "gone.png", tmp_path / "link.png")
+    for name, why in (("empty.jpg", "an empty file"), ("iphone.jpg", "a HEIC/HEIF image .*: convert it to JPEG"),
+                      ("link.png", f"a broken link to {tmp_path / 'gone.png'}")):
+        with pytest.raises(ValueError, match=why):
+            T.open_file(str(tmp_path / name))
     (tmp_path / "mixed.jsonl").write_text('{"image": "x.png", "text": "a"}\n{"image": "x.png", "text": ["a", "b"]}\n')
     assert len(load(tmp_path / "mixed.jsonl")) == 2  # datasets reads it; in an imagefolder's metadata it cannot:
     (tmp_path / "meta").mkdir()

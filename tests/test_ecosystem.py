@@ -51,6 +51,8 @@ def test_both_lora_formats_load_and_give_the_same_image(te_lora_run, tiny_model)
         assert keys and all(k.startswith(part + "text_model.encoder.layers.") for k in keys), keys[:3]
     # Checkpoints export both, the kohya file named for its step (kohya's names: they keep apart in one folder).
     assert os.path.exists(os.path.join(out, "checkpoint-2", "my-lora-step00000002.safetensors"))
+    # An output folder named like diffusers' file: the kohya file must not overwrite it.
+    assert T.kohya_name("runs/pytorch_lora_weights") == "pytorch_lora_weights_kohya.safetensors"
     with safe_open(os.path.join(out, "my-lora.safetensors"), "pt") as f:  # what kohya's tools and WebUIs read
         meta = f.metadata()
     assert meta["ss_network_module"] == "networks.lora" and meta["ss_base_model_version"] == "sdxl_base_v1-0"
@@ -267,8 +269,9 @@ def test_v_prediction_lora_card_samples_it_as_v_and_its_code_runs_as_python(tiny
     ast.parse(code)  # a prompt with quotes must not break the snippet
     assert "prediction_type='v_prediction'" in code  # the base model's scheduler would sample ε
     assert "√SNR/(SNR+1)" in card and "prediction type `v_prediction`" in card
+    assert "ModelSamplingDiscrete node set to it" in card  # ComfyUI would sample it as ε
     with safe_open(os.path.join(out, "v-lora.safetensors"), "pt") as f:
-        assert f.metadata()["ss_v_parameterization"] == "True"  # kohya's flag, read by A1111/Forge
+        assert f.metadata()["ss_v_parameterization"] == "True"  # kohya's flag (sd-scripts; the WebUIs ignore it)
 
 
 def test_diffusers_command_lines_mean_the_same_here(tmp_path, capsys):
