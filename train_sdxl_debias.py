@@ -1635,7 +1635,7 @@ def to_srgb(img):
     try:
         transform = srgb_transform(icc, img.mode)
         return img if transform is None else ImageCms.applyTransform(img, transform)
-    except (ImageCms.PyCMSError, OSError, ValueError, TypeError):
+    except (ImageCms.PyCMSError, OSError, ValueError, TypeError, ImportError):  # (a Pillow built without lcms)
         return img
 
 
@@ -1951,10 +1951,13 @@ class BatchSampler:
             yield [(i, derive_seed(self.seed, "sample", self.epoch, i)) for i in batch]
 
 
-def report_upscaled(table, sizes, targets):
+def report_upscaled(table, sizes, targets, idents):
     """Name the images smaller than their training size (bucket), most enlarged first: a web thumbnail or an icon
-    trains as a blur, worth a warning when enlarged more than twice."""
-    factor = {i: max(tw / w, th / h) for i, ((w, h), (tw, th)) in enumerate(zip(sizes, targets)) if w < tw or h < th}
+    trains as a blur, worth a warning when enlarged more than twice. (Images, not rows: kohya's repeats list one
+    file many times.)"""
+    first = {ident: i for i, ident in reversed(list(enumerate(idents)))}
+    factor = {i: max(tw / w, th / h) for i, ((w, h), (tw, th)) in enumerate(zip(sizes, targets))
+              if (w < tw or h < th) and first[idents[i]] == i}
     if not factor:
         return
     worst = sorted(factor, key=lambda i: -factor[i])[:5]
@@ -1965,7 +1968,7 @@ def report_upscaled(table, sizes, targets):
     big = sum(f > 2 for f in factor.values())
     (logger.warning if big else logger.info)(
         "%d of %d images are smaller than their training size and are upscaled%s; the most: %s", len(factor),
-        len(sizes), f" ({big} more than 2x: they train blurred; remove them or lower --resolution)" if big else "",
+        len(first), f" ({big} more than 2x: they train blurred; remove them or lower --resolution)" if big else "",
         "; ".join(names))
 
 
@@ -1990,7 +1993,7 @@ def plan_data(args, table, show_progress=True):
         targets = [buckets[g] for g in groups]
         histogram = ", ".join(f"{buckets[b][0]}x{buckets[b][1]}: {groups.count(b)}" for b in sorted(set(groups)))
         logger.info("aspect-ratio buckets (w x h: images): %s", histogram)
-    report_upscaled(table, sizes, targets)
+    report_upscaled(table, sizes, targets, idents)
     logger.info("scanned %d images in %.1f s", len(table), time.perf_counter() - start)
     return table, DataPlan(targets=targets, idents=idents), groups
 

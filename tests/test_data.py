@@ -296,6 +296,14 @@ def test_upscaled_images_are_named_by_their_bucket(tmp_path, caplog):
     assert [r.message.split("; the most")[0] for r in caplog.records if "upscaled" in r.message] == [
         "1 of 4 images are smaller than their training size and are upscaled (1 more than 2x: they train blurred; "
         "remove them or lower --resolution)"]
+    caplog.clear()
+    (tmp_path / "kohya" / "10_icons").mkdir(parents=True)  # ten repeats of one icon: one image, named once
+    os.replace(tmp_path / "icon.png", tmp_path / "kohya" / "10_icons" / "icon.png")
+    args = T.parse_args(["--dataset", str(tmp_path / "kohya"), "--resolution", "64"])
+    T.plan_data(args, T.load_table(args)[0], show_progress=False)
+    assert [r.message for r in caplog.records if "upscaled" in r.message] == [
+        "1 of 1 images are smaller than their training size and are upscaled (1 more than 2x: they train blurred; "
+        f"remove them or lower --resolution); the most: {tmp_path / 'kohya' / '10_icons' / 'icon.png'} (16x16, 4.0x)"]
 
 
 class _FakeAccelerator:
