@@ -221,7 +221,8 @@ def parse_args(argv=None):
     a("--hub_model_id", default=None)
     a("--hub_token", default=None, help="Prefer `hf auth login`: a token here is refused with a tracker.")
     a("--save_single_file", action="store_true",
-      help="Full fine-tune: also write the UNet as one <output_dir name>_unet.safetensors (ComfyUI's loader).")
+      help="Full fine-tune: also write the whole model as one <output_dir name>.safetensors in the original SDXL "
+           "layout (A1111/Forge, ComfyUI's Load Checkpoint, kohya's scripts, diffusers' from_single_file).")
     a("--config", default=None, help="YAML or JSON file of flag values (its keys are flag names); the command "
                                      "line wins. Every run writes its resolved config to train_config.json.")
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -2378,6 +2379,13 @@ def lora_layers(model):
             for k, v in get_peft_model_state_dict(model).items()}
 
 
+def clip_state(model):
+    """A CLIP text encoder's weights under transformers' long-standing names (`text_model.…`), whichever version
+    built it."""
+    return {k if k.startswith(("text_model.", "text_projection.")) else "text_model." + k: v
+            for k, v in model.state_dict().items()}
+
+
 def flattened_clip(model):
     """transformers 5's CLIPTextModel, which lost the `text_model.` level of its module names."""
     return type(model).__name__ == "CLIPTextModel" and not hasattr(model, "text_model")
@@ -2421,11 +2429,6 @@ def kohya_name(output_dir, step=None):
     name = os.path.basename(os.path.abspath(output_dir))
     name += "_kohya" if name == "pytorch_lora_weights" else ""
     return name + (f"-step{step:08d}" if step else "") + ".safetensors"
-
-
-def unet_file_name(output_dir):
-    """--save_single_file's `<output_dir name>_unet.safetensors`."""
-    return os.path.basename(os.path.abspath(output_dir)) + "_unet.safetensors"
 
 
 def write_kohya_lora(args, path, unet, text_encoders, prediction_type=None):
@@ -2493,6 +2496,55 @@ def sgm_path(path, config):
     if kind == "resnets" and rest:
         rest = [*RESNET_SGM.get(rest[0], rest[0]).split("."), *rest[1:]]
     return ".".join([block, *rest])
+
+
+VAE_LDM = {"conv_norm_out": "norm_out", "conv_shortcut": "nin_shortcut", "group_norm": "norm", "to_q": "q",
+           "to_k": "k", "to_v": "v", "to_out.0": "proj_out", "downsamplers.0": "downsample", "upsamplers.0": "upsample"}
+OPENCLIP = {"text_model.embeddings.token_embedding.weight": "token_embedding.weight",
+            "text_model.embeddings.position_embedding.weight": "positional_embedding",
+            "text_model.final_layer_norm": "ln_final", "text_model.encoder.layers": "transformer.resblocks",
+            "self_attn.out_proj": "attn.out_proj", "layer_norm1": "ln_1", "layer_norm2": "ln_2",
+            "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj"}
+
+
+def sdxl_checkpoint(pipe, dtype):
+    """The whole model as one state dict in the layout of stabilityai's sd_xl_base_1.0.safetensors, which
+    A1111/Forge, ComfyUI's Load Checkpoint, kohya's scripts and diffusers' from_single_file read: the UNet under
+    model.diffusion_model (sgm_path), the VAE under first_stage_model (LDM names; attention as 1x1 convs), CLIP-L
+    under conditioner.embedders.0.transformer (transformers' names), OpenCLIP bigG under
+    conditioner.embedders.1.model (q/k/v in one in_proj, the projection as a matrix applied on the right)."""
+    unet, vae = pipe.unet, pipe.vae
+    state = {f"model.diffusion_model.{sgm_path(k.rsplit('.', 1)[0], unet.config)}.{k.rsplit('.', 1)[1]}": v
+             for k, v in unet.state_dict().items()}
+    levels = len(vae.config.block_out_channels)
+    for k, v in vae.state_dict().items():
+        k = re.sub(r"mid_block\.resnets\.(\d)", lambda g: f"mid.block_{int(g[1]) + 1}", k)
+        k = re.sub(r"up_blocks\.(\d+)", lambda g: f"up.{levels - 1 - int(g[1])}", k)  # LDM counts up from the bottom
+        k = re.sub(r"(down|up)_blocks\.(\d+)", r"\1.\2", k).replace("mid_block.attentions.0", "mid.attn_1")
+        k = k.replace("resnets.", "block.")
+        for name, ldm in VAE_LDM.items():
+            k = re.sub(rf"(^|\.){re.escape(name)}\.", rf"\g<1>{ldm}.", k)
+        state["first_stage_model." + k] = v[..., None, None] if ".attn_1." in k and v.ndim == 2 else v
+    clip_l, big_g = clip_state(pipe.text_encoder), clip_state(pipe.text_encoder_2)
+    state.update({"conditioner.embedders.0.transformer." + k: v for k, v in clip_l.items()})
+    for k, v in big_g.items():
+        if k == "text_projection.weight":
+            k, v = "text_projection", v.t()
+        elif "self_attn.q_proj" in k:  # q, k, v -> in_proj (their k_ and v_ entries are taken here)
+            k, v = k.replace("self_attn.q_proj.", "attn.in_proj_"), torch.cat(
+                [big_g[k.replace("q_proj", p)] for p in ("q_proj", "k_proj", "v_proj")])
+        elif "self_attn.k_proj" in k or "self_attn.v_proj" in k:
+            continue
+        for name, ldm in OPENCLIP.items():
+            k = k.replace(name, ldm)
+        state["conditioner.embedders.1.model." + k] = v
+    state = {k: v.to(dtype).contiguous() for k, v in state.items()}
+    # How ComfyUI tells a v-prediction or zero-terminal-SNR checkpoint (the WebUIs: their own settings).
+    if pipe.scheduler.config.prediction_type == "v_prediction":
+        state["v_pred"] = torch.tensor([], dtype=dtype)
+    if pipe.scheduler.config.get("rescale_betas_zero_snr"):
+        state["ztsnr"] = torch.tensor([], dtype=dtype)
+    return state
 
 
 def load_trained(args, folder, unet, text_encoders=(), ema=None):
@@ -2702,7 +2754,7 @@ def truncate_metrics(path, step):
 
 def save_final(accelerator, args, m):
     """LoRA: output_dir/pytorch_lora_weights.safetensors + the kohya file. Full: output_dir is a complete SDXL
-    pipeline (with the EMA weights under --use_ema), plus one UNet file with --save_single_file."""
+    pipeline (with the EMA weights under --use_ema), plus the whole model in one file with --save_single_file."""
     unet, text_encoders = unwrapped(accelerator, m)
     tmp = os.path.join(args.output_dir, ".tmp-export")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -2713,11 +2765,13 @@ def save_final(accelerator, args, m):
     else:
         if m.ema is not None:
             m.ema.copy_to(unet.parameters())  # training is over: the averaged weights are the result
-        build_pipeline(args, m, unet, for_saving=True).save_pretrained(tmp, safe_serialization=True)
-        if args.save_single_file:
+        pipe = build_pipeline(args, m, unet, for_saving=True)
+        pipe.save_pretrained(tmp, safe_serialization=True)
+        if args.save_single_file:  # in the dtype of training (fp32 without mixed precision), as the UNet file was
             from safetensors.torch import save_file
-            state = {k: v.to(m.weight_dtype).contiguous() for k, v in unet.state_dict().items()}
-            save_file(state, os.path.join(tmp, unet_file_name(args.output_dir)))
+            save_file(sdxl_checkpoint(pipe, m.weight_dtype), os.path.join(tmp, kohya_name(args.output_dir)), metadata={
+                "modelspec.sai_model_spec": "1.0.0", "modelspec.architecture": "stable-diffusion-xl-v1-base",
+                "modelspec.title": os.path.basename(os.path.abspath(args.output_dir))})
     readable_as_umask_says(tmp)
     for name in os.listdir(tmp):  # each file or folder appears complete or not at all
         final = os.path.join(args.output_dir, name)
@@ -2855,6 +2909,9 @@ def write_model_card(args, m, source, data, run, repo_id=None):
                   "A1111/Forge, ComfyUI).", ""]
     elif lora:
         lines += ["DoRA has no kohya-format equivalent: use `pytorch_lora_weights.safetensors` with diffusers.", ""]
+    elif args.save_single_file:
+        lines += [f"`{kohya_name(args.output_dir)}` is the whole model in one file, in the original SDXL layout "
+                  "(A1111/Forge, ComfyUI's Load Checkpoint).", ""]
     if prediction != "epsilon":  # diffusers reads the scheduler; other tools take a UNet file or a LoRA as ε
         lines += [f"Sample it as `{prediction}`: in ComfyUI with a ModelSamplingDiscrete node set to it; the WebUIs "
                   "use the base checkpoint's setting.", ""]
@@ -3204,7 +3261,7 @@ def remove_outputs(args):
         logger.info("--overwrite_output_dir: %s holds or is inside what this run reads (model, VAE or data): only "
                     "its checkpoints are removed", out)
         return
-    files = ["pytorch_lora_weights.safetensors", kohya_name(out), unet_file_name(out), "README.md", "loss.png"]
+    files = ["pytorch_lora_weights.safetensors", kohya_name(out), "README.md", "loss.png"]
     if os.path.exists(os.path.join(out, "model_index.json")):
         files.append("model_index.json")
         for folder in PIPELINE_FOLDERS:

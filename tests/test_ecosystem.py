@@ -240,8 +240,29 @@ def test_ema_weights_are_validated_and_saved_in_one_dtype_from_an_fp16_variant(t
     diff_raw = sum((saved[k] - raw[k]).abs().sum() for k in saved)
     diff_ema = sum((saved[k] - ema[k]).abs().sum() for k in saved)
     assert diff_raw > 1e-3 and diff_ema < 1e-6  # the EMA, not the raw weights, is what got saved
-    single = load_file(os.path.join(out, "ema_unet.safetensors"))
-    assert single.keys() == saved.keys()
+    # --save_single_file: the whole model in the original SDXL layout, read back by diffusers' own converters
+    # (those of from_single_file; A1111/ComfyUI read these names), weight for weight, in the training dtype.
+    from diffusers.loaders import single_file_utils as sf
+    from transformers import CLIPTextModelWithProjection
+    single = load_file(os.path.join(out, "ema.safetensors"))
+    assert {k.split(".")[0] for k in single} == {"model", "first_stage_model", "conditioner"}
+    assert "`ema.safetensors` is the whole model in one file" in open(os.path.join(out, "README.md")).read()
+    pipe = StableDiffusionXLPipeline.from_pretrained(out)
+    te2 = CLIPTextModelWithProjection.from_pretrained(out, subfolder="text_encoder_2")
+    for part, back in (
+            ("unet", sf.convert_ldm_unet_checkpoint(single, dict(pipe.unet.config))),
+            ("vae", sf.convert_ldm_vae_checkpoint(single, dict(pipe.vae.config))),
+            ("text_encoder", sf.convert_ldm_clip_checkpoint(single)),
+            ("text_encoder_2", sf.convert_open_clip_checkpoint(te2, single, "conditioner.embedders.1.model."))):
+        want = getattr(pipe, part).state_dict()
+        back = {k.removeprefix("text_model.") if k not in want else k: v for k, v in back.items()}  # (flat CLIP-L)
+        assert back.keys() == want.keys(), (part, sorted(back.keys() ^ want.keys())[:4])
+        assert all(back[k].dtype == torch.float32 and torch.equal(back[k].reshape(want[k].shape), want[k])
+                   for k in want), part  # (fp32: this run had no --mixed_precision)
+    assert "v_pred" not in single  # ComfyUI samples a checkpoint with this key as v-prediction, ztsnr as zero SNR
+    pipe.scheduler.register_to_config(prediction_type="v_prediction", rescale_betas_zero_snr=True)
+    state = T.sdxl_checkpoint(pipe, torch.bfloat16)
+    assert "v_pred" in state and "ztsnr" in state and {v.dtype for v in state.values()} == {torch.bfloat16}
 
 
 def test_timestep_range_is_respected(tiny_model, shapes, tmp_path):
