@@ -1342,8 +1342,9 @@ def list_files(folder, exclude=None):
         seen.add(real)
         dirs[:] = sorted(d for d in dirs if not hidden(d))  # sorted: which path of a folder seen twice is kept
         for n in names:
-            if not hidden(n):
-                (files if utf8_name(n) else misnamed).append(os.path.join(root, n))
+            if not hidden(n):  # (the path below `folder`: a folder's name may be the one that is not UTF-8)
+                path = os.path.join(root, n)
+                (files if utf8_name(os.path.relpath(path, folder)) else misnamed).append(path)
     if misnamed:  # an unzipped Windows archive can have thousands: one line, not one each
         logger.warning("skipping %d file(s) whose names are not valid UTF-8 (e.g. %r): rename them to use them",
                        len(misnamed), misnamed[0])
@@ -1567,6 +1568,8 @@ def full_resolution_page(img):
         for page in range(1, getattr(img, "n_frames", 1)):
             img.seek(page)
             if not img.tag_v2.get(254, 0) & 1:
+                if 34675 not in img.tag_v2:  # Pillow keeps a thumbnail's ICC profile for pages without one
+                    img.info.pop("icc_profile", None)
                 return img
         img.seek(0)  # thumbnails only: the first
     return img
@@ -1606,6 +1609,8 @@ def upright_rgb(img):
     # Transparency is an alpha channel, or one colour marked transparent (palette, greyscale and RGB PNGs).
     if img.mode in ("LA", "PA") or (img.mode in ("P", "L", "RGB") and "transparency" in img.info):
         img = img.convert("RGBA")
+    elif img.mode == "P" and "icc_profile" in img.info:  # its palette's colours are in that profile too
+        img = img.convert("RGB")
     img = to_srgb(img)
     if img.mode == "RGBA":  # transparent pixels become white, not black
         img = Image.alpha_composite(Image.new("RGBA", img.size, (255, 255, 255, 255)), img)
@@ -2769,9 +2774,12 @@ def save_final(accelerator, args, m):
         pipe.save_pretrained(tmp, safe_serialization=True)
         if args.save_single_file:  # in the dtype of training (fp32 without mixed precision), as the UNet file was
             from safetensors.torch import save_file
+            prediction = pipe.scheduler.config.prediction_type
             save_file(sdxl_checkpoint(pipe, m.weight_dtype), os.path.join(tmp, kohya_name(args.output_dir)), metadata={
                 "modelspec.sai_model_spec": "1.0.0", "modelspec.architecture": "stable-diffusion-xl-v1-base",
-                "modelspec.title": os.path.basename(os.path.abspath(args.output_dir))})
+                "modelspec.title": os.path.basename(os.path.abspath(args.output_dir)),
+                "modelspec.resolution": f"{args.resolution}x{args.resolution}",
+                "modelspec.prediction_type": {"v_prediction": "v"}.get(prediction, prediction)})
     readable_as_umask_says(tmp)
     for name in os.listdir(tmp):  # each file or folder appears complete or not at all
         final = os.path.join(args.output_dir, name)
@@ -2912,9 +2920,9 @@ def write_model_card(args, m, source, data, run, repo_id=None):
     elif args.save_single_file:
         lines += [f"`{kohya_name(args.output_dir)}` is the whole model in one file, in the original SDXL layout "
                   "(A1111/Forge, ComfyUI's Load Checkpoint).", ""]
-    if prediction != "epsilon":  # diffusers reads the scheduler; other tools take a UNet file or a LoRA as ε
-        lines += [f"Sample it as `{prediction}`: in ComfyUI with a ModelSamplingDiscrete node set to it; the WebUIs "
-                  "use the base checkpoint's setting.", ""]
+    if prediction != "epsilon":  # diffusers reads the scheduler; other tools take a LoRA on an ε base as ε
+        lines += [f"Sample it as `{prediction}`: in ComfyUI with a ModelSamplingDiscrete node set to "
+                  f"`{ {'sample': 'x0'}.get(prediction, prediction)}`; the WebUIs use the base checkpoint's setting.", ""]
     if samples:
         lines += ["## Validation images", "", f"Prompts: {' | '.join(args.validation_prompt)}; first grid: the base "
                   "model before training.", ""] + [f"![{s}](samples/{s})" for s in samples] + [""]
@@ -3261,7 +3269,8 @@ def remove_outputs(args):
         logger.info("--overwrite_output_dir: %s holds or is inside what this run reads (model, VAE or data): only "
                     "its checkpoints are removed", out)
         return
-    files = ["pytorch_lora_weights.safetensors", kohya_name(out), "README.md", "loss.png"]
+    files = ["pytorch_lora_weights.safetensors", kohya_name(out), "README.md", "loss.png",
+             os.path.basename(os.path.abspath(out)) + "_unet.safetensors"]  # (earlier versions' --save_single_file)
     if os.path.exists(os.path.join(out, "model_index.json")):
         files.append("model_index.json")
         for folder in PIPELINE_FOLDERS:

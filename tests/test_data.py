@@ -149,6 +149,13 @@ def test_colour_profiles_are_applied(tmp_path):
     assert all(abs(a - b) <= 2 for a, b in zip(decoded.getpixel((100, 100)), srgb)), decoded.getpixel((100, 100))
     alpha = T.open_image(str(tmp_path / "p3a.png"))
     assert alpha.getpixel((0, 0)) == (255, 255, 255) and alpha.getpixel((5, 5)) == srgb
+    Image.new("RGB", (8, 8), p3).quantize(4).save(tmp_path / "p3p.png", icc_profile=DISPLAY_P3)  # a palette's
+    assert T.open_image(str(tmp_path / "p3p.png")).getpixel((1, 1)) == srgb
+    full = Image.new("RGB", (120, 80), p3)  # a TIFF whose thumbnail page alone is tagged: its full page is not P3
+    full.encoderinfo = {"tiffinfo": {254: 0}, "icc_profile": None}
+    Image.new("RGB", (12, 8), p3).save(tmp_path / "thumb.tif", save_all=True, append_images=[full],
+                                       tiffinfo={254: 1}, icc_profile=DISPLAY_P3)
+    assert T.decode_image(str(tmp_path / "thumb.tif"))[0].getpixel((1, 1)) == p3
     # An sRGB profile, an unreadable one, or one for other pixels (an RGB profile on a greyscale image): as they are.
     srgb_bytes = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
     for name, mode, icc in (("srgb", "RGB", srgb_bytes), ("broken", "RGB", b"not a profile"),
@@ -583,14 +590,16 @@ def test_copies_in_other_formats_and_undecodable_names_are_summed_up(tmp_path, c
         Image.new("RGB", (32, 32), "red").save(tmp_path / name)
     for name in ("a", "b"):
         (tmp_path / f"{name}.txt").write_text(f"{name} caption")
-    for i in range(3):
-        Image.new("RGB", (32, 32)).save(os.path.join(os.fsencode(tmp_path), b"caf\xe9%d.png" % i))
-        open(os.path.join(os.fsencode(tmp_path), b"caf\xe9%d.txt" % i), "w").write("latin-1 name")
+    os.mkdir(os.path.join(os.fsencode(tmp_path), b"caf\xe9"))  # a folder's name too: its files cannot be stored
+    for i, where in ((0, b""), (1, b""), (2, b"caf\xe9")):
+        Image.new("RGB", (32, 32)).save(os.path.join(os.fsencode(tmp_path), where, b"caf\xe9%d.png" % i))
+        open(os.path.join(os.fsencode(tmp_path), where, b"caf\xe9%d.txt" % i), "w").write("latin-1 name")
+    Image.new("RGB", (32, 32)).save(os.path.join(os.fsencode(tmp_path), b"caf\xe9", b"plain.png"))
     table, _ = T.load_table(T.parse_args(["--dataset", str(tmp_path)]))
     assert sorted(table["text"]) == ["a caption", "a caption", "b caption"]
     warnings = [r.message for r in caplog.records if r.levelname == "WARNING"]
     assert "1 caption files each caption several images of one name (e.g. a.txt for a.png, a.webp)" in warnings[-1]
-    assert len([w for w in warnings if "UTF-8" in w]) == 1 and "skipping 6 file(s) whose names are not valid" in \
+    assert len([w for w in warnings if "UTF-8" in w]) == 1 and "skipping 7 file(s) whose names are not valid" in \
         warnings[0]
 
 

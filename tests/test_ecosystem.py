@@ -290,7 +290,7 @@ def test_v_prediction_lora_card_samples_it_as_v_and_its_code_runs_as_python(tiny
     ast.parse(code)  # a prompt with quotes must not break the snippet
     assert "prediction_type='v_prediction'" in code  # the base model's scheduler would sample ε
     assert "√SNR/(SNR+1)" in card and "prediction type `v_prediction`" in card
-    assert "ModelSamplingDiscrete node set to it" in card  # ComfyUI would sample it as ε
+    assert "ModelSamplingDiscrete node set to `v_prediction`" in card  # ComfyUI would sample it as ε
     with safe_open(os.path.join(out, "v-lora.safetensors"), "pt") as f:
         assert f.metadata()["ss_v_parameterization"] == "True"  # kohya's flag (sd-scripts; the WebUIs ignore it)
 
