@@ -768,8 +768,9 @@ def build_pipeline(args, m, unet, text_encoders=None, for_saving=False):
                                      own_repo=True, torch_dtype=torch.float32)
     else:
         te1, te2 = text_encoders or m.text_encoders
-        parts = dict(vae=m.vae, text_encoder=te1, text_encoder_2=te2, tokenizer=m.tokenizers[0],
-                     tokenizer_2=m.tokenizers[1])
+        # the tokenizers are left for the pipeline to load: transformers 4's CLIPTokenizerFast is no subclass
+        # of the CLIPTokenizer that model_index.json names, and diffusers refuses it
+        parts = dict(vae=m.vae, text_encoder=te1, text_encoder_2=te2)
     with warnings.catch_warnings():  # newer diffusers renames torch_dtype to dtype; older ones know only torch_dtype
         warnings.filterwarnings("ignore", message="`torch_dtype` is deprecated", category=FutureWarning)
         pipe = StableDiffusionXLPipeline.from_pretrained(args.pretrained_model_name_or_path, unet=unet,
@@ -846,7 +847,7 @@ def load_table(args):
         raise UserError(f"--image_column and --caption_column are both {image_col!r}: name two different columns "
                         f"(the dataset has: {', '.join(table.column_names)})")
     feature = table.features[image_col]
-    if isinstance(getattr(feature, "feature", None), datasets.Image):
+    if isinstance(item_feature(feature), datasets.Image):
         raise UserError(f"image column {image_col!r} of dataset {source!r} holds several images per row: this "
                         "trainer takes one image per row (a row per image, or --image_column naming such a column)")
     encoded = (isinstance(feature, datasets.Image) or getattr(feature, "dtype", None) in ("binary", "large_binary")
@@ -866,6 +867,11 @@ def load_table(args):
     if args.max_train_samples:
         table = subset(table, args.max_train_samples, args.seed)
     return table, source
+
+
+def item_feature(feature, default=None):
+    """A list column's item type: List(x) or Sequence(x), or [x] as datasets 3 writes a list of records."""
+    return feature[0] if isinstance(feature, list) and feature else getattr(feature, "feature", default)
 
 
 def class_names(table):
@@ -1041,7 +1047,7 @@ def check_captions(table, source, column):
     none has one (the wrong column, or metadata datasets did not match to the images). Captions are text, or
     lists of texts (one drawn per sample): a column of records would train on their Python repr."""
     kind = table.features["text"]
-    inner = getattr(kind, "feature", kind)  # a list's items
+    inner = item_feature(kind, kind)
     if getattr(inner, "dtype", None) == "bool":
         raise UserError(f"caption column {column!r} of dataset {source!r} holds true/false values, not text: pass "
                         "--caption_column naming a text column")
@@ -1084,8 +1090,9 @@ def load_folder(source, args):
                 check_metadata_file(f)
         folders = imagefolder_folders(source, files)
         data_files = {"train": [os.path.join(glob.escape(folder), "**") for folder in folders]}  # `[v2]`: no pattern
-        table = train_split(guarded_load(source, datasets.load_dataset, "imagefolder", data_files=data_files,
-                                         cache_dir=cache_dir), source)
+        with old_pandas_strings():
+            table = train_split(guarded_load(source, datasets.load_dataset, "imagefolder", data_files=data_files,
+                                             cache_dir=cache_dir), source)
         unnamed_images(table, [f for f in images if any(f.startswith(os.path.join(d, "")) for d in folders)], source)
         return table
     captions = find_captions(source, files, images, args.caption_extension) if images else None
@@ -1185,6 +1192,20 @@ def unnamed_images(table, images, source):
         logger.warning("%d images are named by more than one metadata row, each row a sample of its own: %s",
                        len(twice), ", ".join(f"{os.path.relpath(p, os.path.realpath(source))} x{n}"
                                              for p, n in twice[:10]) + (" …" if len(twice) > 10 else ""))
+
+
+@contextmanager
+def old_pandas_strings():
+    """datasets < 4.6 reads metadata.csv with pandas and finds file_name only if it is Value('string'); pandas 3
+    reads text as large_string, so every metadata.csv failed with '`file_name` ... must be present'."""
+    import pandas as pd
+    if int(pd.__version__.split(".")[0]) < 3:
+        yield
+        return
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*future.infer_string")
+        with pd.option_context("future.infer_string", False):
+            yield
 
 
 def check_metadata_file(path, metadata=True):
@@ -1292,6 +1313,9 @@ def guarded_load(name, fn, *a, **kw):
         if "Couldn't cast" in text:  # the rest of datasets' message is two schemas, many lines long
             hint = (" (the data files disagree on their columns or types: a column missing in one file, or images "
                     "stored as paths in one and as bytes in another; make them alike)")
+        if "not NoneType" in text and fn.__name__ == "load_dataset" and a[:1] == ("imagefolder",):  # datasets < 4.8
+            hint = (" (a row of the metadata file has no file_name, e.g. the blank rows a spreadsheet leaves at the end: "
+                    "delete them, or upgrade datasets to 4.8 or newer, which skips them)")
         if "should be in WebDataset format" in text:
             hint = " (a .tar here is an archive, not WebDataset shards of 000001.jpg + 000001.txt: extract it first)"
         if "Config name is missing" in text:
@@ -2558,7 +2582,7 @@ def load_trained(args, folder, unet, text_encoders=(), ema=None):
         from diffusers.utils import convert_state_dict_to_peft, convert_unet_state_dict_to_peft
         from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 
-        state, _ = StableDiffusionXLPipeline.lora_state_dict(folder)
+        state, _ = StableDiffusionXLPipeline.lora_state_dict(folder, weight_name="pytorch_lora_weights.safetensors")
         parts = {"unet.": (unet, convert_unet_state_dict_to_peft)}
         for prefix, te in zip(("text_encoder.", "text_encoder_2."), text_encoders):
             parts[prefix] = (te, convert_state_dict_to_peft)
@@ -2879,7 +2903,7 @@ def write_model_card(args, m, source, data, run, repo_id=None):
     samples = sorted(os.listdir(os.path.join(args.output_dir, "samples"))) if args.validation_prompt else []
     prediction = m.noise_scheduler.config.prediction_type
     usage = (f'pipe = StableDiffusionXLPipeline.from_pretrained({base!r}, torch_dtype=torch.float16).to("cuda")\n'
-             f'pipe.load_lora_weights({where!r})' if lora else
+             f'pipe.load_lora_weights({where!r}, weight_name="pytorch_lora_weights.safetensors")' if lora else
              f'pipe = StableDiffusionXLPipeline.from_pretrained({where!r}, '
              'torch_dtype=torch.float16).to("cuda")')
     if lora and args.prediction_type:  # the base model's scheduler samples its own type, not the one trained here

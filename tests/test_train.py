@@ -52,12 +52,12 @@ def test_lora_run_outputs_load_in_diffusers_and_change_the_image(tiny_model, sha
         assert os.stat(os.path.join(out, f)).st_mode & 0o777 == 0o666 & ~mask, f
 
     pipe = StableDiffusionXLPipeline.from_pretrained(tiny_model)
-    pipe.load_lora_weights(out)
+    pipe.load_lora_weights(out, weight_name="pytorch_lora_weights.safetensors")
     trained = generate(pipe)
     assert np.abs(trained - base_image).mean() > 1e-3, "the LoRA did not change the generated image"
     # a checkpoint's folder loads the same way
     pipe.unload_lora_weights()
-    pipe.load_lora_weights(os.path.join(out, "checkpoint-3"))
+    pipe.load_lora_weights(os.path.join(out, "checkpoint-3"), weight_name="pytorch_lora_weights.safetensors")
     assert np.abs(generate(pipe) - base_image).mean() > 1e-4
 
 
@@ -142,7 +142,7 @@ def test_channels_last_trains_the_same_lora_and_saves_it(tiny_model, shapes, tmp
     assert a.keys() == b.keys() and any("conv1" in k for k in a)
     assert rel_l1(a, b) < 1e-3
     pipe = StableDiffusionXLPipeline.from_pretrained(tiny_model)
-    pipe.load_lora_weights(os.path.join(nhwc, "nhwc.safetensors"))  # the kohya file
+    pipe.load_lora_weights(nhwc, weight_name="nhwc.safetensors")  # the kohya file
 
 
 def test_txt_caption_folder_trains(tiny_model, tmp_path):
