@@ -1991,8 +1991,8 @@ def report_upscaled(table, sizes, targets, idents):
     if not factor:
         return
     worst = sorted(factor, key=lambda i: -factor[i])[:5]
-    column = table.select(worst)["image"]
-    rows = table.select(worst)["row"] if "row" in table.column_names else worst
+    picked = table.select(worst)
+    column, rows = picked["image"], picked["row"] if "row" in table.column_names else worst
     names = [f"{describe_image(v, r)} ({sizes[i][0]}x{sizes[i][1]}, {factor[i]:.1f}x)"
              for i, v, r in zip(worst, column, rows)]
     big = sum(f > 2 for f in factor.values())
@@ -2455,9 +2455,14 @@ def kohya_name(output_dir, step=None):
     """`<output_dir name>.safetensors`; a checkpoint's `<name>-step00000500.safetensors`, as kohya names them, so
     that several copied into one loras/ folder (ComfyUI, A1111) keep apart. An output folder named like
     diffusers' file gets `_kohya` added: the kohya file would overwrite the diffusers one."""
-    name = os.path.basename(os.path.abspath(output_dir))
+    name = run_name(output_dir)
     name += "_kohya" if name == "pytorch_lora_weights" else ""
     return name + (f"-step{step:08d}" if step else "") + ".safetensors"
+
+
+def run_name(output_dir):
+    """The output folder's name: the kohya and single files', the model card's title, the Hub repository's."""
+    return os.path.basename(os.path.abspath(output_dir))
 
 
 def write_kohya_lora(args, path, unet, text_encoders, prediction_type=None):
@@ -2549,7 +2554,7 @@ def sdxl_checkpoint(pipe, dtype):
     for k, v in vae.state_dict().items():
         k = re.sub(r"mid_block\.resnets\.(\d)", lambda g: f"mid.block_{int(g[1]) + 1}", k)
         k = re.sub(r"up_blocks\.(\d+)", lambda g: f"up.{levels - 1 - int(g[1])}", k)  # LDM counts up from the bottom
-        k = re.sub(r"(down|up)_blocks\.(\d+)", r"\1.\2", k).replace("mid_block.attentions.0", "mid.attn_1")
+        k = re.sub(r"down_blocks\.(\d+)", r"down.\1", k).replace("mid_block.attentions.0", "mid.attn_1")
         k = k.replace("resnets.", "block.")
         for name, ldm in VAE_LDM.items():
             k = re.sub(rf"(^|\.){re.escape(name)}\.", rf"\g<1>{ldm}.", k)
@@ -2801,7 +2806,7 @@ def save_final(accelerator, args, m):
             prediction = pipe.scheduler.config.prediction_type
             save_file(sdxl_checkpoint(pipe, m.weight_dtype), os.path.join(tmp, kohya_name(args.output_dir)), metadata={
                 "modelspec.sai_model_spec": "1.0.0", "modelspec.architecture": "stable-diffusion-xl-v1-base",
-                "modelspec.title": os.path.basename(os.path.abspath(args.output_dir)),
+                "modelspec.title": run_name(args.output_dir),
                 "modelspec.resolution": f"{args.resolution}x{args.resolution}",
                 "modelspec.prediction_type": {"v_prediction": "v"}.get(prediction, prediction)})
     readable_as_umask_says(tmp)
@@ -2921,7 +2926,7 @@ def write_model_card(args, m, source, data, run, repo_id=None):
         header["license"] = "openrail++"
     lines = [
         "---", yaml.safe_dump(header, sort_keys=True).strip(), "---",
-        f"# {os.path.basename(os.path.abspath(args.output_dir))}", "",
+        f"# {run_name(args.output_dir)}", "",
         f"{'LoRA (rank ' + str(args.rank) + ')' if lora else 'Full UNet fine-tune'} of `{base}` on `{source}` "
         f"({data}), trained with `train_sdxl_debias.py`.", "",
         f"**Loss:** `{args.loss_weighting}` weighting"
@@ -3294,7 +3299,7 @@ def remove_outputs(args):
                     "its checkpoints are removed", out)
         return
     files = ["pytorch_lora_weights.safetensors", kohya_name(out), "README.md", "loss.png",
-             os.path.basename(os.path.abspath(out)) + "_unet.safetensors"]  # (earlier versions' --save_single_file)
+             run_name(out) + "_unet.safetensors"]  # (earlier versions' --save_single_file)
     if os.path.exists(os.path.join(out, "model_index.json")):
         files.append("model_index.json")
         for folder in PIPELINE_FOLDERS:
@@ -3582,7 +3587,7 @@ def create_hub_repo(args):
     from huggingface_hub import create_repo
 
     try:
-        return create_repo(args.hub_model_id or os.path.basename(os.path.abspath(args.output_dir)),
+        return create_repo(args.hub_model_id or run_name(args.output_dir),
                            exist_ok=True, token=args.hub_token).repo_id
     except Exception as e:
         raise UserError(f"creating the Hub repository failed ({first_line(e)}); the outputs are safe in "
