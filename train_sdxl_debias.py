@@ -97,7 +97,12 @@ def parse_args(argv=None):
     a = p.add_argument
     # model
     a("--pretrained_model_name_or_path", default="stabilityai/stable-diffusion-xl-base-1.0",
-      help="Hub id or local folder of an SDXL pipeline.")
+      help="Hub id or local folder of an SDXL pipeline, or one SDXL checkpoint file (.safetensors or .ckpt, as "
+           "A1111/Forge, ComfyUI and kohya's scripts use them).")
+    a("--single_file_config", default=None,
+      help="For a checkpoint file: a Hub id or folder of a diffusers SDXL pipeline whose configs and tokenizers "
+           "match it (default: what diffusers infers from the file, stabilityai/stable-diffusion-xl-base-1.0 for "
+           "SDXL base, fetched once from the Hub; its weights are not downloaded).")
     a("--pretrained_vae_model_name_or_path", default=None,
       help="A VAE to use instead of the pipeline's, e.g. madebyollin/sdxl-vae-fp16-fix (then it may run in fp16).")
     a("--revision", default=None)
@@ -361,8 +366,8 @@ def config_value(action, value, path):
     return items if isinstance(value, list) else items[0]
 
 
-PATH_FLAGS = ("pretrained_model_name_or_path", "pretrained_vae_model_name_or_path", "dataset", "train_data_dir",
-              "output_dir", "cache_dir", "data_cache_dir", "resume_from_checkpoint")
+PATH_FLAGS = ("pretrained_model_name_or_path", "pretrained_vae_model_name_or_path", "single_file_config", "dataset",
+              "train_data_dir", "output_dir", "cache_dir", "data_cache_dir", "resume_from_checkpoint")
 
 
 def validate(args):
@@ -446,9 +451,10 @@ def validate(args):
     resume = args.resume_from_checkpoint
     model = args.pretrained_model_name_or_path
     if os.path.isfile(model):
-        raise UserError(f"--pretrained_model_name_or_path {model!r} is a single file; this trainer reads diffusers "
-                        "folders: convert it once with StableDiffusionXLPipeline.from_single_file(path)"
-                        ".save_pretrained(folder)")
+        check_single_file(args)
+    elif args.single_file_config:
+        raise UserError("--single_file_config is for a --pretrained_model_name_or_path that is one checkpoint file; "
+                        f"{model!r} is not: leave it out")
     if resume and resume != "latest" and not os.path.isdir(resume) and os.path.isdir(os.path.join(args.output_dir,
                                                                                                  resume)):
         resume = args.resume_from_checkpoint = os.path.join(args.output_dir, resume)  # diffusers: a name in output_dir
@@ -512,6 +518,7 @@ class Models:
     weight_dtype: torch.dtype
     loss_scale: float = 1.0  # 1 / mean weight with --normalize_loss_weights (see loss.mean_weight)
     ema: object = None       # diffusers EMAModel of the UNet with --use_ema
+    sampler: object = None   # a checkpoint file's inference scheduler (a folder's is read again by from_pretrained)
 
 
 def load_part(cls, args, subfolder, path=None, own_repo=False, **kw):
@@ -547,16 +554,25 @@ def load_models(args, accelerator):
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection
 
-    tokenizers = [load_part(AutoTokenizer, args, s, use_fast=True) for s in ("tokenizer", "tokenizer_2")]
+    vae_path = args.pretrained_vae_model_name_or_path
+    vae = load_part(AutoencoderKL, args, "", path=vae_path, own_repo=True) if vae_path else None
+    sampler = None
+    if os.path.isfile(args.pretrained_model_name_or_path):  # one checkpoint file: every part from it, at once
+        pipe = base_pipeline(args, **({"vae": vae} if vae else {}))
+        tokenizers, text_encoders = [pipe.tokenizer, pipe.tokenizer_2], [pipe.text_encoder, pipe.text_encoder_2]
+        vae, unet, sampler = pipe.vae, pipe.unet, pipe.scheduler
+        noise_scheduler = DDPMScheduler.from_config(sampler.config)  # (with the file's v_pred/ztsnr, if marked)
+    else:
+        tokenizers = [load_part(AutoTokenizer, args, s, use_fast=True) for s in ("tokenizer", "tokenizer_2")]
+        text_encoders = [load_part(CLIPTextModel, args, "text_encoder"),
+                         load_part(CLIPTextModelWithProjection, args, "text_encoder_2")]
+        vae = vae or load_part(AutoencoderKL, args, "vae")
+        unet = load_part(UNet2DConditionModel, args, "unet")
+        noise_scheduler = load_part(DDPMScheduler, args, "scheduler")
     for tok, sub in zip(tokenizers, ("tokenizer", "tokenizer_2")):
         if len(tok) < 1000 and tok.model_max_length > 1000:  # transformers' silent failure without vocab files
-            raise UserError(f"{args.pretrained_model_name_or_path}/{sub} has no usable tokenizer files")
-    text_encoders = [load_part(CLIPTextModel, args, "text_encoder"),
-                     load_part(CLIPTextModelWithProjection, args, "text_encoder_2")]
-    vae_path = args.pretrained_vae_model_name_or_path
-    vae = load_part(AutoencoderKL, args, "" if vae_path else "vae", path=vae_path, own_repo=bool(vae_path))
-    unet = load_part(UNet2DConditionModel, args, "unet")
-    noise_scheduler = load_part(DDPMScheduler, args, "scheduler")
+            where = args.single_file_config or args.pretrained_model_name_or_path
+            raise UserError(f"{where}/{sub} has no usable tokenizer files")
     if args.prediction_type:
         noise_scheduler.register_to_config(prediction_type=args.prediction_type)
     num_t = noise_scheduler.config.num_train_timesteps
@@ -565,8 +581,91 @@ def load_models(args, accelerator):
                         f"scheduler's [0, {num_t}): fix --min_timestep / --max_timestep")
 
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
-    return prepare_models(args, tokenizers, text_encoders, vae, unet, noise_scheduler, accelerator.device,
-                          weight_dtype)
+    m = prepare_models(args, tokenizers, text_encoders, vae, unet, noise_scheduler, accelerator.device, weight_dtype)
+    m.sampler = sampler
+    return m
+
+
+SINGLE_FILE_EXTS = (".safetensors", ".sft", ".ckpt", ".pt", ".pth")
+
+
+def check_single_file(args):
+    """A checkpoint file as the base model must be an SDXL one (UNet, VAE and both text encoders in the original
+    layout, as A1111/ComfyUI/kohya read them). A LoRA, an SD 1.x/2.x file, one diffusers model's weights or a
+    download cut short is named here, before anything loads (a .ckpt, a pickle, is left to diffusers)."""
+    path = args.pretrained_model_name_or_path
+    flag = f"--pretrained_model_name_or_path {path!r}"
+    for name in ("variant", "revision"):
+        if getattr(args, name):
+            raise UserError(f"--{name} picks files of a diffusers folder or Hub id, and {path!r} is one file: leave "
+                            f"--{name} out")
+    ext = os.path.splitext(path)[1].lower()
+    if ext not in SINGLE_FILE_EXTS:
+        raise UserError(f"{flag} is a file but no model checkpoint: pass an SDXL .safetensors (or .ckpt) file, or a "
+                        "diffusers SDXL folder or Hub id")
+    if ext not in (".safetensors", ".sft"):
+        return
+    keys = checkpoint_keys(path)
+    if keys is None:
+        why = "a Git LFS pointer (run `git lfs pull`)" if lfs_pointer(path) else "a download cut short?"
+        raise UserError(f"{flag} is not a readable safetensors file ({why}): download it again")
+    if any("lora" in k.lower() for k in keys):
+        raise UserError(f"{flag} is a LoRA, not a base model: pass the SDXL checkpoint it applies to")
+    if any(k.startswith("cond_stage_model.") for k in keys):
+        raise UserError(f"{flag} is a Stable Diffusion 1.x/2.x checkpoint; this trainer trains SDXL: pass an SDXL one")
+    if not any(k.startswith("model.diffusion_model.") for k in keys) or not any(
+            k.startswith("conditioner.embedders.1.") for k in keys):
+        what = ("one diffusers model's weights: pass the pipeline folder that holds it" if "conv_in.weight" in keys
+                else "not a whole SDXL base checkpoint (model.diffusion_model.* and conditioner.embedders.*; a "
+                     "refiner or a UNet alone is not): pass one")
+        raise UserError(f"{flag} is {what}")
+
+
+@functools.lru_cache(maxsize=4)
+def checkpoint_keys(path):
+    """The tensor names of a .safetensors file (its header only); None when it is no readable safetensors file."""
+    from safetensors import safe_open
+    try:
+        with safe_open(path, "pt") as f:
+            return tuple(f.keys())
+    except Exception:  # (safetensors' own error type, or an OSError)
+        return None
+
+
+def single_file_scheduler(path):
+    """The scheduler settings a checkpoint file marks by empty tensors, as ComfyUI reads them (and
+    sdxl_checkpoint writes them): `v_pred`, a v-prediction model; `ztsnr`, zero terminal SNR (sampled with
+    trailing timesteps, as diffusers advises for it)."""
+    keys = set(checkpoint_keys(path) or ()) if path.lower().endswith((".safetensors", ".sft")) else set()
+    return {**({"prediction_type": "v_prediction"} if "v_pred" in keys else {}),
+            **({"rescale_betas_zero_snr": True, "timestep_spacing": "trailing"} if "ztsnr" in keys else {})}
+
+
+def base_pipeline(args, **parts):
+    """The base model as a StableDiffusionXLPipeline with `parts` (unet=..., torch_dtype=...) in place of its
+    own: from a Hub id or folder, or from one checkpoint file with diffusers' from_single_file (the configs and
+    tokenizers from --single_file_config, or those diffusers infers from the file's keys)."""
+    from diffusers import StableDiffusionXLPipeline
+
+    base = args.pretrained_model_name_or_path
+    with warnings.catch_warnings():  # newer diffusers renames torch_dtype to dtype; older ones know only torch_dtype
+        warnings.filterwarnings("ignore", message="`torch_dtype` is deprecated", category=FutureWarning)
+        if not os.path.isfile(base):
+            return StableDiffusionXLPipeline.from_pretrained(base, revision=args.revision, variant=args.variant,
+                                                             cache_dir=args.cache_dir, **parts)
+        try:
+            pipe = StableDiffusionXLPipeline.from_single_file(base, config=args.single_file_config,
+                                                              cache_dir=args.cache_dir, **parts)
+        except (OSError, ValueError, KeyError, RuntimeError, TypeError) as e:
+            hint = ("check that it is a diffusers SDXL pipeline of the file's architecture" if args.single_file_config
+                    else "pass --single_file_config with a diffusers SDXL folder or Hub id of the same architecture "
+                         "(offline: a folder, or a Hub id in the cache)")
+            raise UserError(f"cannot load {base!r} with diffusers' from_single_file ({first_line(e)}): {hint}") \
+                from None
+    marked = single_file_scheduler(base)
+    if marked:
+        pipe.scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config, **marked)
+    return pipe
 
 
 def prepare_models(args, tokenizers, text_encoders, vae, unet, noise_scheduler, device, weight_dtype):
@@ -766,16 +865,18 @@ def build_pipeline(args, m, unet, text_encoders=None, for_saving=False):
         if args.pretrained_vae_model_name_or_path:  # the output carries the VAE it was trained with
             parts["vae"] = load_part(AutoencoderKL, args, "", path=args.pretrained_vae_model_name_or_path,
                                      own_repo=True, torch_dtype=torch.float32)
+        pipe = base_pipeline(args, unet=unet, **parts)
     else:
         te1, te2 = text_encoders or m.text_encoders
-        # the tokenizers are left for the pipeline to load: transformers 4's CLIPTokenizerFast is no subclass
-        # of the CLIPTokenizer that model_index.json names, and diffusers refuses it
-        parts = dict(vae=m.vae, text_encoder=te1, text_encoder_2=te2)
-    with warnings.catch_warnings():  # newer diffusers renames torch_dtype to dtype; older ones know only torch_dtype
-        warnings.filterwarnings("ignore", message="`torch_dtype` is deprecated", category=FutureWarning)
-        pipe = StableDiffusionXLPipeline.from_pretrained(args.pretrained_model_name_or_path, unet=unet,
-                                                         revision=args.revision, variant=args.variant,
-                                                         cache_dir=args.cache_dir, **parts)
+        parts = dict(vae=m.vae, text_encoder=te1, text_encoder_2=te2, unet=unet)
+        # A checkpoint file's parts are all loaded: the pipeline is built from them, not the file read again.
+        # A folder's tokenizers are left for from_pretrained to load: diffusers refuses transformers 4's
+        # CLIPTokenizerFast, which is no subclass of the CLIPTokenizer that model_index.json names.
+        if m.sampler is not None:
+            pipe = StableDiffusionXLPipeline(**parts, tokenizer=m.tokenizers[0], tokenizer_2=m.tokenizers[1],
+                                             scheduler=type(m.sampler).from_config(m.sampler.config))
+        else:
+            pipe = base_pipeline(args, **parts)
     if args.prediction_type:  # what the UNet was trained to predict, for sampling and in the saved config
         pipe.scheduler.register_to_config(prediction_type=args.prediction_type)
     return pipe
@@ -2146,18 +2247,23 @@ def cache_namespaces(args, weight_dtype):
     base = args.pretrained_model_name_or_path
     model = (base, args.revision, args.variant, str(weight_dtype))
     vae = args.pretrained_vae_model_name_or_path
-    text_files = [os.path.join(base, sub) for sub in ("text_encoder", "text_encoder_2")]
-    vae_files = [vae] if vae else [os.path.join(base, "vae")]
+    one_file = os.path.isfile(base)
+    text_files = [base] if one_file else [os.path.join(base, sub) for sub in ("text_encoder", "text_encoder_2")]
+    vae_files = [vae] if vae else [base] if one_file else [os.path.join(base, "vae")]
     return (cache_key("text", *model, files_fingerprint(text_files)),
             # "sRGB": latents cached before colour profiles were applied (to_srgb) are not reused
             cache_key("latents", *model, vae or "vae", files_fingerprint(vae_files), "sRGB"))
 
 
 def files_fingerprint(folders):
-    """(name, size, mtime) of the files in local folders; nothing for Hub ids (their revision stands in)."""
+    """(name, size, mtime) of the files in local folders, or of local files; nothing for Hub ids (their revision
+    stands in)."""
     found = []
     for folder in folders:
-        if os.path.isdir(folder):
+        if os.path.isfile(folder):
+            st = os.stat(folder)
+            found.append((folder, st.st_size, st.st_mtime_ns))
+        elif os.path.isdir(folder):
             for name in sorted(os.listdir(folder)):
                 st = os.stat(os.path.join(folder, name))
                 found.append((folder, name, st.st_size, st.st_mtime_ns))
@@ -2907,12 +3013,18 @@ def write_model_card(args, m, source, data, run, repo_id=None):
     lora = args.finetune == "lora"
     samples = sorted(os.listdir(os.path.join(args.output_dir, "samples"))) if args.validation_prompt else []
     prediction = m.noise_scheduler.config.prediction_type
-    usage = (f'pipe = StableDiffusionXLPipeline.from_pretrained({base!r}, torch_dtype=torch.float16).to("cuda")\n'
+    config = f", config={args.single_file_config!r}" if args.single_file_config else ""
+    load_base = (f"from_single_file({base!r}{config}, " if os.path.isfile(base) else f"from_pretrained({base!r}, ")
+    usage = (f'pipe = StableDiffusionXLPipeline.{load_base}torch_dtype=torch.float16).to("cuda")\n'
              f'pipe.load_lora_weights({where!r}, weight_name="pytorch_lora_weights.safetensors")' if lora else
              f'pipe = StableDiffusionXLPipeline.from_pretrained({where!r}, '
              'torch_dtype=torch.float16).to("cuda")')
-    if lora and args.prediction_type:  # the base model's scheduler samples its own type, not the one trained here
-        usage += f'\npipe.scheduler.register_to_config(prediction_type={prediction!r})'
+    # The base's scheduler as diffusers loads it samples its own type, not one set here or marked in the file.
+    sampling = {**(single_file_scheduler(base) if os.path.isfile(base) else {}),
+                **({"prediction_type": prediction} if args.prediction_type else {})}
+    if lora and sampling:
+        usage += ("\npipe.scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config, "
+                  + ", ".join(f"{k}={v!r}" for k, v in sampling.items()) + ")")
     prompt = args.validation_prompt[0] if args.validation_prompt else "your prompt"
     weight = {"epsilon": "ε-loss weighted by 1/√SNR(t)", "v_prediction": "v-loss weighted by √SNR/(SNR+1)",
               "sample": "x0-loss weighted by √SNR(t)"}.get(prediction)

@@ -87,9 +87,9 @@ def tiny_unet_config():
         sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
         attention_head_dim=(2, 4), transformer_layers_per_block=(1, 2), use_linear_projection=True,
-        cross_attention_dim=64,  # = 32 (text_encoder) + 32 (text_encoder_2), concatenated as in SDXL
+        cross_attention_dim=80,  # = 32 (text_encoder) + 48 (text_encoder_2), concatenated as in SDXL
         addition_embed_type="text_time", addition_time_embed_dim=8,
-        projection_class_embeddings_input_dim=6 * 8 + 32,  # 6 size numbers x 8 + pooled text (32)
+        projection_class_embeddings_input_dim=6 * 8 + 48,  # 6 size numbers x 8 + pooled text (48)
         norm_num_groups=32)
 
 
@@ -105,8 +105,9 @@ def build_pipeline(tmp, seed=0):
                    eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
                    intermediate_size=37, num_attention_heads=4, layer_norm_eps=1e-5)
     text_encoder = CLIPTextModel(CLIPTextConfig(hidden_size=32, num_hidden_layers=3, hidden_act="quick_gelu", **text_kw))
+    # Two widths, as SDXL's 768 and 1280: single-file loaders (diffusers', ComfyUI's) tell the encoders apart by them.
     text_encoder_2 = CLIPTextModelWithProjection(
-        CLIPTextConfig(hidden_size=32, num_hidden_layers=3, hidden_act="gelu", projection_dim=32, **text_kw))
+        CLIPTextConfig(hidden_size=48, num_hidden_layers=3, hidden_act="gelu", projection_dim=48, **text_kw))
     # 4 blocks -> downsampling by 8, like SDXL's VAE; scaling_factor is SDXL's.
     vae = AutoencoderKL(
         in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16, 16, 16), layers_per_block=1,

@@ -49,3 +49,29 @@ def run_trainer(*args, check=True, timeout=600):
     if check and proc.returncode != 0:
         raise AssertionError(f"trainer exited {proc.returncode}\n--- stderr ---\n{proc.stderr[-4000:]}")
     return proc
+
+
+@pytest.fixture(scope="session")
+def model_files(tiny_model, tmp_path_factory):
+    """Single-file checkpoints, as A1111/ComfyUI/kohya users hold them: the tiny SDXL in the original layout
+    (tiny.safetensors, fp32: the same weights as its folder), the same marked v-prediction with zero terminal SNR
+    (vpred.safetensors), and files that are no SDXL base: a LoRA, an SD 1.x checkpoint, a diffusers UNet."""
+    import torch
+    from diffusers import StableDiffusionXLPipeline
+    from safetensors.torch import save_file
+
+    import train_sdxl_debias as T
+
+    out = str(tmp_path_factory.mktemp("model_files"))
+    state = T.sdxl_checkpoint(StableDiffusionXLPipeline.from_pretrained(tiny_model), torch.float32)
+    save_file(state, os.path.join(out, "tiny.safetensors"))
+    save_file({**state, "v_pred": torch.tensor([]), "ztsnr": torch.tensor([])}, os.path.join(out, "vpred.safetensors"))
+    unet = "model.diffusion_model.out.2.weight"
+    for name, keys in (("lora", ["lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight"]),
+                       ("sd15", [unet, "cond_stage_model.transformer.text_model.final_layer_norm.weight"]),
+                       ("unet", ["conv_in.weight", "down_blocks.0.resnets.0.conv1.weight"])):
+        save_file({k: torch.zeros(2, 2) for k in keys}, os.path.join(out, f"{name}.safetensors"))
+    with open(tiny := os.path.join(out, "tiny.safetensors"), "rb") as f, \
+            open(os.path.join(out, "broken.safetensors"), "wb") as cut:  # a download cut short
+        cut.write(f.read(os.path.getsize(tiny) // 2))
+    return out

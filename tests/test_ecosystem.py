@@ -271,6 +271,40 @@ def test_ema_weights_are_validated_and_saved_in_one_dtype_from_an_fp16_variant(t
     assert "v_pred" in state and "ztsnr" in state and {v.dtype for v in state.values()} == {torch.bfloat16}
 
 
+def test_a_checkpoint_file_trains_the_same_lora_as_its_diffusers_folder(tiny_model, model_files, shapes, tmp_path):
+    # Most SDXL models users fine-tune exist only as one .safetensors (A1111, ComfyUI, kohya). The file written
+    # from the tiny pipeline trains the very LoRA its folder trains, and the card loads it the way it was read.
+    trained = {}
+    for name, base in (("folder", [tiny_model]),
+                       ("file", [os.path.join(model_files, "tiny.safetensors"), "--single_file_config", tiny_model])):
+        out = str(tmp_path / name)
+        run_trainer("--pretrained_model_name_or_path", *base, "--dataset", shapes, "--output_dir", out,
+                    "--resolution", "64", "--train_batch_size", "2", "--max_train_steps", "2", "--learning_rate",
+                    "1e-2", "--seed", "5")
+        trained[name] = load_file(os.path.join(out, "pytorch_lora_weights.safetensors"))
+    assert trained["file"].keys() == trained["folder"].keys()
+    assert all(torch.allclose(trained["file"][k], v, atol=1e-6) for k, v in trained["folder"].items())
+    assert any(v.abs().sum() > 0 for k, v in trained["file"].items() if "lora_B" in k)  # it did train
+    card = open(os.path.join(tmp_path, "file", "README.md")).read()
+    assert f"from_single_file({os.path.join(model_files, 'tiny.safetensors')!r}, config={tiny_model!r}" in card
+
+
+def test_a_v_prediction_checkpoint_file_trains_and_saves_as_v_with_zero_terminal_snr(tiny_model, model_files,
+                                                                                      shapes, tmp_path):
+    from diffusers import StableDiffusionXLPipeline
+
+    out = str(tmp_path / "v-full")  # ComfyUI's v_pred/ztsnr keys (NoobAI-XL's v-pred files carry them)
+    proc = run_trainer("--pretrained_model_name_or_path", os.path.join(model_files, "vpred.safetensors"),
+                       "--single_file_config", tiny_model, "--finetune", "full", "--save_single_file", "--dataset",
+                       shapes, "--output_dir", out, "--resolution", "64", "--train_batch_size", "2",
+                       "--max_train_steps", "1", "--learning_rate", "1e-4")
+    assert "with debias loss (v_prediction)" in proc.stderr
+    scheduler = StableDiffusionXLPipeline.from_pretrained(out).scheduler.config
+    assert scheduler.prediction_type == "v_prediction" and scheduler.rescale_betas_zero_snr
+    with safe_open(os.path.join(out, "v-full.safetensors"), "pt") as f:
+        assert {"v_pred", "ztsnr"} <= set(f.keys())  # and carried on to the single file written
+
+
 def test_timestep_range_is_respected(tiny_model, shapes, tmp_path):
     out = str(tmp_path / "trange")
     run_trainer("--pretrained_model_name_or_path", tiny_model, "--dataset", shapes, "--output_dir", out,

@@ -186,8 +186,22 @@ USER_ERRORS = {
     "output_dir_is_a_file": (["--dataset", "{shapes}", "--output_dir", "{shapes}/train/metadata.jsonl"], "is a file"),
     "output_dir_in_a_file": (["--dataset", "{shapes}", "--output_dir", "{shapes}/train/metadata.jsonl/out"],
                              "metadata.jsonl', a file; pass a folder"),
-    "single_file_model": (["--dataset", "{shapes}", "--pretrained_model_name_or_path", "{shapes}/train/metadata.jsonl"],
-                          "from_single_file"),
+    "model_is_a_data_file": (["--dataset", "{shapes}", "--pretrained_model_name_or_path",
+                              "{shapes}/train/metadata.jsonl"], "is a file but no model checkpoint"),
+    "model_is_a_lora": (["--dataset", "{shapes}", "--pretrained_model_name_or_path", "{files}/lora.safetensors"],
+                        "is a LoRA, not a base model"),
+    "model_is_sd15": (["--dataset", "{shapes}", "--pretrained_model_name_or_path", "{files}/sd15.safetensors"],
+                      "Stable Diffusion 1.x/2.x checkpoint"),
+    "model_is_a_unet": (["--dataset", "{shapes}", "--pretrained_model_name_or_path", "{files}/unet.safetensors"],
+                        "one diffusers model's weights: pass the pipeline folder"),
+    "model_file_cut_short": (["--dataset", "{shapes}", "--pretrained_model_name_or_path",
+                              "{files}/broken.safetensors"], "is not a readable safetensors file"),
+    "variant_of_a_model_file": (["--dataset", "{shapes}", "--pretrained_model_name_or_path",
+                                 "{files}/tiny.safetensors", "--variant", "fp16"], "leave --variant out"),
+    "model_file_offline_without_config": (["--dataset", "{shapes}", "--pretrained_model_name_or_path",
+                                           "{files}/tiny.safetensors"], "pass --single_file_config"),
+    "single_file_config_for_a_folder": (["--dataset", "{shapes}", "--single_file_config", "{tiny_model}"],
+                                        "--single_file_config is for"),
     "dataset_smaller_than_a_step": (["--dataset", "{shapes}", "--train_batch_size", "64",  # checked before the
                                      "--pretrained_model_name_or_path", "/nonexistent/model"],  # model loads
                                     "fewer than one optimizer step needs (batch 64 × accumulation 1 × 1 processes):"
@@ -223,10 +237,11 @@ def failing_run(argv, monkeypatch, capsys):
 
 
 @pytest.mark.parametrize("case", sorted(USER_ERRORS))
-def test_user_errors_end_in_one_clear_line(case, shapes, tiny_model, tmp_path, monkeypatch, capsys):
+def test_user_errors_end_in_one_clear_line(case, shapes, tiny_model, model_files, tmp_path, monkeypatch, capsys):
     argv, needle = USER_ERRORS[case]
     code, stderr = failing_run(["--output_dir", str(tmp_path / "out"), "--resolution", "64",
-                                *(a.format(shapes=shapes, tiny_model=tiny_model) for a in argv)], monkeypatch, capsys)
+                                *(a.format(shapes=shapes, tiny_model=tiny_model, files=model_files) for a in argv)],
+                               monkeypatch, capsys)
     assert code == 2 and "Traceback" not in stderr, stderr[-2000:]
     last = stderr.strip().splitlines()[-1]
     assert last.startswith("error: ") and needle in last, last
