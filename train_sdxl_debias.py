@@ -1024,8 +1024,8 @@ def resolve_paths(table, source, encoded):
     beside = relative_to(source)
     if not encoded:  # (a fingerprint given: datasets warned on every run that it could not hash the function)
         fingerprint = hashlib.blake2b(f"{table._fingerprint}:{os.path.abspath(source)}".encode(), digest_size=16)
-        return table.map(lambda v: {"image": beside(v)}, input_columns="image", keep_in_memory=True,
-                         new_fingerprint=fingerprint.hexdigest())
+        return table.map(lambda values: {"image": [beside(v) for v in values]}, input_columns="image", batched=True,
+                         batch_size=10_000, keep_in_memory=True, new_fingerprint=fingerprint.hexdigest())
     column = table.with_format("arrow")["image"]  # no rows selected yet: zero-copy
     if not pc.struct_field(column, "bytes").null_count:
         return table
