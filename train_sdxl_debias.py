@@ -742,16 +742,21 @@ def add_lora(model, args, targets, half_precision):
     config = LoraConfig(r=args.rank, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
                         init_lora_weights=INIT_LORA_WEIGHTS[args.init_lora_weights], use_dora=args.use_dora,
                         target_modules=targets)
-    try:
-        if hasattr(model, "set_adapters"):  # a diffusers model
-            model.add_adapter(config)
-        else:  # transformers' add_adapter demands a newer peft than may be installed; this is what it does inside
-            from peft import inject_adapter_in_model
-            inject_adapter_in_model(config, model, adapter_name="default")
-            model.peft_config = {"default": config}
-    except ValueError as e:  # a layer type peft has no LoRA for (a GroupNorm), an init its conv LoRA lacks
-        raise UserError(f"peft cannot put this LoRA on the {type(model).__name__} (--lora_target_modules, "
-                        f"--init_lora_weights, --use_dora): {first_line(e)}") from None
+    # The initial LoRA is drawn from --seed alone, not from whatever randomness loading the model took (from a
+    # checkpoint file or a folder, with one diffusers or another): one command line, one starting point. (peft
+    # draws it on the CPU, then moves it to the layer's device.)
+    with torch.random.fork_rng(devices=[]):
+        torch.random.default_generator.manual_seed(derive_seed(args.seed, "lora", type(model).__name__))
+        try:
+            if hasattr(model, "set_adapters"):  # a diffusers model
+                model.add_adapter(config)
+            else:  # transformers' add_adapter demands a newer peft than may be installed; this is what it does
+                from peft import inject_adapter_in_model
+                inject_adapter_in_model(config, model, adapter_name="default")
+                model.peft_config = {"default": config}
+        except ValueError as e:  # a layer type peft has no LoRA for (a GroupNorm), an init its conv LoRA lacks
+            raise UserError(f"peft cannot put this LoRA on the {type(model).__name__} (--lora_target_modules, "
+                            f"--init_lora_weights, --use_dora): {first_line(e)}") from None
     for p in model.parameters():
         if p.requires_grad:
             p.data = p.data.float()
