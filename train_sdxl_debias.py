@@ -64,6 +64,9 @@ def derive_seed(*parts):
 # 1. arguments
 # ----------------------------------------------------------------------------------------------------------------
 
+SDXL_BASE = "stabilityai/stable-diffusion-xl-base-1.0"
+
+
 class Parser(argparse.ArgumentParser):
     """A bad value ends in one `error:` line, like every other mistake, not a usage dump; and no flag is taken
     for a prefix of another (kohya's --sdpa as --sdpa_backend, --noise as --noise_offset)."""
@@ -96,7 +99,7 @@ def parse_args(argv=None):
     p = Parser(description=__doc__.splitlines()[0])
     a = p.add_argument
     # model
-    a("--pretrained_model_name_or_path", default="stabilityai/stable-diffusion-xl-base-1.0",
+    a("--pretrained_model_name_or_path", default=SDXL_BASE,
       help="Hub id or local folder of an SDXL pipeline, or one SDXL checkpoint file (.safetensors or .ckpt, as "
            "A1111/Forge, ComfyUI and kohya's scripts use them).")
     a("--single_file_config", default=None,
@@ -104,7 +107,8 @@ def parse_args(argv=None):
            "match it (default: what diffusers infers from the file, stabilityai/stable-diffusion-xl-base-1.0 for "
            "SDXL base, fetched once from the Hub; its weights are not downloaded).")
     a("--pretrained_vae_model_name_or_path", default=None,
-      help="A VAE to use instead of the pipeline's, e.g. madebyollin/sdxl-vae-fp16-fix (then it may run in fp16).")
+      help="A VAE to use instead of the pipeline's, e.g. madebyollin/sdxl-vae-fp16-fix (then it may run in fp16): "
+           "a Hub id or folder, or one VAE file in the original layout (sdxl_vae.safetensors).")
     a("--revision", default=None)
     a("--variant", default=None, help="Weight variant to load, e.g. fp16.")
     a("--cache_dir", default=None, help="Where Hub downloads (models and datasets) are cached, as in diffusers' "
@@ -452,7 +456,9 @@ def validate(args):
     model = args.pretrained_model_name_or_path
     if os.path.isfile(model):
         check_single_file(args)
-    elif args.single_file_config:
+    if args.pretrained_vae_model_name_or_path and os.path.isfile(args.pretrained_vae_model_name_or_path):
+        check_vae_file(args.pretrained_vae_model_name_or_path)
+    if args.single_file_config and not os.path.isfile(model):
         raise UserError("--single_file_config is for a --pretrained_model_name_or_path that is one checkpoint file; "
                         f"{model!r} is not: leave it out")
     if resume and resume != "latest" and not os.path.isdir(resume) and os.path.isdir(os.path.join(args.output_dir,
@@ -554,8 +560,7 @@ def load_models(args, accelerator):
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection
 
-    vae_path = args.pretrained_vae_model_name_or_path
-    vae = load_part(AutoencoderKL, args, "", path=vae_path, own_repo=True) if vae_path else None
+    vae = load_vae(args) if args.pretrained_vae_model_name_or_path else None
     sampler = None
     if os.path.isfile(args.pretrained_model_name_or_path):  # one checkpoint file: every part from it, at once
         pipe = base_pipeline(args, **({"vae": vae} if vae else {}))
@@ -599,16 +604,9 @@ def check_single_file(args):
         if getattr(args, name):
             raise UserError(f"--{name} picks files of a diffusers folder or Hub id, and {path!r} is one file: leave "
                             f"--{name} out")
-    ext = os.path.splitext(path)[1].lower()
-    if ext not in SINGLE_FILE_EXTS:
-        raise UserError(f"{flag} is a file but no model checkpoint: pass an SDXL .safetensors (or .ckpt) file, or a "
-                        "diffusers SDXL folder or Hub id")
-    if ext not in (".safetensors", ".sft"):
-        return
-    keys = checkpoint_keys(path)
+    keys = checkpoint_file_keys(flag, path)
     if keys is None:
-        why = "a Git LFS pointer (run `git lfs pull`)" if lfs_pointer(path) else "a download cut short?"
-        raise UserError(f"{flag} is not a readable safetensors file ({why}): download it again")
+        return
     if any("lora" in k.lower() for k in keys):
         raise UserError(f"{flag} is a LoRA, not a base model: pass the SDXL checkpoint it applies to")
     if any(k.startswith("cond_stage_model.") for k in keys):
@@ -619,6 +617,36 @@ def check_single_file(args):
                 else "not a whole SDXL base checkpoint (model.diffusion_model.* and conditioner.embedders.*; a "
                      "refiner or a UNet alone is not): pass one")
         raise UserError(f"{flag} is {what}")
+
+
+def check_vae_file(path):
+    """A VAE file must hold an autoencoder in the original layout (as sdxl_vae.safetensors; a whole checkpoint's
+    first_stage_model is read too). diffusers' layout, a weights file out of its folder, has no config to go with it."""
+    flag = f"--pretrained_vae_model_name_or_path {path!r}"
+    keys = checkpoint_file_keys(flag, path)
+    if keys is None:
+        return
+    if not any(k.endswith("encoder.conv_in.weight") for k in keys):
+        raise UserError(f"{flag} holds no VAE (no encoder.conv_in.weight): pass an SDXL VAE file, folder or Hub id")
+    if any(k.startswith("encoder.down_blocks.") for k in keys):
+        raise UserError(f"{flag} is a diffusers VAE's weights file: pass the folder that holds it (with its "
+                        "config.json)")
+
+
+def checkpoint_file_keys(flag, path):
+    """The tensor names of a model file given as `flag` (its header only); None for a pickle (.ckpt), which is
+    left to diffusers. A file of another kind, or one that cannot be read, is a UserError."""
+    ext = os.path.splitext(path)[1].lower()
+    if ext not in SINGLE_FILE_EXTS:
+        raise UserError(f"{flag} is a file but no model checkpoint: pass a .safetensors (or .ckpt) file, or a "
+                        "diffusers folder or Hub id")
+    if ext not in (".safetensors", ".sft"):
+        return None
+    keys = checkpoint_keys(path)
+    if keys is None:
+        why = "a Git LFS pointer (run `git lfs pull`)" if lfs_pointer(path) else "a download cut short?"
+        raise UserError(f"{flag} is not a readable safetensors file ({why}): download it again")
+    return keys
 
 
 @functools.lru_cache(maxsize=4)
@@ -639,6 +667,24 @@ def single_file_scheduler(path):
     keys = set(checkpoint_keys(path) or ()) if path.lower().endswith((".safetensors", ".sft")) else set()
     return {**({"prediction_type": "v_prediction"} if "v_pred" in keys else {}),
             **({"rescale_betas_zero_snr": True, "timestep_spacing": "trailing"} if "ztsnr" in keys else {})}
+
+
+def load_vae(args, **kw):
+    """--pretrained_vae_model_name_or_path: a diffusers VAE (Hub id or folder), or one file in the original
+    layout, read with the base model's VAE config: the file alone does not say it is SDXL's (scaling factor
+    0.13025, not SD 1.x's 0.18215), which is what diffusers would guess from it."""
+    from diffusers import AutoencoderKL
+
+    path, base = args.pretrained_vae_model_name_or_path, args.pretrained_model_name_or_path
+    if not os.path.isfile(path):
+        return load_part(AutoencoderKL, args, "", path=path, own_repo=True, **kw)
+    config = (args.single_file_config or SDXL_BASE) if os.path.isfile(base) else base
+    try:
+        return AutoencoderKL.from_single_file(path, config=config, subfolder="vae", cache_dir=args.cache_dir, **kw)
+    except (OSError, ValueError, KeyError, RuntimeError, TypeError) as e:
+        raise UserError(f"cannot load the VAE file {path!r} with the VAE config of {config!r} ({first_line(e)})"
+                        + ("" if os.path.exists(config) else ": offline, pass --single_file_config with a "
+                           "diffusers SDXL folder")) from None
 
 
 def base_pipeline(args, **parts):
@@ -863,13 +909,12 @@ def build_pipeline(args, m, unet, text_encoders=None, for_saving=False):
 
     For validation it reuses the loaded (possibly half-precision) frozen parts. For saving it reloads them in
     fp32, the trained UNet's precision, so the output has one dtype (load it with torch_dtype as any pipeline)."""
-    from diffusers import AutoencoderKL, StableDiffusionXLPipeline
+    from diffusers import StableDiffusionXLPipeline
 
     if for_saving:  # fp32 like the trained UNet, also when --variant loaded fp16 files: one dtype in the output
         parts = {"torch_dtype": torch.float32}
         if args.pretrained_vae_model_name_or_path:  # the output carries the VAE it was trained with
-            parts["vae"] = load_part(AutoencoderKL, args, "", path=args.pretrained_vae_model_name_or_path,
-                                     own_repo=True, torch_dtype=torch.float32)
+            parts["vae"] = load_vae(args, torch_dtype=torch.float32)
         pipe = base_pipeline(args, unet=unet, **parts)
     else:
         te1, te2 = text_encoders or m.text_encoders

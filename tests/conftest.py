@@ -54,8 +54,9 @@ def run_trainer(*args, check=True, timeout=600):
 @pytest.fixture(scope="session")
 def model_files(tiny_model, tmp_path_factory):
     """Single-file checkpoints, as A1111/ComfyUI/kohya users hold them: the tiny SDXL in the original layout
-    (tiny.safetensors, fp32: the same weights as its folder), the same marked v-prediction with zero terminal SNR
-    (vpred.safetensors), and files that are no SDXL base: a LoRA, an SD 1.x checkpoint, a diffusers UNet."""
+    (tiny.safetensors, fp32: the same weights as its folder), its VAE alone (vae.safetensors), the model marked
+    v-prediction with zero terminal SNR (vpred.safetensors), and files that are no SDXL base: a LoRA, an SD 1.x
+    checkpoint, a diffusers UNet, a download cut short, a diffusers VAE's weights without their folder."""
     import torch
     from diffusers import StableDiffusionXLPipeline
     from safetensors.torch import save_file
@@ -63,8 +64,12 @@ def model_files(tiny_model, tmp_path_factory):
     import train_sdxl_debias as T
 
     out = str(tmp_path_factory.mktemp("model_files"))
-    state = T.sdxl_checkpoint(StableDiffusionXLPipeline.from_pretrained(tiny_model), torch.float32)
+    pipe = StableDiffusionXLPipeline.from_pretrained(tiny_model)
+    state = T.sdxl_checkpoint(pipe, torch.float32)
     save_file(state, os.path.join(out, "tiny.safetensors"))
+    prefix = "first_stage_model."  # its VAE alone, as sdxl_vae.safetensors is stored; and in diffusers' names
+    save_file({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}, os.path.join(out, "vae.safetensors"))
+    save_file(pipe.vae.state_dict(), os.path.join(out, "diffusion_pytorch_model.safetensors"))
     save_file({**state, "v_pred": torch.tensor([]), "ztsnr": torch.tensor([])}, os.path.join(out, "vpred.safetensors"))
     unet = "model.diffusion_model.out.2.weight"
     for name, keys in (("lora", ["lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight"]),

@@ -276,14 +276,17 @@ def test_a_checkpoint_file_trains_the_same_lora_as_its_diffusers_folder(tiny_mod
     # from the tiny pipeline trains the very LoRA its folder trains, and the card loads it the way it was read.
     trained = {}
     for name, base in (("folder", [tiny_model]),
-                       ("file", [os.path.join(model_files, "tiny.safetensors"), "--single_file_config", tiny_model])):
+                       ("file", [os.path.join(model_files, "tiny.safetensors"), "--single_file_config", tiny_model]),
+                       ("vae_file", [tiny_model, "--pretrained_vae_model_name_or_path",
+                                     os.path.join(model_files, "vae.safetensors")])):  # (A1111's sdxl_vae.safetensors)
         out = str(tmp_path / name)
         run_trainer("--pretrained_model_name_or_path", *base, "--dataset", shapes, "--output_dir", out,
                     "--resolution", "64", "--train_batch_size", "2", "--max_train_steps", "2", "--learning_rate",
                     "1e-2", "--seed", "5")
         trained[name] = load_file(os.path.join(out, "pytorch_lora_weights.safetensors"))
-    assert trained["file"].keys() == trained["folder"].keys()
-    assert all(torch.allclose(trained["file"][k], v, atol=1e-6) for k, v in trained["folder"].items())
+    for name in ("file", "vae_file"):
+        assert trained[name].keys() == trained["folder"].keys()
+        assert all(torch.allclose(trained[name][k], v, atol=1e-6) for k, v in trained["folder"].items()), name
     assert any(v.abs().sum() > 0 for k, v in trained["file"].items() if "lora_B" in k)  # it did train
     card = open(os.path.join(tmp_path, "file", "README.md")).read()
     assert f"from_single_file({os.path.join(model_files, 'tiny.safetensors')!r}, config={tiny_model!r}" in card
@@ -295,8 +298,9 @@ def test_a_v_prediction_checkpoint_file_trains_and_saves_as_v_with_zero_terminal
 
     out = str(tmp_path / "v-full")  # ComfyUI's v_pred/ztsnr keys (NoobAI-XL's v-pred files carry them)
     proc = run_trainer("--pretrained_model_name_or_path", os.path.join(model_files, "vpred.safetensors"),
-                       "--single_file_config", tiny_model, "--finetune", "full", "--save_single_file", "--dataset",
-                       shapes, "--output_dir", out, "--resolution", "64", "--train_batch_size", "2",
+                       "--single_file_config", tiny_model, "--finetune", "full", "--save_single_file",
+                       "--pretrained_vae_model_name_or_path", os.path.join(model_files, "vae.safetensors"),
+                       "--dataset", shapes, "--output_dir", out, "--resolution", "64", "--train_batch_size", "2",
                        "--max_train_steps", "1", "--learning_rate", "1e-4")
     assert "with debias loss (v_prediction)" in proc.stderr
     scheduler = StableDiffusionXLPipeline.from_pretrained(out).scheduler.config

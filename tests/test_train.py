@@ -200,6 +200,10 @@ USER_ERRORS = {
                                  "{files}/tiny.safetensors", "--variant", "fp16"], "leave --variant out"),
     "model_file_offline_without_config": (["--dataset", "{shapes}", "--pretrained_model_name_or_path",
                                            "{files}/tiny.safetensors"], "pass --single_file_config"),
+    "vae_file_in_diffusers_layout": (["--dataset", "{shapes}", "--pretrained_vae_model_name_or_path",
+                                      "{files}/diffusion_pytorch_model.safetensors"], "pass the folder that holds it"),
+    "vae_file_of_no_vae": (["--dataset", "{shapes}", "--pretrained_vae_model_name_or_path", "{files}/lora.safetensors"],
+                           "holds no VAE"),
     "single_file_config_for_a_folder": (["--dataset", "{shapes}", "--single_file_config", "{tiny_model}"],
                                         "--single_file_config is for"),
     "dataset_smaller_than_a_step": (["--dataset", "{shapes}", "--train_batch_size", "64",  # checked before the
