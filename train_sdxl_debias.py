@@ -2642,13 +2642,25 @@ def write_kohya_lora(args, path, unet, text_encoders, prediction_type=None):
             out[f"{name}.lora_{'down' if kind == 'A.weight' else 'up'}.weight"] = value.contiguous()
             out[f"{name}.alpha"] = torch.tensor(float(args.lora_alpha))
             convs |= value.dim() == 4 and value.shape[-1] > 1  # kohya's "conv" LoRA: 3x3 kernels
+    prediction = prediction_type or args.prediction_type or "epsilon"
     metadata = {"ss_network_module": "networks.lora", "ss_network_dim": str(args.rank),
                 "ss_network_alpha": str(args.lora_alpha), "ss_base_model_version": "sdxl_base_v1-0",
-                "ss_v_parameterization": str((prediction_type or args.prediction_type) == "v_prediction")}
+                "ss_v_parameterization": str(prediction == "v_prediction"), "ss_output_name": run_name(args.output_dir),
+                "ss_sd_model_name": os.path.basename(args.pretrained_model_name_or_path.rstrip("/\\")),
+                **modelspec(args, "stable-diffusion-xl-v1-base/lora", prediction)}
     if convs:
         metadata["ss_network_args"] = json.dumps({"conv_dim": str(args.rank), "conv_alpha": str(args.lora_alpha)})
     save_file(out, path, metadata=metadata)
     return True
+
+
+def modelspec(args, architecture, prediction):
+    """Stability's model-spec metadata, by which ComfyUI, Forge and SwarmUI tell what a file is (architecture
+    `stable-diffusion-xl-v1-base`, `/lora` for a LoRA) and how to sample it."""
+    return {"modelspec.sai_model_spec": "1.0.0", "modelspec.architecture": architecture,
+            "modelspec.implementation": "https://github.com/Stability-AI/generative-models",
+            "modelspec.title": run_name(args.output_dir), "modelspec.resolution": f"{args.resolution}x{args.resolution}",
+            "modelspec.prediction_type": {"v_prediction": "v"}.get(prediction, prediction)}
 
 
 RESNET_SGM = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1",
@@ -2959,12 +2971,8 @@ def save_final(accelerator, args, m):
         pipe.save_pretrained(tmp, safe_serialization=True)
         if args.save_single_file:  # in the dtype of training (fp32 without mixed precision), as the UNet file was
             from safetensors.torch import save_file
-            prediction = pipe.scheduler.config.prediction_type
-            save_file(sdxl_checkpoint(pipe, m.weight_dtype), os.path.join(tmp, kohya_name(args.output_dir)), metadata={
-                "modelspec.sai_model_spec": "1.0.0", "modelspec.architecture": "stable-diffusion-xl-v1-base",
-                "modelspec.title": run_name(args.output_dir),
-                "modelspec.resolution": f"{args.resolution}x{args.resolution}",
-                "modelspec.prediction_type": {"v_prediction": "v"}.get(prediction, prediction)})
+            save_file(sdxl_checkpoint(pipe, m.weight_dtype), os.path.join(tmp, kohya_name(args.output_dir)),
+                      metadata=modelspec(args, "stable-diffusion-xl-v1-base", pipe.scheduler.config.prediction_type))
     readable_as_umask_says(tmp)
     for name in os.listdir(tmp):  # each file or folder appears complete or not at all
         final = os.path.join(args.output_dir, name)

@@ -60,6 +60,10 @@ def test_both_lora_formats_load_and_give_the_same_image(te_lora_run, tiny_model)
     assert meta["ss_network_module"] == "networks.lora" and meta["ss_base_model_version"] == "sdxl_base_v1-0"
     assert float(meta["ss_network_dim"]) == 4 and float(meta["ss_network_alpha"]) == 2
     assert meta["ss_v_parameterization"] == "False" and "ss_network_args" not in meta  # no conv layers here
+    assert meta["ss_sd_model_name"] == os.path.basename(tiny_model) and meta["ss_output_name"] == "my-lora"
+    # Stability's model spec, by which ComfyUI, Forge and SwarmUI sort a file as an SDXL LoRA
+    assert (meta["modelspec.architecture"], meta["modelspec.prediction_type"]) == ("stable-diffusion-xl-v1-base/lora",
+                                                                                  "epsilon")
 
     pipe = StableDiffusionXLPipeline.from_pretrained(tiny_model)
     base = generate(pipe)
