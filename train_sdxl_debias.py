@@ -24,6 +24,7 @@ import itertools
 import json
 import logging
 import math
+import operator
 import os
 import random
 import re
@@ -155,6 +156,9 @@ def parse_args(argv=None):
       help="Comma-separated UNet module names (default to_q,to_k,to_v,to_out.0: the attention projections).")
     a("--use_dora", action="store_const", const=True, default=None, help="Weight-decomposed LoRA (peft DoRA).")
     a("--init_lora_weights", choices=sorted(INIT_LORA_WEIGHTS), default=None, help="Default gaussian.")
+    a("--network_weights", default=None,
+      help="Start from this LoRA instead of a new one (kohya's flag): a .safetensors in kohya's or diffusers' "
+           "format, or an output folder of this trainer. Its rank, alpha and layers are the run's.")
     a("--train_text_encoder", action="store_true", help="Also train LoRA adapters on both text encoders.")
     a("--text_encoder_lr", type=float, default=None, help="Default: --learning_rate.")
     a("--use_ema", action="store_true", help="Full fine-tune: keep an EMA of the UNet for validation and saving.")
@@ -302,7 +306,8 @@ FOREIGN_FLAGS = {
     "--pretrained_model_name": "use --pretrained_model_name_or_path",
 }
 LORA_DEFAULTS = (("rank", 4), ("lora_alpha", None), ("lora_dropout", 0.0), ("lora_target_modules",
-                 "to_q,to_k,to_v,to_out.0"), ("use_dora", False), ("init_lora_weights", "gaussian"))
+                 "to_q,to_k,to_v,to_out.0"), ("use_dora", False), ("init_lora_weights", "gaussian"),
+                 ("network_weights", None))
 COMMA_LISTS = ("lora_target_modules",)  # flags whose one value is a comma-separated list
 NOT_CONFIG = ("config", "lora_flags_given", "config_flags", "hub_token",  # never read from or written to a config file
               "data_fingerprint", "made_output_dir")
@@ -458,6 +463,8 @@ def validate(args):
         check_single_file(args)
     if args.pretrained_vae_model_name_or_path and os.path.isfile(args.pretrained_vae_model_name_or_path):
         check_vae_file(args.pretrained_vae_model_name_or_path)
+    if args.network_weights:
+        check_lora_file(args)
     if args.single_file_config and not os.path.isfile(model):
         raise UserError("--single_file_config is for a --pretrained_model_name_or_path that is one checkpoint file; "
                         f"{model!r} is not: leave it out")
@@ -722,15 +729,24 @@ def prepare_models(args, tokenizers, text_encoders, vae, unet, noise_scheduler, 
     for m in text_encoders + [unet] + ([vae] if vae is not None else []):
         m.requires_grad_(False)
     half = weight_dtype != torch.float32  # frozen weights in fp16/bf16, the forward under autocast
+    start, te_targets = [], TEXT_ENCODER_LORA_TARGETS
+    if args.network_weights:  # before any adapter is added: it reads the layers' plain names
+        start, te_targets = read_lora_file(args, unet, text_encoders)
+        logger.info("starting from the LoRA of %s: rank %d, alpha %g, %d UNet and %d text-encoder layers",
+                    args.network_weights, args.rank, args.lora_alpha, len(start[0]) // 2,
+                    (len(start[1]) + len(start[2])) // 2)
     for te in text_encoders:
         place(te, device, weight_dtype)
         if args.train_text_encoder:
-            add_lora(te, args, TEXT_ENCODER_LORA_TARGETS, half)
+            add_lora(te, args, te_targets, half)
     if vae is not None:  # SDXL's own VAE overflows in fp16: fp32 unless the user supplied a (fixed) VAE
         place(vae, device, weight_dtype if args.pretrained_vae_model_name_or_path else torch.float32)
     if args.finetune == "lora":
         place(unet, device, weight_dtype)
         add_lora(unet, args, args.lora_target_modules.split(","), half)
+    for model, state in zip([unet, *text_encoders], start):
+        if state:
+            load_adapter_state(model, state, f"--network_weights {args.network_weights}")
     else:
         place(unet, device, torch.float32)  # trained weights stay fp32; autocast does the mixed precision
         unet.requires_grad_(True)
@@ -815,6 +831,108 @@ def add_lora(model, args, targets, half_precision):
         for module in model.modules():
             if hasattr(module, "cast_input_dtype_enabled"):
                 module.cast_input_dtype_enabled = False
+
+
+def lora_file_path(path):
+    """--network_weights' file: the path, or an output folder's pytorch_lora_weights.safetensors."""
+    return os.path.join(path, "pytorch_lora_weights.safetensors") if os.path.isdir(path) else path
+
+
+def check_lora_file(args):
+    """--network_weights names a readable LoRA file before anything loads; its LoRA settings are the run's, so
+    flags that set others conflict."""
+    flag = f"--network_weights {args.network_weights!r}"
+    path = lora_file_path(args.network_weights)
+    if not os.path.exists(path):
+        raise UserError(f"{flag} does not exist" if path == args.network_weights else
+                        f"{flag} is a folder without pytorch_lora_weights.safetensors: pass the LoRA file")
+    keys = checkpoint_file_keys(flag, path)
+    if keys is None:
+        raise UserError(f"{flag}: a LoRA is read from a .safetensors file, not a pickle")
+    if not any("lora" in k for k in keys):
+        raise UserError(f"{flag} holds no LoRA layers (lora_down/lora_up, lora_A/lora_B): LyCORIS (LoHa, LoKr) "
+                        "and whole models are not read as a starting LoRA")
+    if args.use_dora:
+        raise UserError(f"--use_dora with {flag}: a run started from a LoRA file trains that LoRA; drop --use_dora")
+
+
+def read_lora_file(args, unet, text_encoders):
+    """--network_weights as peft states [unet, text_encoder, text_encoder_2] ({} where the file has no layers),
+    with the run's rank, alpha and UNet targets set from it. Keys in kohya's format (`lora_unet_<path with _>`
+    in SGM's layout, as write_kohya_lora writes them, or diffusers'; `.lora_down/.lora_up.weight`, `.alpha`;
+    `lora_te1_`, `lora_te2_`) or diffusers' (`unet.<path>.lora_A/.lora_B.weight`; alpha in its metadata, else
+    the rank, as diffusers' scripts train). One rank and one alpha throughout."""
+    from safetensors import safe_open
+
+    flag, path = f"--network_weights {args.network_weights!r}", lora_file_path(args.network_weights)
+    layer_names = {}  # every way a file names a layer -> (model index, module name)
+    for i, (kohya, diffusers, model) in enumerate(zip(("lora_unet_", "lora_te1_", "lora_te2_"),
+                                                      ("unet.", "text_encoder.", "text_encoder_2."),
+                                                      (unet, *text_encoders))):
+        clip = "text_model." if flattened_clip(model) else ""
+        for name, module in model.named_modules():
+            if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)):
+                forms = {clip + name, sgm_path(name, unet.config)} if i == 0 else {clip + name}
+                for form in forms:
+                    layer_names[kohya + form.replace(".", "_")] = layer_names[diffusers + form] = (i, name)
+    with safe_open(path, "pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+        metadata = f.metadata() or {}
+    layers, alphas = {}, set()
+    for key, value in tensors.items():
+        stem, part = next(((key[:-len(e)], p) for e, p in LORA_KEY_ENDS if key.endswith(e)), (None, None))
+        if stem not in layer_names:
+            raise UserError(f"{flag}: {key} is no LoRA layer of this SDXL's (LyCORIS, DoRA, or a LoRA of another "
+                            "model?): only plain LoRA files of SDXL are read")
+        if part == "alpha":
+            alphas.add(float(value))
+        else:
+            layers.setdefault(layer_names[stem], {})[part] = value
+    ranks = {t["lora_A"].shape[0] for t in layers.values() if "lora_A" in t}
+    if len(ranks) != 1 or any(len(t) != 2 for t in layers.values()):
+        raise UserError(f"{flag} has layers of ranks {sorted(ranks)} (or halves of layers): one rank throughout is "
+                        "read")
+    saved = json.loads(metadata.get("lora_adapter_metadata", "{}")).get("unet.lora_alpha")  # diffusers >= 0.34
+    alphas = alphas or ({float(saved)} if saved else set(ranks))
+    if len(alphas) != 1:
+        raise UserError(f"{flag} has layers of several alphas ({', '.join(map(str, sorted(alphas)))}): one is read")
+    found = {"rank": ranks.pop(), "lora_alpha": alphas.pop(),
+             "lora_target_modules": lora_targets(unet, [n for i, n in layers if i == 0])}
+    same = {"lora_target_modules": lambda a, b: set(a.split(",")) == set(b.split(","))}
+    wrong = [f"--{k} {getattr(args, k)}" for k, v in found.items()
+             if k in args.lora_flags_given and not same.get(k, operator.eq)(getattr(args, k), v)]
+    if wrong:
+        raise UserError(f"{', '.join(wrong)}: {flag} has its own ({', '.join(f'{k} {v}' for k, v in found.items())}); "
+                        "drop the flag")
+    vars(args).update(found)
+    text = [n for i, n in layers if i > 0]
+    if text and not args.train_text_encoder:
+        raise UserError(f"{flag} trains the text encoders too: add --train_text_encoder (or pass a UNet-only LoRA)")
+    states = [{} for _ in range(3)]
+    for (i, name), t in layers.items():
+        states[i].update({f"{name}.{part}.weight": v.float() for part, v in t.items()})
+    return states, sorted({short_name(n) for n in text}) or TEXT_ENCODER_LORA_TARGETS
+
+
+LORA_KEY_ENDS = ((".lora_down.weight", "lora_A"), (".lora_up.weight", "lora_B"), (".alpha", "alpha"),  # kohya
+                 (".lora_A.weight", "lora_A"), (".lora_B.weight", "lora_B"),  # peft's, ours
+                 (".lora.down.weight", "lora_A"), (".lora.up.weight", "lora_B"),  # diffusers' scripts
+                 (".lora_linear_layer.down.weight", "lora_A"), (".lora_linear_layer.up.weight", "lora_B"))
+
+
+def lora_targets(unet, names):
+    """--lora_target_modules for exactly these UNet layers: their short names (to_q, to_out.0) when those pick
+    no other layer, else the full module names."""
+    short = sorted({short_name(n) for n in names})
+    picked = [n for n, m in unet.named_modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))
+              and any(n == t or n.endswith("." + t) for t in short)]
+    return ",".join(short if sorted(picked) == sorted(names) else sorted(names))
+
+
+def short_name(module):
+    """A layer's name as LoRA targets give it: its last part, two where that is a number (to_out.0, ff.net.2)."""
+    parts = module.split(".")
+    return ".".join(parts[-2:]) if parts[-1].isdigit() else parts[-1]
 
 
 def compile_blocks(unet, mode="default", backend="inductor", scope="blocks"):
@@ -2753,7 +2871,6 @@ def load_trained(args, folder, unet, text_encoders=(), ema=None):
     if args.finetune == "lora":
         from diffusers import StableDiffusionXLPipeline
         from diffusers.utils import convert_state_dict_to_peft, convert_unet_state_dict_to_peft
-        from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 
         state, _ = StableDiffusionXLPipeline.lora_state_dict(folder, weight_name="pytorch_lora_weights.safetensors")
         parts = {"unet.": (unet, convert_unet_state_dict_to_peft)}
@@ -2770,12 +2887,7 @@ def load_trained(args, folder, unet, text_encoders=(), ema=None):
             # peft's name for DoRA magnitudes (lora_layers); peft would skip the other without a word
             sub = {k.removesuffix(".weight") if k.endswith(".lora_magnitude_vector.weight") else k: v
                    for k, v in sub.items()}
-            set_peft_model_state_dict(model, sub, adapter_name="default")
-            now = get_peft_model_state_dict(model)  # peft skips a key it can't place without a word
-            landed = now.keys() == sub.keys() and all(torch.equal(now[k], v.to(now[k])) for k, v in sub.items())
-            if not sub or not landed:
-                raise UserError(f"checkpoint {folder} does not match this run's LoRA ({prefix[:-1]}: rank, "
-                                "targets or --train_text_encoder differ)")
+            load_adapter_state(model, sub, f"checkpoint {folder} ({prefix[:-1]})")
     else:
         from diffusers import UNet2DConditionModel
         from diffusers.training_utils import EMAModel
@@ -2785,6 +2897,18 @@ def load_trained(args, folder, unet, text_encoders=(), ema=None):
             loaded = EMAModel.from_pretrained(os.path.join(folder, "unet_ema"), model_cls=UNet2DConditionModel)
             ema.load_state_dict(loaded.state_dict())
             ema.to(next(unet.parameters()).device)
+
+
+def load_adapter_state(model, state, what):
+    """Put a peft-named LoRA state (`<module>.lora_A.weight`, …) into `model`'s adapter, and check that every
+    tensor landed: peft skips a key it cannot place without a word."""
+    from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+
+    set_peft_model_state_dict(model, state, adapter_name="default")
+    now = get_peft_model_state_dict(model)
+    landed = now.keys() == state.keys() and all(torch.equal(now[k], v.to(now[k])) for k, v in state.items())
+    if not state or not landed:
+        raise UserError(f"{what} does not match this run's LoRA (rank, targets or --train_text_encoder differ)")
 
 
 DAMAGED = "move that checkpoint folder aside; then --resume_from_checkpoint latest continues from the one before it"

@@ -11,7 +11,7 @@ import yaml
 from PIL import Image
 from packaging.version import Version
 from safetensors import safe_open
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 import train_sdxl_debias as T
 from conftest import run_trainer
@@ -74,6 +74,46 @@ def test_both_lora_formats_load_and_give_the_same_image(te_lora_run, tiny_model)
     from_kohya = generate(pipe)
     assert np.abs(from_diffusers - base).mean() > 1e-3
     np.testing.assert_allclose(from_kohya, from_diffusers, atol=1e-5)
+
+
+def test_a_run_starts_from_a_lora_file_of_either_format(te_lora_run, tiny_model, shapes, tmp_path):
+    # kohya's --network_weights: continue training a LoRA from its file. The run's files (rank 4, alpha 2, text
+    # encoders too) read back as the same LoRA from kohya's names, peft's and those diffusers' scripts write.
+    from diffusers import StableDiffusionXLPipeline
+
+    out, _ = te_lora_run
+    saved = load_file(os.path.join(out, "pytorch_lora_weights.safetensors"))
+    pipe = StableDiffusionXLPipeline.from_pretrained(tiny_model)
+    scripts = str(tmp_path / "diffusers-script.safetensors")  # names of convert_state_dict_to_diffusers
+    save_file({k.replace(".lora_A.", ".lora.down." if k.startswith("unet.") else ".lora_linear_layer.down.")
+               .replace(".lora_B.", ".lora.up." if k.startswith("unet.") else ".lora_linear_layer.up."): v
+               for k, v in saved.items()}, scripts)  # (no alpha in it: diffusers' scripts train alpha = rank)
+    models = [pipe.unet, pipe.text_encoder, pipe.text_encoder_2]
+    for source, alpha in ((os.path.join(out, "my-lora.safetensors"), 2.0), (out, 2.0), (scripts, 4.0)):
+        args = T.parse_args(["--dataset", shapes, "--network_weights", source, "--train_text_encoder"])
+        states, te_targets = T.read_lora_file(args, *models[:1], models[1:])
+        assert (args.rank, args.lora_alpha, args.lora_target_modules) == (4, alpha, "to_k,to_out.0,to_q,to_v")
+        assert te_targets == ["k_proj", "out_proj", "q_proj", "v_proj"], source
+        for prefix, state, model in zip(("unet.", "text_encoder.", "text_encoder_2."), states, models):
+            want = {k[len(prefix):]: v for k, v in saved.items() if k.startswith(prefix)}
+            if T.flattened_clip(model):
+                want = {k.removeprefix("text_model."): v for k, v in want.items()}
+            assert state.keys() == want.keys() and all(torch.equal(state[k], v) for k, v in want.items()), source
+    # End to end, from the kohya file at learning rate 0: the LoRA comes out as it went in.
+    again = str(tmp_path / "again")
+    proc = run_trainer("--pretrained_model_name_or_path", tiny_model, "--dataset", shapes, "--output_dir", again,
+                       "--resolution", "64", "--train_batch_size", "2", "--max_train_steps", "1", "--learning_rate",
+                       "0", "--train_text_encoder", "--network_weights", os.path.join(out, "my-lora.safetensors"))
+    assert "starting from the LoRA of" in proc.stderr and "rank 4, alpha 2" in proc.stderr
+    resaved = load_file(os.path.join(again, "pytorch_lora_weights.safetensors"))
+    assert resaved.keys() == saved.keys() and all(torch.equal(resaved[k], v) for k, v in saved.items())
+    for extra, needle in ((["--rank", "8", "--train_text_encoder"], "--rank 8: --network_weights"),
+                          ([], "add --train_text_encoder")):
+        proc = run_trainer("--pretrained_model_name_or_path", tiny_model, "--dataset", shapes, "--output_dir",
+                           str(tmp_path / "refused"), "--network_weights", out, "--resolution", "64", *extra,
+                           check=False)
+        last = proc.stderr.strip().splitlines()[-1]
+        assert proc.returncode == 2 and last.startswith("error: ") and needle in last, last
 
 
 def test_a_lora_on_every_layer_type_loads_whole_from_both_files(tiny_model, shapes, tmp_path):

@@ -204,6 +204,12 @@ USER_ERRORS = {
                                       "{files}/diffusion_pytorch_model.safetensors"], "pass the folder that holds it"),
     "vae_file_of_no_vae": (["--dataset", "{shapes}", "--pretrained_vae_model_name_or_path", "{files}/lora.safetensors"],
                            "holds no VAE"),
+    "network_weights_missing": (["--dataset", "{shapes}", "--network_weights", "{files}/none.safetensors"],
+                                "does not exist"),
+    "network_weights_not_a_lora": (["--dataset", "{shapes}", "--network_weights", "{files}/tiny.safetensors"],
+                                   "holds no LoRA layers"),
+    "network_weights_with_full": (["--dataset", "{shapes}", "--finetune", "full", "--network_weights",
+                                   "{files}/lora.safetensors"], "--network_weights only applies to --finetune lora"),
     "single_file_config_for_a_folder": (["--dataset", "{shapes}", "--single_file_config", "{tiny_model}"],
                                         "--single_file_config is for"),
     "dataset_smaller_than_a_step": (["--dataset", "{shapes}", "--train_batch_size", "64",  # checked before the
