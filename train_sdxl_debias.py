@@ -744,9 +744,9 @@ def prepare_models(args, tokenizers, text_encoders, vae, unet, noise_scheduler, 
     if args.finetune == "lora":
         place(unet, device, weight_dtype)
         add_lora(unet, args, args.lora_target_modules.split(","), half)
-    for model, state in zip([unet, *text_encoders], start):
-        if state:
-            load_adapter_state(model, state, f"--network_weights {args.network_weights}")
+        for model, state in zip([unet, *text_encoders], start):
+            if state:
+                load_adapter_state(model, state, f"--network_weights {args.network_weights}")
     else:
         place(unet, device, torch.float32)  # trained weights stay fp32; autocast does the mixed precision
         unet.requires_grad_(True)

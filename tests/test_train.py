@@ -81,6 +81,25 @@ def rel_l1(a, b):
     return float(num / sum(a[k].float().abs().sum() for k in a))
 
 
+def test_a_lora_run_trains_only_its_adapters_and_a_full_one_only_the_unet(tiny_model):
+    from diffusers import DDPMScheduler, StableDiffusionXLPipeline
+
+    import train_sdxl_debias as T
+
+    for argv, unet_trains, te_trains in ((["--train_text_encoder"], "lora", "lora"), (["--finetune", "full"], "all", None)):
+        pipe = StableDiffusionXLPipeline.from_pretrained(tiny_model)
+        args = T.parse_args(["--dataset", "x", *argv])
+        m = T.prepare_models(args, [pipe.tokenizer, pipe.tokenizer_2], [pipe.text_encoder, pipe.text_encoder_2],
+                             pipe.vae, pipe.unet, DDPMScheduler.from_config(pipe.scheduler.config), "cpu", torch.float32)
+        for model, trains in ((m.unet, unet_trains), (m.text_encoders[0], te_trains), (m.text_encoders[1], te_trains),
+                              (m.vae, None)):
+            names = [n for n, p in model.named_parameters() if p.requires_grad]
+            if trains == "lora":
+                assert names and all(".lora_" in n for n in names), (argv, type(model).__name__, names[:3])
+            else:
+                assert len(names) == (len(list(model.parameters())) if trains == "all" else 0), (argv, trains)
+
+
 def test_resumed_run_equals_uninterrupted_run(tiny_model, shapes, tmp_path):
     """Mid-epoch checkpoint, accumulation, bucketing, random crop/flip, warmup + linear decay, LoRA dropout and
     validation: the resumed run must end with the weights, and log the rows, of the run that was never stopped."""
