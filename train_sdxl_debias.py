@@ -459,10 +459,18 @@ def validate(args):
         raise UserError("--snr_gamma must be positive")
     resume = args.resume_from_checkpoint
     model = args.pretrained_model_name_or_path
+    for flag in ("pretrained_model_name_or_path", "pretrained_vae_model_name_or_path"):
+        path = getattr(args, flag) or ""
+        if path.startswith(("http://", "https://")):
+            raise UserError(f"--{flag} {path!r} is a URL: download the file and pass its path (or pass a Hub id)")
+        if os.path.splitext(path)[1].lower() in SINGLE_FILE_EXTS and not os.path.exists(path):
+            raise UserError(f"--{flag} {path!r} does not exist")
     if os.path.isfile(model):
         check_single_file(args)
     if args.pretrained_vae_model_name_or_path and os.path.isfile(args.pretrained_vae_model_name_or_path):
         check_vae_file(args.pretrained_vae_model_name_or_path)
+    if args.single_file_config and os.path.isfile(model):
+        check_pipeline_folder(args.single_file_config)
     if args.network_weights:
         check_lora_file(args)
     if args.single_file_config and not os.path.isfile(model):
@@ -587,6 +595,10 @@ def load_models(args, accelerator):
             raise UserError(f"{where}/{sub} has no usable tokenizer files")
     if args.prediction_type:
         noise_scheduler.register_to_config(prediction_type=args.prediction_type)
+    if noise_scheduler.config.get("rescale_betas_zero_snr") and noise_scheduler.config.prediction_type == "epsilon":
+        logger.warning("the model's schedule has zero terminal SNR, where ε-prediction has nothing to go on at the "
+                       "last timestep (pure noise in, the same noise out): such models predict v; if this one does, "
+                       "pass --prediction_type v_prediction")
     num_t = noise_scheduler.config.num_train_timesteps
     if not 0 <= args.min_timestep < (args.max_timestep or num_t) <= num_t:
         raise UserError(f"the timestep range [{args.min_timestep}, {args.max_timestep or num_t}) must lie in the "
@@ -626,6 +638,21 @@ def check_single_file(args):
         raise UserError(f"{flag} is {what}")
 
 
+def check_pipeline_folder(config):
+    """--single_file_config, when local: a diffusers SDXL pipeline folder (its configs and tokenizers are read)."""
+    if not (os.path.exists(config) or config.startswith((".", "/", "~")) or config.count("/") > 1):
+        return  # a Hub id (organisation/name)
+    index = os.path.join(config, "model_index.json")
+    if not os.path.isfile(index):
+        raise UserError(f"--single_file_config {config!r} " + ("is not a diffusers pipeline folder (no model_index.json)"
+                                                               if os.path.isdir(config) else "does not exist"))
+    with open(index) as f:
+        kind = json.load(f).get("_class_name", "")
+    if not kind.startswith("StableDiffusionXL"):
+        raise UserError(f"--single_file_config {config!r} is a {kind or 'pipeline'} folder; pass an SDXL one "
+                        "(StableDiffusionXLPipeline), e.g. stabilityai/stable-diffusion-xl-base-1.0")
+
+
 def check_vae_file(path):
     """A VAE file must hold an autoencoder in the original layout (as sdxl_vae.safetensors; a whole checkpoint's
     first_stage_model is read too). diffusers' layout, a weights file out of its folder, has no config to go with it."""
@@ -644,10 +671,12 @@ def checkpoint_file_keys(flag, path):
     """The tensor names of a model file given as `flag` (its header only); None for a pickle (.ckpt), which is
     left to diffusers. A file of another kind, or one that cannot be read, is a UserError."""
     ext = os.path.splitext(path)[1].lower()
+    if ext == ".sft":
+        raise UserError(f"{flag}: diffusers reads safetensors only under the .safetensors extension: rename the file")
     if ext not in SINGLE_FILE_EXTS:
         raise UserError(f"{flag} is a file but no model checkpoint: pass a .safetensors (or .ckpt) file, or a "
                         "diffusers folder or Hub id")
-    if ext not in (".safetensors", ".sft"):
+    if ext != ".safetensors":
         return None
     keys = checkpoint_keys(path)
     if keys is None:
@@ -671,7 +700,7 @@ def single_file_scheduler(path):
     """The scheduler settings a checkpoint file marks by empty tensors, as ComfyUI reads them (and
     sdxl_checkpoint writes them): `v_pred`, a v-prediction model; `ztsnr`, zero terminal SNR (sampled with
     trailing timesteps, as diffusers advises for it)."""
-    keys = set(checkpoint_keys(path) or ()) if path.lower().endswith((".safetensors", ".sft")) else set()
+    keys = set(checkpoint_keys(path) or ()) if path.lower().endswith(".safetensors") else set()
     return {**({"prediction_type": "v_prediction"} if "v_pred" in keys else {}),
             **({"rescale_betas_zero_snr": True, "timestep_spacing": "trailing"} if "ztsnr" in keys else {})}
 
@@ -687,11 +716,40 @@ def load_vae(args, **kw):
         return load_part(AutoencoderKL, args, "", path=path, own_repo=True, **kw)
     config = (args.single_file_config or SDXL_BASE) if os.path.isfile(base) else base
     try:
-        return AutoencoderKL.from_single_file(path, config=config, subfolder="vae", cache_dir=args.cache_dir, **kw)
-    except (OSError, ValueError, KeyError, RuntimeError, TypeError) as e:
+        with quiet_diffusers():
+            return AutoencoderKL.from_single_file(path, config=config, subfolder="vae", cache_dir=args.cache_dir, **kw)
+    except Exception as e:  # (diffusers' SingleFileComponentError is a bare Exception)
         raise UserError(f"cannot load the VAE file {path!r} with the VAE config of {config!r} ({first_line(e)})"
-                        + ("" if os.path.exists(config) else ": offline, pass --single_file_config with a "
-                           "diffusers SDXL folder")) from None
+                        + (": it holds no VAE" if "appear to be missing" in str(e) else "" if os.path.exists(config)
+                           else ": offline, pass --single_file_config with a diffusers SDXL folder")) from None
+
+
+def single_file_hint(e, config):
+    """What to do about a checkpoint file from_single_file could not load: the file (a pickle of more than
+    tensors, or without a whole model's parts), or the configs."""
+    words = str(e)
+    if "weights_only" in words or "checkpoint file" in words or "pickle" in words.lower():
+        return "the file itself could not be read (an old .ckpt pickles more than tensors): convert it to .safetensors"
+    if "appear to be missing" in words:  # SingleFileComponentError: "Weights for this component appear to be missing"
+        return "it is not a whole SDXL checkpoint (UNet, VAE and both text encoders)"
+    if config:
+        return (f"check that --single_file_config {config!r} is a diffusers SDXL pipeline (offline: a folder, or a Hub "
+                "id in the cache)")
+    return ("pass --single_file_config with a diffusers SDXL folder or Hub id of the same architecture (offline: a "
+            "folder, or a Hub id in the cache)")
+
+
+@contextmanager
+def quiet_diffusers():
+    """diffusers' logging at errors only, for its notices about what we handle ourselves."""
+    from diffusers.utils import logging as diffusers_logging
+
+    level = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        diffusers_logging.set_verbosity(level)
 
 
 def base_pipeline(args, **parts):
@@ -707,14 +765,16 @@ def base_pipeline(args, **parts):
             return StableDiffusionXLPipeline.from_pretrained(base, revision=args.revision, variant=args.variant,
                                                              cache_dir=args.cache_dir, **parts)
         try:
-            pipe = StableDiffusionXLPipeline.from_single_file(base, config=args.single_file_config,
-                                                              cache_dir=args.cache_dir, **parts)
-        except (OSError, ValueError, KeyError, RuntimeError, TypeError) as e:
-            hint = ("check that it is a diffusers SDXL pipeline of the file's architecture" if args.single_file_config
-                    else "pass --single_file_config with a diffusers SDXL folder or Hub id of the same architecture "
-                         "(offline: a folder, or a Hub id in the cache)")
-            raise UserError(f"cannot load {base!r} with diffusers' from_single_file ({first_line(e)}): {hint}") \
-                from None
+            with quiet_diffusers():  # (its "attempting to download the config files" notice before our error)
+                pipe = StableDiffusionXLPipeline.from_single_file(base, config=args.single_file_config,
+                                                                  cache_dir=args.cache_dir, **parts)
+        except Exception as e:  # (diffusers' SingleFileComponentError is a bare Exception)
+            raise UserError(f"cannot load {base!r} with diffusers' from_single_file ({first_line(e)}): "
+                            f"{single_file_hint(e, args.single_file_config)}") from None
+    missing = [name for name in ("tokenizer_2", "text_encoder_2") if getattr(pipe, name, None) is None]
+    if missing:
+        raise UserError(f"--single_file_config {args.single_file_config!r} has no {' or '.join(missing)}: pass a "
+                        "diffusers SDXL pipeline (model_index.json naming StableDiffusionXLPipeline)")
     marked = single_file_scheduler(base)
     if marked:
         pipe.scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config, **marked)
@@ -739,8 +799,8 @@ def prepare_models(args, tokenizers, text_encoders, vae, unet, noise_scheduler, 
         place(te, device, weight_dtype)
         if args.train_text_encoder:
             add_lora(te, args, te_targets, half)
-    if vae is not None:  # SDXL's own VAE overflows in fp16: fp32 unless the user supplied a (fixed) VAE
-        place(vae, device, weight_dtype if args.pretrained_vae_model_name_or_path else torch.float32)
+    if vae is not None:  # SDXL's own VAE overflows in fp16: fp32 unless its config says it is safe (the fp16-fix's)
+        place(vae, device, torch.float32 if vae.config.get("force_upcast", True) else weight_dtype)
     if args.finetune == "lora":
         place(unet, device, weight_dtype)
         add_lora(unet, args, args.lora_target_modules.split(","), half)
@@ -773,14 +833,10 @@ def prepare_models(args, tokenizers, text_encoders, vae, unet, noise_scheduler, 
 
 
 def place(module, device, dtype):
-    from diffusers.utils import logging as diffusers_logging
-
     module.to(device)
     if next(module.parameters()).dtype != dtype:
-        level = diffusers_logging.get_verbosity()
-        diffusers_logging.set_verbosity_error()  # its "modules to keep in float32: []" notice on every cast
-        module.to(dtype=dtype)
-        diffusers_logging.set_verbosity(level)
+        with quiet_diffusers():  # its "modules to keep in float32: []" notice on every cast
+            module.to(dtype=dtype)
 
 
 TEXT_ENCODER_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
@@ -888,10 +944,11 @@ def read_lora_file(args, unet, text_encoders):
             alphas.add(float(value))
         else:
             layers.setdefault(layer_names[stem], {})[part] = value
-    ranks = {t["lora_A"].shape[0] for t in layers.values() if "lora_A" in t}
-    if len(ranks) != 1 or any(len(t) != 2 for t in layers.values()):
-        raise UserError(f"{flag} has layers of ranks {sorted(ranks)} (or halves of layers): one rank throughout is "
-                        "read")
+    if any(len(t) != 2 for t in layers.values()):
+        raise UserError(f"{flag} holds halves of layers (a down weight without its up weight, or the reverse)")
+    ranks = {t["lora_A"].shape[0] for t in layers.values()}
+    if len(ranks) != 1:
+        raise UserError(f"{flag} has layers of ranks {sorted(ranks)}: only a LoRA of one rank throughout is read")
     saved = json.loads(metadata.get("lora_adapter_metadata", "{}")).get("unet.lora_alpha")  # diffusers >= 0.34
     alphas = alphas or ({float(saved)} if saved else set(ranks))
     if len(alphas) != 1:
@@ -2412,12 +2469,16 @@ def caches_text(args):
 def cache_namespaces(args, weight_dtype):
     """What the encoders' outputs depend on: model id, revision, variant, dtype, and for local folders the
     weight files' sizes and times (a model rewritten in place must not reuse old entries)."""
-    base = args.pretrained_model_name_or_path
-    model = (base, args.revision, args.variant, str(weight_dtype))
-    vae = args.pretrained_vae_model_name_or_path
-    one_file = os.path.isfile(base)
-    text_files = [base] if one_file else [os.path.join(base, sub) for sub in ("text_encoder", "text_encoder_2")]
-    vae_files = [vae] if vae else [base] if one_file else [os.path.join(base, "vae")]
+    base, vae, config = args.pretrained_model_name_or_path, args.pretrained_vae_model_name_or_path, args.single_file_config
+    model = (base, args.revision, args.variant, str(weight_dtype), *([config] if config else []))
+    def under(root, *subs):
+        return [os.path.join(root, sub) for sub in subs] if root else []
+    if os.path.isfile(base):  # the weights in one file, the configs and tokenizers (they shape the outputs too) apart
+        text_files = [base, *under(config, "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")]
+        vae_files = [vae or base, *under(config, "vae")]
+    else:
+        text_files = under(base, "text_encoder", "text_encoder_2")
+        vae_files = [vae, *under(base, "vae")] if vae and os.path.isfile(vae) else [vae] if vae else under(base, "vae")
     return (cache_key("text", *model, files_fingerprint(text_files)),
             # "sRGB": latents cached before colour profiles were applied (to_srgb) are not reused
             cache_key("latents", *model, vae or "vae", files_fingerprint(vae_files), "sRGB"))
@@ -2620,7 +2681,8 @@ RUN_SHAPE = ("finetune", "rank", "lora_alpha", "lora_target_modules", "use_dora"
 # What a resume may change but should say it changed: the schedule, the data and its order, and the objective.
 RUN_SETTINGS = ("lr_scheduler", "lr_warmup_steps", "max_train_steps", "num_train_epochs", "train_batch_size",
                 "gradient_accumulation_steps", "dataset", "train_data_dir", "max_train_samples", "resolution",
-                "aspect_ratio_bucketing", "seed", "pretrained_model_name_or_path", "loss_weighting", "snr_gamma",
+                "aspect_ratio_bucketing", "seed", "pretrained_model_name_or_path", "single_file_config",
+                "loss_weighting", "snr_gamma",
                 "prediction_type", "min_timestep", "max_timestep", "noise_offset", "input_perturbation",
                 "caption_dropout", "shuffle_caption", "keep_tokens", "caption_extension", "lora_dropout",
                 "center_crop", "random_flip", "cache_latents",

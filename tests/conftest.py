@@ -76,6 +76,12 @@ def model_files(tiny_model, tmp_path_factory):
                        ("sd15", [unet, "cond_stage_model.transformer.text_model.final_layer_norm.weight"]),
                        ("unet", ["conv_in.weight", "down_blocks.0.resnets.0.conv1.weight"])):
         save_file({k: torch.zeros(2, 2) for k in keys}, os.path.join(out, f"{name}.safetensors"))
+    torch.save({"cond_stage_model.transformer.text_model.final_layer_norm.weight": torch.zeros(2)},
+               os.path.join(out, "sd15.ckpt"))  # a pickle: not looked into before diffusers loads it
+    open(os.path.join(out, "model.sft"), "wb").close()  # safetensors under the other extension
+    os.makedirs(os.path.join(out, "sd15-pipeline"))  # a diffusers folder of another pipeline
+    with open(os.path.join(out, "sd15-pipeline", "model_index.json"), "w") as f:
+        f.write('{"_class_name": "StableDiffusionPipeline"}')
     with open(tiny := os.path.join(out, "tiny.safetensors"), "rb") as f, \
             open(os.path.join(out, "broken.safetensors"), "wb") as cut:  # a download cut short
         cut.write(f.read(os.path.getsize(tiny) // 2))

@@ -2,6 +2,7 @@
 grids, text-encoder LoRA, EMA, optimizers, timestep range and --config."""
 import json
 import os
+import shutil
 
 import diffusers
 import numpy as np
@@ -334,6 +335,14 @@ def test_a_checkpoint_file_trains_the_same_lora_as_its_diffusers_folder(tiny_mod
     assert any(v.abs().sum() > 0 for k, v in trained["file"].items() if "lora_B" in k)  # it did train
     card = open(os.path.join(tmp_path, "file", "README.md")).read()
     assert f"from_single_file({os.path.join(model_files, 'tiny.safetensors')!r}, config={tiny_model!r}" in card
+    # The configs and tokenizers shape what the file's encoders output: another config, other cache entries.
+    other = str(tmp_path / "other-config")
+    shutil.copytree(tiny_model, other)
+    namespaces = [T.cache_namespaces(T.parse_args(["--dataset", "x", "--pretrained_model_name_or_path",
+                                                   os.path.join(model_files, "tiny.safetensors"),
+                                                   "--single_file_config", config]), torch.float32)
+                  for config in (tiny_model, other)]
+    assert namespaces[0][0] != namespaces[1][0] and namespaces[0][1] != namespaces[1][1]
 
 
 def test_a_v_prediction_checkpoint_file_trains_and_saves_as_v_with_zero_terminal_snr(tiny_model, model_files,

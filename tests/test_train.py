@@ -100,6 +100,23 @@ def test_a_lora_run_trains_only_its_adapters_and_a_full_one_only_the_unet(tiny_m
                 assert len(names) == (len(list(model.parameters())) if trains == "all" else 0), (argv, trains)
 
 
+def test_the_vae_runs_in_fp32_unless_its_config_says_fp16_is_safe(tiny_model):
+    # SDXL's own VAE (force_upcast, also as A1111's sdxl_vae.safetensors) overflows in fp16; the fp16-fix's
+    # config clears force_upcast, and only then does the VAE take the mixed-precision dtype.
+    from diffusers import DDPMScheduler, StableDiffusionXLPipeline
+
+    import train_sdxl_debias as T
+
+    for force_upcast, dtype in ((True, torch.float32), (False, torch.bfloat16)):
+        pipe = StableDiffusionXLPipeline.from_pretrained(tiny_model)
+        pipe.vae.register_to_config(force_upcast=force_upcast)
+        args = T.parse_args(["--dataset", "x", "--pretrained_vae_model_name_or_path", "some/vae"])
+        m = T.prepare_models(args, [pipe.tokenizer, pipe.tokenizer_2], [pipe.text_encoder, pipe.text_encoder_2],
+                             pipe.vae, pipe.unet, DDPMScheduler.from_config(pipe.scheduler.config), "cpu",
+                             torch.bfloat16)
+        assert next(m.vae.parameters()).dtype == dtype
+
+
 def test_resumed_run_equals_uninterrupted_run(tiny_model, shapes, tmp_path):
     """Mid-epoch checkpoint, accumulation, bucketing, random crop/flip, warmup + linear decay, LoRA dropout and
     validation: the resumed run must end with the weights, and log the rows, of the run that was never stopped."""
@@ -229,6 +246,20 @@ USER_ERRORS = {
                                    "holds no LoRA layers"),
     "network_weights_with_full": (["--dataset", "{shapes}", "--finetune", "full", "--network_weights",
                                    "{files}/lora.safetensors"], "--network_weights only applies to --finetune lora"),
+    "model_pickle_not_sdxl": (["--dataset", "{shapes}", "--pretrained_model_name_or_path", "{files}/sd15.ckpt",
+                               "--single_file_config", "{tiny_model}"], "not a whole SDXL checkpoint"),
+    "model_sft_file": (["--dataset", "{shapes}", "--pretrained_model_name_or_path", "{files}/model.sft"],
+                       "rename the file"),
+    "model_file_missing": (["--dataset", "{shapes}", "--pretrained_model_name_or_path", "{files}/gone.safetensors"],
+                           "gone.safetensors' does not exist"),
+    "model_url": (["--dataset", "{shapes}", "--pretrained_model_name_or_path", "https://x.org/m.safetensors"],
+                  "is a URL: download the file"),
+    "single_file_config_of_sd15": (["--dataset", "{shapes}", "--pretrained_model_name_or_path",
+                                    "{files}/tiny.safetensors", "--single_file_config", "{files}/sd15-pipeline"],
+                                   "is a StableDiffusionPipeline folder; pass an SDXL one"),
+    "single_file_config_missing": (["--dataset", "{shapes}", "--pretrained_model_name_or_path",
+                                    "{files}/tiny.safetensors", "--single_file_config", "{files}/nowhere"],
+                                   "nowhere' does not exist"),
     "single_file_config_for_a_folder": (["--dataset", "{shapes}", "--single_file_config", "{tiny_model}"],
                                         "--single_file_config is for"),
     "dataset_smaller_than_a_step": (["--dataset", "{shapes}", "--train_batch_size", "64",  # checked before the
