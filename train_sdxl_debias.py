@@ -789,16 +789,16 @@ def prepare_models(args, tokenizers, text_encoders, vae, unet, noise_scheduler, 
     for m in text_encoders + [unet] + ([vae] if vae is not None else []):
         m.requires_grad_(False)
     half = weight_dtype != torch.float32  # frozen weights in fp16/bf16, the forward under autocast
-    start, te_targets = [], TEXT_ENCODER_LORA_TARGETS
+    start, te_targets = [], [None, None]
     if args.network_weights:  # before any adapter is added: it reads the layers' plain names
         start, te_targets = read_lora_file(args, unet, text_encoders)
         logger.info("starting from the LoRA of %s: rank %d, alpha %g, %d UNet and %d text-encoder layers",
                     args.network_weights, args.rank, args.lora_alpha, len(start[0]) // 2,
                     (len(start[1]) + len(start[2])) // 2)
-    for te in text_encoders:
+    for te, targets in zip(text_encoders, te_targets):
         place(te, device, weight_dtype)
         if args.train_text_encoder:
-            add_lora(te, args, te_targets, half)
+            add_lora(te, args, targets or TEXT_ENCODER_LORA_TARGETS, half)
     if vae is not None:  # SDXL's own VAE overflows in fp16: fp32 unless its config says it is safe (the fp16-fix's)
         place(vae, device, torch.float32 if vae.config.get("force_upcast", True) else weight_dtype)
     if args.finetune == "lora":
@@ -902,46 +902,46 @@ def check_lora_file(args):
     if not os.path.exists(path):
         raise UserError(f"{flag} does not exist" if path == args.network_weights else
                         f"{flag} is a folder without pytorch_lora_weights.safetensors: pass the LoRA file")
+    if not path.lower().endswith(".safetensors"):
+        raise UserError(f"{flag}: a LoRA is read from a .safetensors file")
     keys = checkpoint_file_keys(flag, path)
-    if keys is None:
-        raise UserError(f"{flag}: a LoRA is read from a .safetensors file, not a pickle")
     if not any("lora" in k for k in keys):
         raise UserError(f"{flag} holds no LoRA layers (lora_down/lora_up, lora_A/lora_B): LyCORIS (LoHa, LoKr) "
                         "and whole models are not read as a starting LoRA")
-    if args.use_dora:
-        raise UserError(f"--use_dora with {flag}: a run started from a LoRA file trains that LoRA; drop --use_dora")
+    for name in ("use_dora", "init_lora_weights"):
+        if getattr(args, name) not in (None, False, "gaussian"):
+            raise UserError(f"--{name} with {flag}: a run started from a LoRA file trains that LoRA; drop --{name}")
 
 
 def read_lora_file(args, unet, text_encoders):
-    """--network_weights as peft states [unet, text_encoder, text_encoder_2] ({} where the file has no layers),
-    with the run's rank, alpha and UNet targets set from it. Keys in kohya's format (`lora_unet_<path with _>`
-    in SGM's layout, as write_kohya_lora writes them, or diffusers'; `.lora_down/.lora_up.weight`, `.alpha`;
+    """--network_weights as peft states for [unet, text_encoder, text_encoder_2] ({} where the file has none)
+    and the text encoders' targets (None where it has none), with the run's rank, alpha and UNet targets set
+    from it. Keys in kohya's format (`lora_unet_<path with _>`, SGM's layout as write_kohya_lora writes it, or
+    diffusers'; `.lora_down/.lora_up.weight`, `.alpha`, which is the rank where missing, as kohya reads it;
     `lora_te1_`, `lora_te2_`) or diffusers' (`unet.<path>.lora_A/.lora_B.weight`; alpha in its metadata, else
-    the rank, as diffusers' scripts train). One rank and one alpha throughout."""
+    in train_config.json beside it, else the rank, as diffusers' scripts train). One rank and one alpha."""
     from safetensors import safe_open
 
     flag, path = f"--network_weights {args.network_weights!r}", lora_file_path(args.network_weights)
+    models = (unet, *text_encoders)
     layer_names = {}  # every way a file names a layer -> (model index, module name)
     for i, (kohya, diffusers, model) in enumerate(zip(("lora_unet_", "lora_te1_", "lora_te2_"),
-                                                      ("unet.", "text_encoder.", "text_encoder_2."),
-                                                      (unet, *text_encoders))):
+                                                      ("unet.", "text_encoder.", "text_encoder_2."), models)):
         clip = "text_model." if flattened_clip(model) else ""
-        for name, module in model.named_modules():
-            if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)):
-                forms = {clip + name, sgm_path(name, unet.config)} if i == 0 else {clip + name}
-                for form in forms:
-                    layer_names[kohya + form.replace(".", "_")] = layer_names[diffusers + form] = (i, name)
+        for name in lora_capable(model):
+            for form in {clip + name, sgm_path(name, unet.config)} if i == 0 else {clip + name}:
+                layer_names[kohya + form.replace(".", "_")] = layer_names[diffusers + form] = (i, name)
     with safe_open(path, "pt") as f:
         tensors = {k: f.get_tensor(k) for k in f.keys()}
         metadata = f.metadata() or {}
-    layers, alphas = {}, set()
+    layers, alphas = {}, {}
     for key, value in tensors.items():
         stem, part = next(((key[:-len(e)], p) for e, p in LORA_KEY_ENDS if key.endswith(e)), (None, None))
         if stem not in layer_names:
             raise UserError(f"{flag}: {key} is no LoRA layer of this SDXL's (LyCORIS, DoRA, or a LoRA of another "
                             "model?): only plain LoRA files of SDXL are read")
         if part == "alpha":
-            alphas.add(float(value))
+            alphas[layer_names[stem]] = float(value)
         else:
             layers.setdefault(layer_names[stem], {})[part] = value
     if any(len(t) != 2 for t in layers.values()):
@@ -949,47 +949,87 @@ def read_lora_file(args, unet, text_encoders):
     ranks = {t["lora_A"].shape[0] for t in layers.values()}
     if len(ranks) != 1:
         raise UserError(f"{flag} has layers of ranks {sorted(ranks)}: only a LoRA of one rank throughout is read")
-    saved = json.loads(metadata.get("lora_adapter_metadata", "{}")).get("unet.lora_alpha")  # diffusers >= 0.34
-    alphas = alphas or ({float(saved)} if saved else set(ranks))
-    if len(alphas) != 1:
-        raise UserError(f"{flag} has layers of several alphas ({', '.join(map(str, sorted(alphas)))}): one is read")
-    found = {"rank": ranks.pop(), "lora_alpha": alphas.pop(),
-             "lora_target_modules": lora_targets(unet, [n for i, n in layers if i == 0])}
-    same = {"lora_target_modules": lambda a, b: set(a.split(",")) == set(b.split(","))}
+    rank = ranks.pop()
+    if not alphas:  # a diffusers file: alpha per model in its metadata (diffusers >= 0.34), or our train_config
+        saved = lora_file_alphas(args.network_weights, metadata, flag)
+        alphas = {layer: saved.get(layer[0], rank) for layer in layers}
+    found_alphas = {float(alphas.get(layer, rank)) for layer in layers}  # (kohya: no .alpha means alpha = rank)
+    if len(found_alphas) != 1:
+        raise UserError(f"{flag} has layers of several alphas ({', '.join(f'{a:g}' for a in sorted(found_alphas))}): "
+                        "only a LoRA of one alpha throughout is read")
+    names = [[n for i, n in layers if i == m] for m in range(3)]
+    found = {"rank": rank, "lora_alpha": found_alphas.pop()}
+    if names[0]:  # (a text-encoder-only file leaves the UNet's targets to the flags)
+        found["lora_target_modules"] = ",".join(lora_targets(unet, names[0]))
+    same = {"lora_target_modules": lambda a, b: picked_layers(unet, a.split(",")) == picked_layers(unet, b.split(","))}
     wrong = [f"--{k} {getattr(args, k)}" for k, v in found.items()
              if k in args.lora_flags_given and not same.get(k, operator.eq)(getattr(args, k), v)]
     if wrong:
         raise UserError(f"{', '.join(wrong)}: {flag} has its own ({', '.join(f'{k} {v}' for k, v in found.items())}); "
                         "drop the flag")
     vars(args).update(found)
-    text = [n for i, n in layers if i > 0]
-    if text and not args.train_text_encoder:
+    if (names[1] or names[2]) and not args.train_text_encoder:
         raise UserError(f"{flag} trains the text encoders too: add --train_text_encoder (or pass a UNet-only LoRA)")
-    states = [{} for _ in range(3)]
+    states = [{} for _ in models]
     for (i, name), t in layers.items():
         states[i].update({f"{name}.{part}.weight": v.float() for part, v in t.items()})
-    return states, sorted({short_name(n) for n in text}) or TEXT_ENCODER_LORA_TARGETS
+    return states, [lora_targets(te, n) if n else None for te, n in zip(text_encoders, names[1:])]
+
+
+def lora_file_alphas(source, metadata, flag):
+    """{model index: alpha} a diffusers-format LoRA file records: in its metadata (diffusers >= 0.34 writes
+    peft's config per model), else, in an output folder of this trainer, its train_config.json."""
+    try:
+        config = json.loads(metadata.get("lora_adapter_metadata", "{}"))
+        config = config if isinstance(config, dict) else {}
+    except ValueError:  # metadata some other tool wrote: as if none
+        config = {}
+    if any(config.get(f"{part}.{pattern}") for part in ("unet", "text_encoder", "text_encoder_2")
+           for pattern in ("rank_pattern", "alpha_pattern")):
+        raise UserError(f"{flag} has per-layer ranks or alphas (peft's rank_pattern/alpha_pattern): only a LoRA of "
+                        "one rank and alpha throughout is read")
+    found = {i: float(config[f"{part}.lora_alpha"]) for i, part in enumerate(("unet", "text_encoder", "text_encoder_2"))
+             if config.get(f"{part}.lora_alpha") is not None}
+    run = os.path.join(source, "train_config.json")
+    if not found and os.path.isdir(source) and os.path.isfile(run):
+        with suppress(ValueError, OSError, TypeError), open(run) as f:
+            found = dict.fromkeys(range(3), float(json.load(f)["lora_alpha"]))
+    return found
 
 
 LORA_KEY_ENDS = ((".lora_down.weight", "lora_A"), (".lora_up.weight", "lora_B"), (".alpha", "alpha"),  # kohya
                  (".lora_A.weight", "lora_A"), (".lora_B.weight", "lora_B"),  # peft's, ours
                  (".lora.down.weight", "lora_A"), (".lora.up.weight", "lora_B"),  # diffusers' scripts
                  (".lora_linear_layer.down.weight", "lora_A"), (".lora_linear_layer.up.weight", "lora_B"))
+# Layer names as target lists give them (diffusers' and kohya's defaults, the resnets', CLIP's).
+KNOWN_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2", "conv1",
+                 "conv2", "conv_shortcut", "time_emb_proj", "q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")
 
 
-def lora_targets(unet, names):
-    """--lora_target_modules for exactly these UNet layers: their short names (to_q, to_out.0) when those pick
-    no other layer, else the full module names."""
-    short = sorted({short_name(n) for n in names})
-    picked = [n for n, m in unet.named_modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))
-              and any(n == t or n.endswith("." + t) for t in short)]
-    return ",".join(short if sorted(picked) == sorted(names) else sorted(names))
+def lora_capable(model):
+    """The names of a model's layers a LoRA can sit on (Linear, Conv2d)."""
+    return [n for n, m in model.named_modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))]
 
 
-def short_name(module):
-    """A layer's name as LoRA targets give it: its last part, two where that is a number (to_out.0, ff.net.2)."""
-    parts = module.split(".")
-    return ".".join(parts[-2:]) if parts[-1].isdigit() else parts[-1]
+def picked_layers(model, targets):
+    """The layers a target list picks, as peft matches them (the name, or its end after a dot)."""
+    return {n for n in lora_capable(model) if any(n == t or n.endswith("." + t) for t in targets)}
+
+
+def lora_targets(model, names):
+    """A target list for exactly these layers of `model`: their short names (to_q, ff.net.0.proj), else with
+    their parent (attn1.to_q: a LoRA on some attention layers only), else the full names."""
+    def short(name, parent):
+        parts = name.split(".")
+        known = next((k for k in KNOWN_TARGETS if name == k or name.endswith("." + k)), None)
+        size = len(known.split(".")) if known else 2 if parts[-1].isdigit() else 1
+        return ".".join(parts[-size - parent:])
+
+    for parent in (0, 1):
+        targets = sorted({short(n, parent) for n in names})
+        if picked_layers(model, targets) == set(names):
+            return targets
+    return sorted(names)
 
 
 def compile_blocks(unet, mode="default", backend="inductor", scope="blocks"):
@@ -2966,7 +3006,11 @@ def load_adapter_state(model, state, what):
     tensor landed: peft skips a key it cannot place without a word."""
     from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 
-    set_peft_model_state_dict(model, state, adapter_name="default")
+    try:
+        set_peft_model_state_dict(model, state, adapter_name="default")
+    except RuntimeError as e:  # a tensor of another shape than its layer's: torch names it on the second line
+        line = next((x.strip() for x in str(e).splitlines() if "size mismatch" in x), first_line(e))
+        raise UserError(f"{what} does not fit this model: {line}") from None
     now = get_peft_model_state_dict(model)
     landed = now.keys() == state.keys() and all(torch.equal(now[k], v.to(now[k])) for k, v in state.items())
     if not state or not landed:

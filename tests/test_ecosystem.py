@@ -94,12 +94,31 @@ def test_a_run_starts_from_a_lora_file_of_either_format(te_lora_run, tiny_model,
         args = T.parse_args(["--dataset", shapes, "--network_weights", source, "--train_text_encoder"])
         states, te_targets = T.read_lora_file(args, *models[:1], models[1:])
         assert (args.rank, args.lora_alpha, args.lora_target_modules) == (4, alpha, "to_k,to_out.0,to_q,to_v")
-        assert te_targets == ["k_proj", "out_proj", "q_proj", "v_proj"], source
+        assert te_targets == [["k_proj", "out_proj", "q_proj", "v_proj"]] * 2, source
         for prefix, state, model in zip(("unet.", "text_encoder.", "text_encoder_2."), states, models):
             want = {k[len(prefix):]: v for k, v in saved.items() if k.startswith(prefix)}
             if T.flattened_clip(model):
                 want = {k.removeprefix("text_model."): v for k, v in want.items()}
             assert state.keys() == want.keys() and all(torch.equal(state[k], v) for k, v in want.items()), source
+    # The same targets in another order are the file's; a kohya layer without .alpha has alpha = rank (4 here,
+    # not the others' 2: refused, not trained at another strength); per-layer patterns are refused.
+    kohya = load_file(os.path.join(out, "my-lora.safetensors"))
+    T.read_lora_file(T.parse_args(["--dataset", shapes, "--network_weights", os.path.join(out, "my-lora.safetensors"),
+                                   "--train_text_encoder", "--lora_target_modules", "to_v,to_q,to_out.0,to_k"]),
+                     pipe.unet, models[1:])
+    cases = {"alpha_missing": ({k: v for k, v in kohya.items() if not k.startswith("lora_te1_") or
+                                not k.endswith(".alpha")}, {}, r"several alphas \(2, 4\)"),
+             "alpha_pattern": (saved, {"lora_adapter_metadata": json.dumps({"unet.lora_alpha": 2, "unet.alpha_pattern":
+                                                                             {"to_q": 8}})}, "alpha_pattern")}
+    for name, (tensors, metadata, needle) in cases.items():
+        save_file(tensors, str(tmp_path / f"{name}.safetensors"), metadata=metadata)
+        args = T.parse_args(["--dataset", shapes, "--network_weights", str(tmp_path / f"{name}.safetensors"),
+                             "--train_text_encoder"])
+        with pytest.raises(T.UserError, match=needle):
+            T.read_lora_file(args, pipe.unet, models[1:])
+    T.add_lora(pipe.unet, T.parse_args(["--dataset", shapes]), ["to_q"], False)
+    with pytest.raises(T.UserError, match=r"does not fit this model: size mismatch for down_blocks"):
+        T.load_adapter_state(pipe.unet, {k: torch.zeros(4, 3) for k in T.lora_layers(pipe.unet)}, "a file")
     # End to end, from the kohya file at learning rate 0: the LoRA comes out as it went in.
     again = str(tmp_path / "again")
     proc = run_trainer("--pretrained_model_name_or_path", tiny_model, "--dataset", shapes, "--output_dir", again,
