@@ -955,7 +955,6 @@ def test_image_paths_resolve_beside_the_data_never_silently_elsewhere(tmp_path, 
     """Paths in a data file: beside it; else relative to the working directory (said); found nowhere, named
     beside the data, not opened from wherever the run started. Windows' backslashes and file:// read as paths,
     a URL is named as one; {bytes, path} rows without stored bytes resolve in every row of a plain parquet."""
-    import datasets
     import pyarrow as pa
     import pyarrow.parquet as pq
 
