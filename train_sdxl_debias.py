@@ -376,7 +376,8 @@ def config_value(action, value, path):
 
 
 PATH_FLAGS = ("pretrained_model_name_or_path", "pretrained_vae_model_name_or_path", "single_file_config", "dataset",
-              "train_data_dir", "output_dir", "cache_dir", "data_cache_dir", "resume_from_checkpoint")
+              "train_data_dir", "output_dir", "cache_dir", "data_cache_dir", "resume_from_checkpoint",
+              "network_weights")
 
 
 def validate(args):
@@ -467,15 +468,15 @@ def validate(args):
             raise UserError(f"--{flag} {path!r} does not exist")
     if os.path.isfile(model):
         check_single_file(args)
-    if args.pretrained_vae_model_name_or_path and os.path.isfile(args.pretrained_vae_model_name_or_path):
-        check_vae_file(args.pretrained_vae_model_name_or_path)
-    if args.single_file_config and os.path.isfile(model):
-        check_pipeline_folder(args.single_file_config)
-    if args.network_weights:
-        check_lora_file(args)
-    if args.single_file_config and not os.path.isfile(model):
+        if args.single_file_config:
+            check_pipeline_folder(args.single_file_config)
+    elif args.single_file_config:
         raise UserError("--single_file_config is for a --pretrained_model_name_or_path that is one checkpoint file; "
                         f"{model!r} is not: leave it out")
+    if args.pretrained_vae_model_name_or_path and os.path.isfile(args.pretrained_vae_model_name_or_path):
+        check_vae_file(args.pretrained_vae_model_name_or_path)
+    if args.network_weights:
+        check_lora_file(args)
     if resume and resume != "latest" and not os.path.isdir(resume) and os.path.isdir(os.path.join(args.output_dir,
                                                                                                  resume)):
         resume = args.resume_from_checkpoint = os.path.join(args.output_dir, resume)  # diffusers: a name in output_dir
@@ -643,9 +644,12 @@ def check_pipeline_folder(config):
     if not (os.path.exists(config) or config.startswith((".", "/", "~")) or config.count("/") > 1):
         return  # a Hub id (organisation/name)
     index = os.path.join(config, "model_index.json")
+    if os.path.isfile(config):
+        raise UserError(f"--single_file_config {config!r} is a file (an original .yaml config is not read): pass a "
+                        "diffusers SDXL pipeline folder or Hub id")
     if not os.path.isfile(index):
-        raise UserError(f"--single_file_config {config!r} " + ("is not a diffusers pipeline folder (no model_index.json)"
-                                                               if os.path.isdir(config) else "does not exist"))
+        what = "is not a diffusers pipeline folder (no model_index.json)" if os.path.isdir(config) else "does not exist"
+        raise UserError(f"--single_file_config {config!r} {what}")
     with open(index) as f:
         kind = json.load(f).get("_class_name", "")
     if not kind.startswith("StableDiffusionXL"):
@@ -660,6 +664,10 @@ def check_vae_file(path):
     keys = checkpoint_file_keys(flag, path)
     if keys is None:
         return
+    if any("lora" in k.lower() for k in keys):
+        raise UserError(f"{flag} is a LoRA, not a VAE")
+    if any(k.startswith("cond_stage_model.") for k in keys):
+        raise UserError(f"{flag} is a Stable Diffusion 1.x/2.x checkpoint, whose VAE is not SDXL's: pass an SDXL VAE")
     if not any(k.endswith("encoder.conv_in.weight") for k in keys):
         raise UserError(f"{flag} holds no VAE (no encoder.conv_in.weight): pass an SDXL VAE file, folder or Hub id")
     if any(k.startswith("encoder.down_blocks.") for k in keys):
@@ -719,9 +727,13 @@ def load_vae(args, **kw):
         with quiet_diffusers():
             return AutoencoderKL.from_single_file(path, config=config, subfolder="vae", cache_dir=args.cache_dir, **kw)
     except Exception as e:  # (diffusers' SingleFileComponentError is a bare Exception)
+        hint = ""
+        if "appear to be missing" in str(e):
+            hint = ": it holds no VAE"
+        elif os.path.isfile(base) and not args.single_file_config:  # the config came from the Hub, or did not
+            hint = ": pass --single_file_config with a diffusers SDXL folder (offline: a folder, or a cached Hub id)"
         raise UserError(f"cannot load the VAE file {path!r} with the VAE config of {config!r} ({first_line(e)})"
-                        + (": it holds no VAE" if "appear to be missing" in str(e) else "" if os.path.exists(config)
-                           else ": offline, pass --single_file_config with a diffusers SDXL folder")) from None
+                        f"{hint}") from None
 
 
 def single_file_hint(e, config):
@@ -773,8 +785,9 @@ def base_pipeline(args, **parts):
                             f"{single_file_hint(e, args.single_file_config)}") from None
     missing = [name for name in ("tokenizer_2", "text_encoder_2") if getattr(pipe, name, None) is None]
     if missing:
-        raise UserError(f"--single_file_config {args.single_file_config!r} has no {' or '.join(missing)}: pass a "
-                        "diffusers SDXL pipeline (model_index.json naming StableDiffusionXLPipeline)")
+        where = args.single_file_config or "the config diffusers chose"
+        raise UserError(f"{where} has no {' or '.join(missing)}: pass --single_file_config with a diffusers SDXL "
+                        "pipeline (model_index.json naming StableDiffusionXLPipeline)")
     marked = single_file_scheduler(base)
     if marked:
         pipe.scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config, **marked)
@@ -924,13 +937,7 @@ def read_lora_file(args, unet, text_encoders):
 
     flag, path = f"--network_weights {args.network_weights!r}", lora_file_path(args.network_weights)
     models = (unet, *text_encoders)
-    layer_names = {}  # every way a file names a layer -> (model index, module name)
-    for i, (kohya, diffusers, model) in enumerate(zip(("lora_unet_", "lora_te1_", "lora_te2_"),
-                                                      ("unet.", "text_encoder.", "text_encoder_2."), models)):
-        clip = "text_model." if flattened_clip(model) else ""
-        for name in lora_capable(model):
-            for form in {clip + name, sgm_path(name, unet.config)} if i == 0 else {clip + name}:
-                layer_names[kohya + form.replace(".", "_")] = layer_names[diffusers + form] = (i, name)
+    layer_names = lora_layer_names(models)
     with safe_open(path, "pt") as f:
         tensors = {k: f.get_tensor(k) for k in f.keys()}
         metadata = f.metadata() or {}
@@ -958,9 +965,37 @@ def read_lora_file(args, unet, text_encoders):
         raise UserError(f"{flag} has layers of several alphas ({', '.join(f'{a:g}' for a in sorted(found_alphas))}): "
                         "only a LoRA of one alpha throughout is read")
     names = [[n for i, n in layers if i == m] for m in range(3)]
-    found = {"rank": rank, "lora_alpha": found_alphas.pop()}
-    if names[0]:  # (a text-encoder-only file leaves the UNet's targets to the flags)
-        found["lora_target_modules"] = ",".join(lora_targets(unet, names[0]))
+    adopt_lora_settings(args, unet, flag, rank, found_alphas.pop(), names[0])
+    if (names[1] or names[2]) and not args.train_text_encoder:
+        raise UserError(f"{flag} trains the text encoders too: add --train_text_encoder (or pass a UNet-only LoRA)")
+    states = [{} for _ in models]
+    for (i, name), t in layers.items():
+        states[i].update({f"{name}.{part}.weight": v.float() for part, v in t.items()})
+    return states, [lora_targets(te, n) if n else None for te, n in zip(text_encoders, names[1:])]
+
+
+def lora_layer_names(models):
+    """Every name a LoRA file may give a layer of (unet, text_encoder, text_encoder_2) -> (model index, module
+    name): kohya's `lora_unet_<path with _>` in SGM's layout or diffusers', `lora_te1_…`, `lora_te2_…`, and
+    diffusers' `unet.<path>`, `text_encoder.<path>` (CLIP-L with or without `text_model.`: transformers 5
+    dropped that level)."""
+    unet, names = models[0], {}
+    for i, (kohya, diffusers, model) in enumerate(zip(("lora_unet_", "lora_te1_", "lora_te2_"),
+                                                      ("unet.", "text_encoder.", "text_encoder_2."), models)):
+        clip = "text_model." if flattened_clip(model) else ""
+        for name in lora_capable(model):
+            for form in {clip + name, sgm_path(name, unet.config)} if i == 0 else {clip + name, name}:
+                names[kohya + form.replace(".", "_")] = names[diffusers + form] = (i, name)
+    return names
+
+
+def adopt_lora_settings(args, unet, flag, rank, alpha, unet_layers):
+    """The run's --rank, --lora_alpha and --lora_target_modules become the LoRA file's; a flag given with
+    another value is refused (one given with the same, as a --config rerun gives them, is not). Targets are the
+    same when they pick the same layers, in whatever order or form."""
+    found = {"rank": rank, "lora_alpha": alpha}
+    if unet_layers:  # (a text-encoder-only file leaves the UNet's targets to the flags)
+        found["lora_target_modules"] = ",".join(lora_targets(unet, unet_layers))
     same = {"lora_target_modules": lambda a, b: picked_layers(unet, a.split(",")) == picked_layers(unet, b.split(","))}
     wrong = [f"--{k} {getattr(args, k)}" for k, v in found.items()
              if k in args.lora_flags_given and not same.get(k, operator.eq)(getattr(args, k), v)]
@@ -968,12 +1003,6 @@ def read_lora_file(args, unet, text_encoders):
         raise UserError(f"{', '.join(wrong)}: {flag} has its own ({', '.join(f'{k} {v}' for k, v in found.items())}); "
                         "drop the flag")
     vars(args).update(found)
-    if (names[1] or names[2]) and not args.train_text_encoder:
-        raise UserError(f"{flag} trains the text encoders too: add --train_text_encoder (or pass a UNet-only LoRA)")
-    states = [{} for _ in models]
-    for (i, name), t in layers.items():
-        states[i].update({f"{name}.{part}.weight": v.float() for part, v in t.items()})
-    return states, [lora_targets(te, n) if n else None for te, n in zip(text_encoders, names[1:])]
 
 
 def lora_file_alphas(source, metadata, flag):
@@ -990,9 +1019,9 @@ def lora_file_alphas(source, metadata, flag):
                         "one rank and alpha throughout is read")
     found = {i: float(config[f"{part}.lora_alpha"]) for i, part in enumerate(("unet", "text_encoder", "text_encoder_2"))
              if config.get(f"{part}.lora_alpha") is not None}
-    run = os.path.join(source, "train_config.json")
-    if not found and os.path.isdir(source) and os.path.isfile(run):
-        with suppress(ValueError, OSError, TypeError), open(run) as f:
+    run = os.path.join(source if os.path.isdir(source) else os.path.dirname(source), "train_config.json")
+    if not found and os.path.isfile(run):
+        with suppress(ValueError, OSError, TypeError, KeyError), open(run) as f:
             found = dict.fromkeys(range(3), float(json.load(f)["lora_alpha"]))
     return found
 
@@ -2509,16 +2538,20 @@ def caches_text(args):
 def cache_namespaces(args, weight_dtype):
     """What the encoders' outputs depend on: model id, revision, variant, dtype, and for local folders the
     weight files' sizes and times (a model rewritten in place must not reuse old entries)."""
-    base, vae, config = args.pretrained_model_name_or_path, args.pretrained_vae_model_name_or_path, args.single_file_config
+    base, vae = args.pretrained_model_name_or_path, args.pretrained_vae_model_name_or_path
+    config = args.single_file_config
     model = (base, args.revision, args.variant, str(weight_dtype), *([config] if config else []))
-    def under(root, *subs):
-        return [os.path.join(root, sub) for sub in subs] if root else []
     if os.path.isfile(base):  # the weights in one file, the configs and tokenizers (they shape the outputs too) apart
-        text_files = [base, *under(config, "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")]
-        vae_files = [vae or base, *under(config, "vae")]
+        text_files, vae_files = [base], [vae or base]
+        if config:
+            text_files += [os.path.join(config, sub) for sub in ("text_encoder", "text_encoder_2", "tokenizer",
+                                                                 "tokenizer_2")]
+            vae_files.append(os.path.join(config, "vae"))
     else:
-        text_files = under(base, "text_encoder", "text_encoder_2")
-        vae_files = [vae, *under(base, "vae")] if vae and os.path.isfile(vae) else [vae] if vae else under(base, "vae")
+        text_files = [os.path.join(base, sub) for sub in ("text_encoder", "text_encoder_2")]
+        vae_files = [vae] if vae else [os.path.join(base, "vae")]
+        if vae and os.path.isfile(vae):  # a VAE file is read with the base model's VAE config
+            vae_files.append(os.path.join(base, "vae"))
     return (cache_key("text", *model, files_fingerprint(text_files)),
             # "sRGB": latents cached before colour profiles were applied (to_srgb) are not reused
             cache_key("latents", *model, vae or "vae", files_fingerprint(vae_files), "sRGB"))
@@ -2879,7 +2912,8 @@ def modelspec(args, architecture, prediction):
     `stable-diffusion-xl-v1-base`, `/lora` for a LoRA) and how to sample it."""
     return {"modelspec.sai_model_spec": "1.0.0", "modelspec.architecture": architecture,
             "modelspec.implementation": "https://github.com/Stability-AI/generative-models",
-            "modelspec.title": run_name(args.output_dir), "modelspec.resolution": f"{args.resolution}x{args.resolution}",
+            "modelspec.title": run_name(args.output_dir),
+            "modelspec.resolution": f"{args.resolution}x{args.resolution}",
             "modelspec.prediction_type": {"v_prediction": "v"}.get(prediction, prediction)}
 
 
@@ -3693,7 +3727,7 @@ def remove_outputs(args):
     continued in place: its pipeline is the base model this run loaded)."""
     out = args.output_dir
     inputs = [p for p in (args.pretrained_model_name_or_path, args.pretrained_vae_model_name_or_path,
-                          args.train_data_dir or args.dataset) if p and os.path.exists(p)]
+                          args.train_data_dir or args.dataset, args.network_weights) if p and os.path.exists(p)]
     if any(inside(p, out) or inside(out, p) for p in inputs):
         logger.info("--overwrite_output_dir: %s holds or is inside what this run reads (model, VAE or data): only "
                     "its checkpoints are removed", out)

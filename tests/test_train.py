@@ -86,11 +86,13 @@ def test_a_lora_run_trains_only_its_adapters_and_a_full_one_only_the_unet(tiny_m
 
     import train_sdxl_debias as T
 
-    for argv, unet_trains, te_trains in ((["--train_text_encoder"], "lora", "lora"), (["--finetune", "full"], "all", None)):
+    for argv, unet_trains, te_trains in ((["--train_text_encoder"], "lora", "lora"),
+                                         (["--finetune", "full"], "all", None)):
         pipe = StableDiffusionXLPipeline.from_pretrained(tiny_model)
         args = T.parse_args(["--dataset", "x", *argv])
         m = T.prepare_models(args, [pipe.tokenizer, pipe.tokenizer_2], [pipe.text_encoder, pipe.text_encoder_2],
-                             pipe.vae, pipe.unet, DDPMScheduler.from_config(pipe.scheduler.config), "cpu", torch.float32)
+                             pipe.vae, pipe.unet, DDPMScheduler.from_config(pipe.scheduler.config), "cpu",
+                             torch.float32)
         for model, trains in ((m.unet, unet_trains), (m.text_encoders[0], te_trains), (m.text_encoders[1], te_trains),
                               (m.vae, None)):
             names = [n for n, p in model.named_parameters() if p.requires_grad]
@@ -110,7 +112,7 @@ def test_the_vae_runs_in_fp32_unless_its_config_says_fp16_is_safe(tiny_model):
     for force_upcast, dtype in ((True, torch.float32), (False, torch.bfloat16)):
         pipe = StableDiffusionXLPipeline.from_pretrained(tiny_model)
         pipe.vae.register_to_config(force_upcast=force_upcast)
-        args = T.parse_args(["--dataset", "x", "--pretrained_vae_model_name_or_path", "some/vae"])
+        args = T.parse_args(["--dataset", "x"])
         m = T.prepare_models(args, [pipe.tokenizer, pipe.tokenizer_2], [pipe.text_encoder, pipe.text_encoder_2],
                              pipe.vae, pipe.unet, DDPMScheduler.from_config(pipe.scheduler.config), "cpu",
                              torch.bfloat16)
@@ -238,8 +240,15 @@ USER_ERRORS = {
                                            "{files}/tiny.safetensors"], "pass --single_file_config"),
     "vae_file_in_diffusers_layout": (["--dataset", "{shapes}", "--pretrained_vae_model_name_or_path",
                                       "{files}/diffusion_pytorch_model.safetensors"], "pass the folder that holds it"),
-    "vae_file_of_no_vae": (["--dataset", "{shapes}", "--pretrained_vae_model_name_or_path", "{files}/lora.safetensors"],
+    "vae_file_of_no_vae": (["--dataset", "{shapes}", "--pretrained_vae_model_name_or_path", "{files}/unet.safetensors"],
                            "holds no VAE"),
+    "vae_file_is_a_lora": (["--dataset", "{shapes}", "--pretrained_vae_model_name_or_path", "{files}/lora.safetensors"],
+                           "is a LoRA, not a VAE"),
+    "vae_file_is_sd15": (["--dataset", "{shapes}", "--pretrained_vae_model_name_or_path", "{files}/sd15.safetensors"],
+                         "whose VAE is not SDXL's"),
+    "single_file_config_is_a_yaml": (["--dataset", "{shapes}", "--pretrained_model_name_or_path",
+                                      "{files}/tiny.safetensors", "--single_file_config", "{files}/model.sft"],
+                                     "an original .yaml config is not read"),
     "network_weights_missing": (["--dataset", "{shapes}", "--network_weights", "{files}/none.safetensors"],
                                 "does not exist"),
     "network_weights_not_a_lora": (["--dataset", "{shapes}", "--network_weights", "{files}/tiny.safetensors"],
