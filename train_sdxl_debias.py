@@ -597,9 +597,9 @@ def load_models(args, accelerator):
     if args.prediction_type:
         noise_scheduler.register_to_config(prediction_type=args.prediction_type)
     if noise_scheduler.config.get("rescale_betas_zero_snr") and noise_scheduler.config.prediction_type == "epsilon":
-        logger.warning("the model's schedule has zero terminal SNR, where ε-prediction has nothing to go on at the "
-                       "last timestep (pure noise in, the same noise out): such models predict v; if this one does, "
-                       "pass --prediction_type v_prediction")
+        logger.warning("the model's schedule has zero terminal SNR, where an ε-prediction says nothing about the "
+                       "image at the last timestep (its input is the noise itself): such models predict v; if this "
+                       "one does, pass --prediction_type v_prediction")
     num_t = noise_scheduler.config.num_train_timesteps
     if not 0 <= args.min_timestep < (args.max_timestep or num_t) <= num_t:
         raise UserError(f"the timestep range [{args.min_timestep}, {args.max_timestep or num_t}) must lie in the "
