@@ -627,7 +627,7 @@ def check_single_file(args):
     keys = checkpoint_file_keys(flag, path)
     if keys is None:
         return
-    if any("lora" in k.lower() for k in keys):
+    if holds_lora(keys):
         raise UserError(f"{flag} is a LoRA, not a base model: pass the SDXL checkpoint it applies to")
     if any(k.startswith("cond_stage_model.") for k in keys):
         raise UserError(f"{flag} is a Stable Diffusion 1.x/2.x checkpoint; this trainer trains SDXL: pass an SDXL one")
@@ -664,7 +664,7 @@ def check_vae_file(path):
     keys = checkpoint_file_keys(flag, path)
     if keys is None:
         return
-    if any("lora" in k.lower() for k in keys):
+    if holds_lora(keys):
         raise UserError(f"{flag} is a LoRA, not a VAE")
     if any(k.startswith("cond_stage_model.") for k in keys):
         raise UserError(f"{flag} is a Stable Diffusion 1.x/2.x checkpoint, whose VAE is not SDXL's: pass an SDXL VAE")
@@ -673,6 +673,12 @@ def check_vae_file(path):
     if any(k.startswith("encoder.down_blocks.") for k in keys):
         raise UserError(f"{flag} is a diffusers VAE's weights file: pass the folder that holds it (with its "
                         "config.json)")
+
+
+def holds_lora(keys):
+    """Whether a file's tensor names are a LoRA's (kohya's lora_unet_…/lora_down, peft's lora_A, diffusers'
+    lora.down): one test for the three checks that ask, a LoRA where a model is wanted or the reverse."""
+    return any("lora" in k.lower() for k in keys)
 
 
 def checkpoint_file_keys(flag, path):
@@ -918,7 +924,7 @@ def check_lora_file(args):
     if not path.lower().endswith(".safetensors"):
         raise UserError(f"{flag}: a LoRA is read from a .safetensors file")
     keys = checkpoint_file_keys(flag, path)
-    if not any("lora" in k for k in keys):
+    if not holds_lora(keys):
         raise UserError(f"{flag} holds no LoRA layers (lora_down/lora_up, lora_A/lora_B): LyCORIS (LoHa, LoKr) "
                         "and whole models are not read as a starting LoRA")
     for name in ("use_dora", "init_lora_weights"):
