@@ -37,19 +37,23 @@ run() {
 # configurations whose numbers benchmarks/RESULTS.md gives (two device calls on 2026-11-26, evening); `all` both.
 PART=${1:-open}
 if [ "$PART" = open ] || [ "$PART" = all ]; then
-  # The full fine-tune's target (batch 1, checkpointing) and the 10 GB LoRA under CUDA graphs: both are host-bound
-  # in eager mode (GPU busy 30 % for the full one), and reduce-overhead has not run with checkpointing yet.
+  # The full fine-tune's target (batch 1, checkpointing): host-bound in eager mode (GPU busy 30 %), and
+  # reduce-overhead has not run with checkpointing yet.
   run --finetune full --batch_size 1 --gradient_checkpointing on --compile reduce-overhead --profile 3
-  run --finetune lora --batch_size 1 --gradient_checkpointing on --compile reduce-overhead
   # Batch 1 under CUDA graphs is 51 % busy (~170 graph replays a step, eager code between them): fewer, larger
   # graphs, each Transformer2DModel whole (11 instead of 70 blocks) or each down/mid/up stage (longer warm-up).
   run --finetune lora --batch_size 1 --compile reduce-overhead --compile_scope transformers,stages --profile 3
-  # The MFU stretch goal at the largest batch; channels-last convolutions once the GPU is the bottleneck (the
-  # profile of batch 4 shows cuDNN's NCHW->NHWC transposes around every convolution).
+  # The full fine-tune with each Transformer2DModel one graph (diffusers checkpoints it whole).
+  run --finetune full --batch_size 1 --gradient_checkpointing on --compile reduce-overhead --compile_scope transformers
+  # The MFU stretch goal at the largest batch.
   run --finetune lora --batch_size 8 --compile reduce-overhead
+  # The 10 GB LoRA (checkpointing) under CUDA graphs, and the full fine-tune without checkpointing.
+  run --finetune lora --batch_size 1 --gradient_checkpointing on --compile reduce-overhead
+  run --finetune full --batch_size 1 --compile reduce-overhead
+  # Channels-last convolutions once the GPU is the bottleneck (the profile of batch 4 shows cuDNN's NCHW->NHWC
+  # transposes around every convolution), and cuDNN's autotuner.
   run --finetune lora --batch_size 4 --compile reduce-overhead --channels_last on --profile 3
   run --finetune lora --batch_size 4 --compile reduce-overhead --cudnn_benchmark on
-  run --finetune full --batch_size 1 --compile reduce-overhead
   run --finetune lora --batch_size 4 --with_encoders vae
 fi
 if [ "$PART" = measured ] || [ "$PART" = all ]; then
