@@ -109,9 +109,8 @@ def parse_options(argv=None):
       help="The trainer's --compile (regional torch.compile). Bare flag = on; or a comma list of off, on and "
            "compile modes (= --compile --compile_mode M): off,on,reduce-overhead.")
     a("--compile_scope", default="blocks",
-      help="What --compile makes graphs of (the trainer's compile_blocks): blocks (each transformer and resnet "
-           "block, the trainer's choice), transformers (each Transformer2DModel whole), stages (each down/mid/up "
-           "block), or a comma list.")
+      help="The trainer's --compile_scope: blocks (each transformer and resnet block), transformers (each "
+           "Transformer2DModel whole), stages (each down/mid/up block), or a comma list.")
     a("--channels_last", nargs="?", const="on", default="off", help="The trainer's --channels_last: on, or off,on.")
     a("--cudnn_benchmark", nargs="?", const="on", default="off",
       help="torch.backends.cudnn.benchmark (cuDNN times its convolution algorithms per shape): on, or off,on.")
@@ -197,7 +196,8 @@ def trainer_args(cfg, opts):
             "--mixed_precision", {"fp32": "no"}.get(cfg["precision"], cfg["precision"]),
             "--sdpa_backend", cfg["sdpa_backend"]]
     argv += ["--gradient_checkpointing"] * cfg["gradient_checkpointing"] + ["--channels_last"] * cfg["channels_last"]
-    argv += ["--compile", "--compile_mode", cfg["compile_mode"]] if cfg["compile"] else []
+    argv += ["--compile", "--compile_mode", cfg["compile_mode"], "--compile_scope", cfg["compile_scope"]] \
+        if cfg["compile"] else []
     args = T.parse_args(argv)
     if cfg["finetune"] == "full":
         args.lora_flags_given = []  # `--finetune lora,full --rank 16`: the rank is for the lora rows only
@@ -482,7 +482,7 @@ def run_config(cfg, opts):
     if args.compile:
         from torch._dynamo.utils import counters
         counters.clear()
-        T.compile_blocks(m.unet, args.compile_mode, scope=cfg["compile_scope"])
+        T.compile_blocks(m.unet, args.compile_mode, scope=args.compile_scope)
     setup_s = time.perf_counter() - t0
 
     sync(device)

@@ -90,6 +90,7 @@ def test_comma_lists_make_the_cross_product():
                                                                "blocks,stages", "--device", "cpu"]))
     assert [(c["compile"], c["compile_scope"]) for c in scopes] == [(False, "blocks"), (True, "blocks"),
                                                                    (True, "stages")]  # one eager row
+    assert benchmark.trainer_args(scopes[2], benchmark.parse_options(["--device", "cpu"])).compile_scope == "stages"
 
 
 def test_every_compile_scope_gives_the_eager_output_and_gradients():

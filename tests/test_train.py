@@ -504,6 +504,69 @@ def test_validation_runs_compiled_blocks_eagerly_instead_of_compiling_them_again
         torch._dynamo.reset()
 
 
+def test_only_the_stages_scope_keeps_gradient_checkpointing_out_of_the_compiled_graphs_calls_in_backward(tmp_path):
+    """CUDA graphs (reduce-overhead) fail when checkpointing, called from outside a compiled region, runs that
+    region again in the backward pass to recompute it (an H100 run with --compile_scope blocks ended in
+    "graph recording observed an input tensor deallocate", pytorch issue 154306). So the trainer refuses that
+    combination unless --compile_scope stages, where dynamo traces diffusers' checkpoint calls into the graph:
+    no compiled graph is called during backward. A counting backend stands in for inductor."""
+    import sys
+    from diffusers import UNet2DConditionModel
+
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts"))
+    import make_tiny_sdxl
+    import train_sdxl_debias as T
+
+    calls = []
+
+    def counting_backend(gm, example_inputs):
+        def run(*inputs):
+            calls.append(torch.is_grad_enabled())
+            return gm.forward(*inputs)
+        return run
+
+    def calls_in_backward(scope):
+        torch.manual_seed(0)
+        unet = UNet2DConditionModel(**make_tiny_sdxl.tiny_unet_config())
+        unet.enable_gradient_checkpointing()
+        cfg = unet.config
+        pooled = cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim
+        torch._dynamo.reset()
+        try:
+            T.compile_blocks(unet, backend=counting_backend, scope=scope)
+            out = unet(torch.randn(1, 4, 8, 8), torch.tensor([500]), torch.randn(1, 77, cfg.cross_attention_dim),
+                       added_cond_kwargs={"text_embeds": torch.randn(1, pooled),
+                                          "time_ids": torch.tensor([[64.0, 64, 0, 0, 64, 64]])}).sample
+            forward_calls = len(calls)
+            assert forward_calls > 0, scope
+            out.square().mean().backward()
+            return len(calls) - forward_calls
+        finally:
+            torch._dynamo.reset()
+            calls.clear()
+
+    assert calls_in_backward("blocks") > 0 and calls_in_backward("transformers") > 0
+    assert calls_in_backward("stages") == 0
+
+    from diffusers import DDPMScheduler  # the flag reaches compile_blocks (module.compile is lazy: nothing compiles)
+    unet = UNet2DConditionModel(**make_tiny_sdxl.tiny_unet_config())
+    m = T.prepare_models(T.parse_args(["--dataset", "x", "--compile", "--compile_scope", "stages"]), [], [], None,
+                         unet, DDPMScheduler(), "cpu", torch.float32)
+    compiled = [n for n, mod in m.unet.named_modules() if getattr(mod, "_compiled_call_impl", None)]
+    assert len(compiled) == len([*unet.down_blocks, unet.mid_block, *unet.up_blocks]), compiled
+
+    data = ["--train_data_dir", str(tmp_path), "--output_dir", str(tmp_path / "out")]
+    argv = [*data, "--compile", "--compile_mode", "reduce-overhead", "--gradient_checkpointing"]
+    for scope in ("blocks", "transformers"):
+        with pytest.raises(T.UserError, match="--gradient_checkpointing with --compile_mode reduce-overhead needs "
+                                              "--compile_scope stages"):
+            T.validate(T.parse_args([*argv, "--compile_scope", scope]))
+    T.validate(T.parse_args([*argv, "--compile_scope", "stages"]))
+    T.validate(T.parse_args([*data, "--compile", "--gradient_checkpointing"]))  # no CUDA graphs: any scope
+    with pytest.raises(T.UserError, match="--compile_scope needs --compile"):
+        T.validate(T.parse_args([*data, "--compile_scope", "stages"]))
+
+
 def test_a_compiled_run_saves_the_same_lora_as_an_eager_run(tiny_model, shapes, tmp_path):
     """--compile end to end: training, validation and saving through the compiled blocks give the LoRA an eager
     run gives (same keys, no `_orig_mod.` prefixes, same values). Dynamo's eager backend stands in for inductor,
