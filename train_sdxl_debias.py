@@ -190,7 +190,7 @@ def parse_args(argv=None):
     a("--adam_beta2", type=float, default=0.999)
     a("--adam_weight_decay", type=float, default=1e-2)
     a("--adam_epsilon", type=float, default=1e-8)
-    a("--max_grad_norm", type=float, default=1.0)
+    a("--max_grad_norm", type=float, default=1.0, help="Gradient clipping; 0: none (the norm is still logged).")
     a("--max_nonfinite_steps", type=int, default=5,
       help="Stop after this many optimizer steps in a row with a NaN/Inf loss or gradient (each is skipped).")
     a("--mixed_precision", choices=("no", "fp16", "bf16"), default=None,
@@ -413,6 +413,12 @@ def validate(args):
     if os.path.isdir(data) and os.path.realpath(data) == os.path.realpath(args.output_dir):
         raise UserError(f"--output_dir {args.output_dir!r} is the dataset folder: pass another, beside it (the "
                         "outputs would be read as data on the next run)")
+    base = args.pretrained_model_name_or_path
+    if os.path.isdir(base) and os.path.realpath(base) == os.path.realpath(args.output_dir):
+        raise UserError(f"--output_dir {args.output_dir!r} is the base model's folder: pass another (the trained "
+                        "model and its card would replace the base model's files)")
+    if args.resume_from_checkpoint and args.overwrite_output_dir:
+        raise UserError("--overwrite_output_dir starts afresh, --resume_from_checkpoint continues: pass one of them")
     if args.keep_tokens < 0 or (args.keep_tokens and not args.shuffle_caption):
         raise UserError(f"--keep_tokens {args.keep_tokens}: the number of leading tags --shuffle_caption leaves in "
                         "place (0 or more): use it with --shuffle_caption")
@@ -452,7 +458,8 @@ def validate(args):
     if args.hub_token and (args.report_to not in (None, "none") or resolve_trackers(args)):
         raise UserError("--hub_token would be logged by --report_to's tracker: run `hf auth login` instead")
     for name in ("train_batch_size", "num_train_epochs", "gradient_accumulation_steps", "checkpointing_steps",
-                 "validation_steps", "logging_steps", "num_validation_images", "cache_batch_size"):
+                 "validation_steps", "logging_steps", "num_validation_images", "cache_batch_size",
+                 "validation_inference_steps"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name} must be at least 1")
     if args.dataloader_num_workers is not None and args.dataloader_num_workers < 0:
@@ -462,6 +469,21 @@ def validate(args):
             raise UserError(f"--{name} must be at least 1")
     if not 0 <= args.caption_dropout <= 1:
         raise UserError("--caption_dropout must be between 0 and 1")
+    # Values the optimizer would take without a word and train wrongly with (a negative rate climbs the loss, a
+    # zero alpha or a negative clipping norm zeroes or flips every update), or refuse only after the models load.
+    for name, ok, want in (("learning_rate", lambda v: v >= 0, "0 or more"),
+                           ("text_encoder_lr", lambda v: v >= 0, "0 or more"),
+                           ("adam_beta1", lambda v: 0 <= v < 1, "at least 0 and below 1"),
+                           ("adam_beta2", lambda v: 0 <= v < 1, "at least 0 and below 1"),
+                           ("adam_epsilon", lambda v: v >= 0, "0 or more"),
+                           ("adam_weight_decay", lambda v: v >= 0, "0 or more"),
+                           ("max_grad_norm", lambda v: v >= 0, "0 or more (0: no clipping)"),
+                           ("lr_warmup_steps", lambda v: v >= 0, "0 or more"),
+                           ("lora_alpha", lambda v: v > 0, "above 0"),
+                           ("lora_dropout", lambda v: 0 <= v < 1, "at least 0 and below 1"),
+                           ("seed", lambda v: 0 <= v < 2**32, f"between 0 and {2**32 - 1}")):
+        if getattr(args, name) is not None and not ok(getattr(args, name)):
+            raise UserError(f"--{name} {getattr(args, name)} must be {want}")
     if args.finetune == "lora":  # "to_q, to_k": without the strip, " to_k" would silently match nothing
         targets = [t.strip() for t in args.lora_target_modules.split(",") if t.strip()]
         if not targets:
@@ -477,6 +499,9 @@ def validate(args):
         path = getattr(args, flag) or ""
         if path.startswith(("http://", "https://")):
             raise UserError(f"--{flag} {path!r} is a URL: download the file and pass its path (or pass a Hub id)")
+        local = path.startswith(("/", "./", "../", ".\\")) or path.count("/") > 1 or re.match(r"[A-Za-z]:[\\/]", path)
+        if local and not os.path.exists(path):  # nor a Hub id (org/name): diffusers would say "Repo id must be..."
+            raise UserError(f"--{flag} {path!r} does not exist")
         if os.path.splitext(path)[1].lower() in SINGLE_FILE_EXTS and not os.path.exists(path):
             raise UserError(f"--{flag} {path!r} does not exist")
     if os.path.isfile(model):
@@ -1503,6 +1528,12 @@ def load_folder(source, args):
         for f in files:
             if os.path.basename(f) in METADATA_FILES:
                 check_metadata_file(f)
+        sidecars = caption_index(files)
+        beside = [p for p in images if caption_files(sidecars, p)]
+        if beside:  # two sources of captions: say which one trains
+            logger.warning("%d images have caption files (e.g. %s) that are not read: with a metadata file the "
+                           "captions come from its column (--caption_column); move the metadata file away to use "
+                           "the caption files", len(beside), caption_files(sidecars, beside[0])[0])
         folders = imagefolder_folders(source, files)
         data_files = {"train": [os.path.join(glob.escape(folder), "**") for folder in folders]}  # `[v2]`: no pattern
         with old_pandas_strings():
@@ -1763,7 +1794,7 @@ def list_files(folder, exclude=None):
     `exclude` (our output folder, which may sit inside the dataset and holds sample images), an earlier run's
     output folder (it holds train_config.json), and hidden files and folders (.ipynb_checkpoints copies, macOS'
     ._ resource forks and __MACOSX, as datasets' imagefolder does)."""
-    files, misnamed, seen, skip = [], [], set(), os.path.realpath(exclude) if exclude else None
+    files, misnamed, special, seen, skip = [], [], [], set(), os.path.realpath(exclude) if exclude else None
     hidden = lambda n: n.startswith((".", "__MACOSX"))
 
     def unreadable(e):
@@ -1783,7 +1814,13 @@ def list_files(folder, exclude=None):
         for n in names:
             if not hidden(n):  # (the path below `folder`: a folder's name may be the one that is not UTF-8)
                 path = os.path.join(root, n)
+                if not os.path.isfile(path) and os.path.exists(path):  # a pipe or a device: reading it would hang
+                    special.append(path)
+                    continue
                 (files if utf8_name(os.path.relpath(path, folder)) else misnamed).append(path)
+    if special:
+        logger.warning("skipping %d entries that are not files (pipes, sockets, devices; e.g. %s)", len(special),
+                       special[0])
     if misnamed:  # an unzipped Windows archive can have thousands: one line, not one each
         logger.warning("skipping %d file(s) whose names are not valid UTF-8 (e.g. %r): rename them to use them",
                        len(misnamed), misnamed[0])
@@ -1848,22 +1885,33 @@ def kohya_folders(source, images, captioned):
     return folders or None
 
 
+def name_key(path):
+    """How an image finds its caption file: case ignored (IMG_1.JPG + IMG_1.TXT), and accents in either Unicode
+    form (a name copied from a Mac, decomposed, beside one typed elsewhere, composed)."""
+    return unicodedata.normalize("NFC", path).lower()
+
+
 def caption_index(files, extension=None):
-    """{lower-case path less its caption extension: the caption files} (caption_files orders an image's files);
+    """{name_key of a path less its caption extension: the caption files} (caption_files picks an image's);
     `extension` (--caption_extension): only files with that one."""
     exts = (extension.lower(),) if extension else CAPTION_EXTS
     captions = {}
     for f in files:
         stem, ext = os.path.splitext(f)
         if ext.lower() in exts:
-            captions.setdefault(stem.lower(), []).append(f)
+            captions.setdefault(name_key(stem), []).append(f)
     return captions
 
 
 def caption_files(captions, image):
-    """An image's caption files: IMG_1.txt for IMG_1.JPG (case ignored), or IMG_1.JPG.txt as some taggers name them."""
-    found = captions.get(os.path.splitext(image)[0].lower(), []) + captions.get(image.lower(), [])
-    return sorted(found, key=lambda f: os.path.splitext(f)[1].lower() != ".txt")  # .txt before .caption
+    """An image's caption files: IMG_1.txt for IMG_1.JPG, or IMG_1.JPG.txt as some taggers name them; .txt before
+    .caption. One named exactly as the image wins over those that match only with case ignored: cat.png and
+    Cat.png, each with its own caption, do not share one."""
+    stem = os.path.splitext(image)[0]
+    found = captions.get(name_key(stem), []) + captions.get(name_key(image), [])
+    exact = [f for f in found if unicodedata.normalize("NFC", os.path.splitext(f)[0]) in
+             (unicodedata.normalize("NFC", stem), unicodedata.normalize("NFC", image))]
+    return sorted(exact or found, key=lambda f: os.path.splitext(f)[1].lower() != ".txt")
 
 
 def kohya_near_miss(source, images, captions):
@@ -1874,6 +1922,14 @@ def kohya_near_miss(source, images, captions):
     looks = [t for t in tops if KOHYA_FOLDER.match(t)]  # (2023_trip/ is a year, not 2023 repeats)
     if not looks:
         below = sorted({os.path.join(*r[:2]) for r in parts if len(r) > 2 and KOHYA_FOLDER.match(r[1])})
+        # kohya would repeat 1500_sks/ 1500 times and caption its uncaptioned images "sks"; here a number this
+        # long is taken as part of the name (2023_trip/). Said only where that leaves an image uncaptioned.
+        numbered = sorted({r[0] for r, p in zip(parts, images) if len(r) > 1 and re.match(r"\d{4,}_.", r[0])
+                           and not caption_files(captions, p)})
+        if numbered and not below:
+            return (f"folders {', '.join(map(repr, numbered[:5]))} are read as plain folders (no repeats, no "
+                    "captions from folder names): a number of 4 digits or more is taken as part of a name, like a "
+                    "year; name kohya's DreamBooth folders <repeats>_<words> with 1 to 999 repeats")
         if not below:
             return ""
         return (f"{below[0]} looks like one of kohya's DreamBooth folders: pass its parent folder "
@@ -1936,10 +1992,10 @@ def find_captions(source, files, images, extension=None):
 def warn_unsupported(source, files, captions, images):
     """Files with a caption that are not images we read (an iPhone's .HEIC, a .jxl, a .psd) were meant as
     training data: say they are left out rather than drop them silently."""
-    used = {key for p in images for key in (os.path.splitext(p)[0].lower(), p.lower())}
+    used = {name_key(key) for p in images for key in (os.path.splitext(p)[0], p)}
     unused = captions.keys() - used
     text_files = {f for fs in captions.values() for f in fs}
-    left = [f for f in files if (os.path.splitext(f)[0].lower() in unused or f.lower() in unused)
+    left = [f for f in files if (name_key(os.path.splitext(f)[0]) in unused or name_key(f) in unused)
             and f not in text_files and os.path.splitext(f)[1].lower() not in CAPTION_EXTS]
     if left:
         kinds = sorted({os.path.splitext(f)[1] for f in left})
@@ -3972,7 +4028,7 @@ def no_sync(accelerator, models, skip_sync):
 def update_weights(accelerator, args, m, params, optimizer, lr_scheduler, metrics, nonfinite, global_step):
     """Clip; step the optimizer (and EMA) unless the loss or gradient is non-finite; advance the schedule.
     Returns the learning rate this step used and the gradient norm."""
-    grad_norm = accelerator.clip_grad_norm_(params, args.max_grad_norm)
+    grad_norm = accelerator.clip_grad_norm_(params, args.max_grad_norm or math.inf)  # 0: no clipping, as in kohya's
 
     def update():
         optimizer.step()
@@ -4091,7 +4147,10 @@ def main(argv=None):
         return 3 if isinstance(e, TrainingStopped) else 2
     except KeyboardInterrupt:  # Ctrl-C: checkpoints are complete or absent, so `latest` picks up from the last
         if os.environ.get("RANK", "0") == "0":  # once per job, not once per process
-            print("\ninterrupted: rerun with --resume_from_checkpoint latest to continue", file=sys.stderr)
+            saved = args is not None and list_checkpoints(args.output_dir)
+            print("\ninterrupted: rerun with --resume_from_checkpoint latest to continue" if saved else
+                  "\ninterrupted before the first checkpoint (--checkpointing_steps): nothing to resume, a rerun "
+                  "starts from step 0", file=sys.stderr)
         return 128 + interrupted_by
     except torch.cuda.OutOfMemoryError as e:  # the settings don't fit the card: say which ones shrink the step
         print(f"error: out of GPU memory ({first_line(e).split('. GPU')[0]}): {smaller_step(args)}; checkpoints "

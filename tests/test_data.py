@@ -715,6 +715,40 @@ def test_folders_that_look_like_kohyas_but_are_not_read_so_say_why(tmp_path, cap
     assert load(layout("empty", [("10_sks dog", "")]))["text"] == ["sks dog"] * 10
     caplog.clear()  # a year is no number of repeats: 2023_trip/ is an ordinary folder, said nothing about
     assert load(layout("year", [("2023_trip", "a beach")]))["text"] == ["a beach"] and "kohya" not in caplog.text
+    # ... but kohya would read 1500_sks/ as 1500 repeats of "sks": said, where an image is left without a caption.
+    assert sorted(load(layout("long", [("1500_sks", None), ("2024_trip", "a beach")]))["text"]) == ["", "a beach"]
+    assert "folders '1500_sks' are read as plain folders" in caplog.text and "1 to 999 repeats" in caplog.text
+
+
+def test_a_caption_file_named_exactly_as_its_image_wins_and_accents_match_in_either_form(tmp_path, caplog):
+    """cat.png and Cat.png each with its own caption (a case-sensitive file system) do not share one, and a
+    caption file whose accented name a Mac stored decomposed (NFD) still captions its image (NFC)."""
+    for name, caption in (("cat", "red lowercase cat"), ("Cat", "blue capital Cat")):
+        Image.new("RGB", (32, 32)).save(tmp_path / f"{name}.png")
+        (tmp_path / f"{name}.txt").write_text(caption)
+    Image.new("RGB", (32, 32)).save(tmp_path / (unicodedata.normalize("NFC", "café") + ".png"))
+    (tmp_path / (unicodedata.normalize("NFD", "café") + ".txt")).write_text("a coffee")
+    if len(os.listdir(tmp_path)) < 6:
+        pytest.skip("this file system folds case or Unicode forms in names")
+    table = T.load_table(T.parse_args(["--dataset", str(tmp_path)]))[0]
+    captions = {os.path.basename(unicodedata.normalize("NFC", p)): t for p, t in zip(table["image"], table["text"])}
+    assert captions == {"cat.png": "red lowercase cat", "Cat.png": "blue capital Cat", "café.png": "a coffee"}
+    assert "differ" not in caplog.text and "caption several images" not in caplog.text
+
+
+def test_caption_files_beside_a_metadata_file_and_pipes_among_images_are_named(tmp_path, caplog):
+    """With a metadata file the captions come from its column: .txt files beside the images are not read, and
+    that is said. A named pipe ending in .png would block the scan forever: it is skipped, with a word."""
+    for name in ("a", "b"):
+        Image.new("RGB", (32, 32)).save(tmp_path / f"{name}.png")
+        (tmp_path / f"{name}.txt").write_text(f"{name} from its caption file")
+    (tmp_path / "metadata.jsonl").write_text('{"file_name": "a.png", "text": "a from metadata"}\n'
+                                             '{"file_name": "b.png", "text": "b from metadata"}\n')
+    os.mkfifo(tmp_path / "pipe.png")
+    table = T.load_table(T.parse_args(["--dataset", str(tmp_path)]))[0]
+    assert sorted(table["text"]) == ["a from metadata", "b from metadata"]
+    assert "2 images have caption files (e.g. " in caplog.text and "that are not read" in caplog.text
+    assert "skipping 1 entries that are not files (pipes, sockets, devices; e.g. " in caplog.text
 
 
 def test_the_data_fingerprint_follows_images_and_captions_not_where_they_are(tmp_path):

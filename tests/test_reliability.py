@@ -6,6 +6,7 @@ import random
 import shutil
 import subprocess
 import sys
+import signal
 import time
 
 import numpy as np
@@ -79,11 +80,30 @@ def test_sigkill_while_checkpointing_then_resume_latest(tiny_model, shapes, tmp_
     assert os.listdir(os.path.join(out, "samples")) == ["step_000024.png"]
 
 
+def test_an_interruption_before_the_first_checkpoint_says_nothing_can_be_resumed(tiny_model, shapes, tmp_path,
+                                                                                   monkeypatch, capsys):
+    """Ctrl-C before the first checkpoint leaves nothing for `latest` to continue: the message says so rather
+    than promise a resume that would start from step 0."""
+    import train_sdxl_debias as T
+
+    def stopped(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(T, "train", stopped)
+    out = tmp_path / "run"
+    assert T.main(args_for(tiny_model, shapes, str(out))) == 128 + signal.SIGINT
+    assert "interrupted before the first checkpoint (--checkpointing_steps): nothing to resume" in \
+        capsys.readouterr().err
+    (out / "checkpoint-2").mkdir(parents=True)
+    (out / "checkpoint-2" / T.STATE_FILE).write_text("{}")
+    assert T.main(args_for(tiny_model, shapes, str(out), "--resume_from_checkpoint", "latest")) == 128 + signal.SIGINT
+    assert capsys.readouterr().err.strip() == "interrupted: rerun with --resume_from_checkpoint latest to continue"
+
+
 @pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
 def test_ctrl_c_or_a_stop_request_ends_in_one_line_and_latest_continues(tiny_model, shapes, tmp_path, sig):
     """Ctrl-C in a terminal sends SIGINT to the whole process group (loader workers included); a scheduler
     (SLURM, Kubernetes) or torchrun stops a run with SIGTERM."""
-    import signal
 
     out = str(tmp_path / "run")
     argv = args_for(tiny_model, shapes, out, "--max_train_steps", "400", "--checkpointing_steps", "2",

@@ -211,7 +211,19 @@ USER_ERRORS = {
     "bad_resolution": (["--dataset", "{shapes}", "--resolution", "100"], "--resolution 100"),
     "resume_missing": (["--dataset", "{shapes}", "--resume_from_checkpoint", "/nonexistent/ckpt"], "/nonexistent/ckpt"),
     "bad_model": (["--dataset", "{shapes}", "--pretrained_model_name_or_path", "/nonexistent/model"],
-                  "/nonexistent/model"),
+                  "'/nonexistent/model' does not exist"),
+    "output_dir_is_the_model": (["--dataset", "{shapes}", "--pretrained_model_name_or_path", "{tiny_model}",
+                                 "--output_dir", "{tiny_model}"], "is the base model's folder"),
+    "resume_and_overwrite": (["--dataset", "{shapes}", "--resume_from_checkpoint", "latest", "--overwrite_output_dir"],
+                             "pass one of them"),
+    # Values torch takes without a word and trains wrongly with, or refuses only after the models have loaded.
+    "negative_learning_rate": (["--dataset", "{shapes}", "--learning_rate", "-1"], "--learning_rate -1.0 must be 0"),
+    "beta_of_one": (["--dataset", "{shapes}", "--adam_beta2", "1"], "--adam_beta2 1.0 must be at least 0 and below 1"),
+    "random_seed_as_in_webuis": (["--dataset", "{shapes}", "--seed", "-1"], "--seed -1 must be between 0 and"),
+    "zero_lora_alpha": (["--dataset", "{shapes}", "--lora_alpha", "0"], "--lora_alpha 0.0 must be above 0"),
+    "negative_clipping_norm": (["--dataset", "{shapes}", "--max_grad_norm", "-1"], "(0: no clipping)"),
+    "no_denoising_steps": (["--dataset", "{shapes}", "--validation_inference_steps", "0"],
+                           "--validation_inference_steps must be at least 1"),
     "token_with_tracker": (["--dataset", "{shapes}", "--hub_token", "hf_x", "--report_to", "tensorboard"],
                            "hf auth login"),
     "lora_flag_with_full": (["--dataset", "{shapes}", "--finetune", "full", "--lora_dropout", "0.1"], "--lora_dropout"),
@@ -272,7 +284,7 @@ USER_ERRORS = {
     "single_file_config_for_a_folder": (["--dataset", "{shapes}", "--single_file_config", "{tiny_model}"],
                                         "--single_file_config is for"),
     "dataset_smaller_than_a_step": (["--dataset", "{shapes}", "--train_batch_size", "64",  # checked before the
-                                     "--pretrained_model_name_or_path", "/nonexistent/model"],  # model loads
+                                     "--pretrained_model_name_or_path", "nobody-xyz/no-such-model"],  # model loads
                                     "fewer than one optimizer step needs (batch 64 × accumulation 1 × 1 processes):"
                                     " lower --train_batch_size"),
     "missing_data_file": (["--dataset", "captions.jsonl"], "dataset file 'captions.jsonl' does not exist"),
@@ -502,6 +514,20 @@ def test_validation_runs_compiled_blocks_eagerly_instead_of_compiling_them_again
         assert counters["stats"]["unique_graphs"] > graphs
     finally:
         torch._dynamo.reset()
+
+
+def test_max_grad_norm_zero_means_no_clipping(tiny_model, shapes, tmp_path):
+    """--max_grad_norm 0 is kohya's "no clipping". Handed to torch as a norm of 0 it scaled every gradient to
+    zero: the run ended normally and the LoRA had not moved."""
+    weights = {}
+    for norm in ("0", "1e9"):
+        out = str(tmp_path / norm)
+        run_trainer(*base_args(tiny_model, shapes, out, "--max_train_steps", "2", "--learning_rate", "1e-2",
+                               "--max_grad_norm", norm))
+        weights[norm] = load_file(os.path.join(out, "pytorch_lora_weights.safetensors"))
+    assert any(v.abs().max() > 0 for k, v in weights["0"].items() if "lora_B" in k)
+    for key, value in weights["1e9"].items():
+        torch.testing.assert_close(weights["0"][key], value, rtol=0, atol=0)
 
 
 def test_only_the_stages_scope_keeps_gradient_checkpointing_out_of_the_compiled_graphs_calls_in_backward(tmp_path):
