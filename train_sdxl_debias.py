@@ -511,8 +511,16 @@ def validate(args):
     elif args.single_file_config:
         raise UserError("--single_file_config is for a --pretrained_model_name_or_path that is one checkpoint file; "
                         f"{model!r} is not: leave it out")
-    if args.pretrained_vae_model_name_or_path and os.path.isfile(args.pretrained_vae_model_name_or_path):
-        check_vae_file(args.pretrained_vae_model_name_or_path)
+    elif os.path.isdir(model):
+        check_pipeline_folder(model, "--pretrained_model_name_or_path")
+    vae = args.pretrained_vae_model_name_or_path
+    if vae and os.path.isfile(vae):
+        check_vae_file(vae)
+    elif vae and os.path.isdir(vae) and not os.path.isfile(os.path.join(vae, "config.json")):
+        inner = os.path.join(vae, "vae")
+        raise UserError(f"--pretrained_vae_model_name_or_path {vae!r} has no config.json: " + (
+            f"it is a pipeline folder, pass its VAE {inner!r}" if os.path.isfile(os.path.join(inner, "config.json"))
+            else "pass a diffusers AutoencoderKL folder or a VAE .safetensors file"))
     if args.network_weights:
         check_lora_file(args)
     if resume and resume != "latest" and not os.path.isdir(resume) and os.path.isdir(os.path.join(args.output_dir,
@@ -677,21 +685,25 @@ def check_single_file(args):
         raise UserError(f"{flag} is {what}")
 
 
-def check_pipeline_folder(config):
-    """--single_file_config, when local: a diffusers SDXL pipeline folder (its configs and tokenizers are read)."""
+def check_pipeline_folder(config, flag="--single_file_config"):
+    """--single_file_config, when local, and a base model folder: a diffusers SDXL pipeline folder (its configs
+    and tokenizers are read)."""
     if not (os.path.exists(config) or config.startswith((".", "/", "~")) or config.count("/") > 1):
         return  # a Hub id (organisation/name)
     index = os.path.join(config, "model_index.json")
     if os.path.isfile(config):
-        raise UserError(f"--single_file_config {config!r} is a file (an original .yaml config is not read): pass a "
+        raise UserError(f"{flag} {config!r} is a file (an original .yaml config is not read): pass a "
                         "diffusers SDXL pipeline folder or Hub id")
     if not os.path.isfile(index):
         what = "is not a diffusers pipeline folder (no model_index.json)" if os.path.isdir(config) else "does not exist"
-        raise UserError(f"--single_file_config {config!r} {what}")
+        files = sorted(f for f in os.listdir(config) if f.lower().endswith(SINGLE_FILE_EXTS)) \
+            if os.path.isdir(config) else []
+        raise UserError(f"{flag} {config!r} {what}" + (f"; to train from the checkpoint file in it, pass "
+                                                      f"{os.path.join(config, files[0])!r}" if files else ""))
     with open(index) as f:
         kind = json.load(f).get("_class_name", "")
     if not kind.startswith("StableDiffusionXL"):
-        raise UserError(f"--single_file_config {config!r} is a {kind or 'pipeline'} folder; pass an SDXL one "
+        raise UserError(f"{flag} {config!r} is a {kind or 'pipeline'} folder; pass an SDXL one "
                         "(StableDiffusionXLPipeline), e.g. stabilityai/stable-diffusion-xl-base-1.0")
 
 
