@@ -190,7 +190,8 @@ def parse_args(argv=None):
     a("--adam_beta2", type=float, default=0.999)
     a("--adam_weight_decay", type=float, default=1e-2)
     a("--adam_epsilon", type=float, default=1e-8)
-    a("--max_grad_norm", type=float, default=1.0, help="Gradient clipping; 0: none (the norm is still logged).")
+    a("--max_grad_norm", type=float, default=1.0, help="Gradient clipping; 0: none (the norm is still logged). With DeepSpeed its config's gradient_clipping "
+           "decides.")
     a("--max_nonfinite_steps", type=int, default=5,
       help="Stop after this many optimizer steps in a row with a NaN/Inf loss or gradient (each is skipped).")
     a("--mixed_precision", choices=("no", "fp16", "bf16"), default=None,
@@ -209,7 +210,7 @@ def parse_args(argv=None):
     a("--compile_scope", choices=("blocks", "transformers", "stages"), default="blocks",
       help="What --compile makes graphs of: each transformer and resnet block (blocks: the shortest warm-up), each "
            "Transformer2DModel whole (transformers: fewer, larger CUDA graphs; H100, LoRA batch 1, reduce-overhead: "
-           "10.4 img/s against 6.3 for blocks, but 205 s of first compile against 58), or each down/mid/up block "
+           "8.3-10.4 img/s against 6.3 for blocks, but 205 s of first compile against 58), or each down/mid/up block "
            "(stages: the only one that keeps --gradient_checkpointing inside the graphs).")
     a("--channels_last", action="store_true",
       help="Keep the UNet's 4-D weights and activations channels-last (NHWC), the layout cuDNN's half-precision "
@@ -414,11 +415,10 @@ def validate(args):
         raise UserError(f"--output_dir {args.output_dir!r} is the dataset folder: pass another, beside it (the "
                         "outputs would be read as data on the next run)")
     base = args.pretrained_model_name_or_path
-    if os.path.isdir(base) and os.path.realpath(base) == os.path.realpath(args.output_dir):
-        raise UserError(f"--output_dir {args.output_dir!r} is the base model's folder: pass another (the trained "
-                        "model and its card would replace the base model's files)")
-    if args.resume_from_checkpoint and args.overwrite_output_dir:
-        raise UserError("--overwrite_output_dir starts afresh, --resume_from_checkpoint continues: pass one of them")
+    if os.path.isdir(base) and os.path.realpath(base) == os.path.realpath(args.output_dir) and \
+            not os.path.isfile(os.path.join(base, "train_config.json")):  # (an output of ours continued in place)
+        raise UserError(f"--output_dir {args.output_dir!r} is the base model's folder: pass another (this run's "
+                        "outputs, a full fine-tune's weights or the model card, would replace the base model's files)")
     if args.keep_tokens < 0 or (args.keep_tokens and not args.shuffle_caption):
         raise UserError(f"--keep_tokens {args.keep_tokens}: the number of leading tags --shuffle_caption leaves in "
                         "place (0 or more): use it with --shuffle_caption")
@@ -499,10 +499,8 @@ def validate(args):
         path = getattr(args, flag) or ""
         if path.startswith(("http://", "https://")):
             raise UserError(f"--{flag} {path!r} is a URL: download the file and pass its path (or pass a Hub id)")
-        local = path.startswith(("/", "./", "../", ".\\")) or path.count("/") > 1 or re.match(r"[A-Za-z]:[\\/]", path)
-        if local and not os.path.exists(path):  # nor a Hub id (org/name): diffusers would say "Repo id must be..."
-            raise UserError(f"--{flag} {path!r} does not exist")
-        if os.path.splitext(path)[1].lower() in SINGLE_FILE_EXTS and not os.path.exists(path):
+        # (A missing path that is no Hub id either: diffusers would say "Repo id must be in the form...".)
+        if (looks_local(path) or os.path.splitext(path)[1].lower() in SINGLE_FILE_EXTS) and not os.path.exists(path):
             raise UserError(f"--{flag} {path!r} does not exist")
     if os.path.isfile(model):
         check_single_file(args)
@@ -512,7 +510,7 @@ def validate(args):
         raise UserError("--single_file_config is for a --pretrained_model_name_or_path that is one checkpoint file; "
                         f"{model!r} is not: leave it out")
     elif os.path.isdir(model):
-        check_pipeline_folder(model, "--pretrained_model_name_or_path")
+        check_base_folder(model)
     vae = args.pretrained_vae_model_name_or_path
     if vae and os.path.isfile(vae):
         check_vae_file(vae)
@@ -685,26 +683,45 @@ def check_single_file(args):
         raise UserError(f"{flag} is {what}")
 
 
-def check_pipeline_folder(config, flag="--single_file_config"):
-    """--single_file_config, when local, and a base model folder: a diffusers SDXL pipeline folder (its configs
-    and tokenizers are read)."""
-    if not (os.path.exists(config) or config.startswith((".", "/", "~")) or config.count("/") > 1):
-        return  # a Hub id (organisation/name)
-    index = os.path.join(config, "model_index.json")
+def looks_local(path):
+    """A path, not a Hub id (organisation/name): ./x, ../x, /x, ~/x, C:\\x, \\\\server\\x, or a/b/c."""
+    return path.startswith((".", "/", "~", "\\")) or path.count("/") > 1 or bool(re.match(r"[A-Za-z]:[\\/]", path))
+
+
+def check_pipeline_folder(config):
+    """--single_file_config, when local: a diffusers SDXL pipeline folder (its configs and tokenizers are read)."""
+    if not (os.path.exists(config) or looks_local(config)):
+        return  # a Hub id
     if os.path.isfile(config):
-        raise UserError(f"{flag} {config!r} is a file (an original .yaml config is not read): pass a "
+        raise UserError(f"--single_file_config {config!r} is a file (an original .yaml config is not read): pass a "
                         "diffusers SDXL pipeline folder or Hub id")
-    if not os.path.isfile(index):
+    if not os.path.isfile(os.path.join(config, "model_index.json")):
         what = "is not a diffusers pipeline folder (no model_index.json)" if os.path.isdir(config) else "does not exist"
-        files = sorted(f for f in os.listdir(config) if f.lower().endswith(SINGLE_FILE_EXTS)) \
-            if os.path.isdir(config) else []
-        raise UserError(f"{flag} {config!r} {what}" + (f"; to train from the checkpoint file in it, pass "
-                                                      f"{os.path.join(config, files[0])!r}" if files else ""))
-    with open(index) as f:
+        raise UserError(f"--single_file_config {config!r} {what}")
+    check_pipeline_class(config, "--single_file_config")
+
+
+def check_pipeline_class(folder, flag):
+    """A pipeline folder's model_index.json names an SDXL pipeline."""
+    with open(os.path.join(folder, "model_index.json")) as f:
         kind = json.load(f).get("_class_name", "")
     if not kind.startswith("StableDiffusionXL"):
-        raise UserError(f"{flag} {config!r} is a {kind or 'pipeline'} folder; pass an SDXL one "
+        raise UserError(f"{flag} {folder!r} is a {kind or 'pipeline'} folder; pass an SDXL one "
                         "(StableDiffusionXLPipeline), e.g. stabilityai/stable-diffusion-xl-base-1.0")
+
+
+def check_base_folder(folder):
+    """A local base model: a diffusers SDXL pipeline folder. Its parts load from their subfolders, so one without
+    model_index.json (parts downloaded alone) trains; one without unet/ is data, a checkpoint file's folder, or
+    a typo, which diffusers would report as a tokenizer it cannot instantiate."""
+    flag = "--pretrained_model_name_or_path"
+    if os.path.isfile(os.path.join(folder, "model_index.json")):
+        check_pipeline_class(folder, flag)
+    elif not os.path.isfile(os.path.join(folder, "unet", "config.json")):
+        files = sorted(f for f in os.listdir(folder) if f.lower().endswith(SINGLE_FILE_EXTS))
+        raise UserError(f"{flag} {folder!r} is not a diffusers pipeline folder (no model_index.json, no unet/)" +
+                        (f": to train from the checkpoint file in it, pass {flag} {os.path.join(folder, files[0])!r}"
+                         if files else ""))
 
 
 def check_vae_file(path):
@@ -3146,9 +3163,12 @@ def read_state(path):
     """A checkpoint's trainer_state.json, or a UserError naming it."""
     try:
         with open(os.path.join(path, STATE_FILE)) as f:
-            return json.load(f)
+            state = json.load(f)
     except (OSError, ValueError) as e:
         raise UserError(f"cannot read {os.path.join(path, STATE_FILE)} ({first_line(e)}): {DAMAGED}") from None
+    if not isinstance(state, dict) or not isinstance(state.get("global_step"), int) or "lr_scheduler" not in state:
+        raise UserError(f"cannot read {os.path.join(path, STATE_FILE)} (no global_step or lr_scheduler): {DAMAGED}")
+    return state
 
 
 def run_settings(args, accelerator):
@@ -3788,7 +3808,10 @@ def claim_output_dir(args, accelerator, global_step):
     one killed before its first checkpoint (it would log the same steps again) and earlier validation grids; the
     run's config is written."""
     if accelerator.is_main_process:
-        if args.overwrite_output_dir and not args.resume_from_checkpoint:
+        if args.overwrite_output_dir and global_step:  # (a requeued job's script or a --config may pass both)
+            logger.warning("--overwrite_output_dir is ignored: the run continues from step %d of "
+                           "--resume_from_checkpoint", global_step)
+        if args.overwrite_output_dir and not global_step:  # (`latest` with no checkpoint: a new run)
             for step, old in list_checkpoints(args.output_dir):
                 remove_checkpoint(args.output_dir, step, old)
             remove_outputs(args)
@@ -4147,6 +4170,15 @@ def config_origin(message, args):
     return f" ({', '.join(named)} {'is' if len(named) == 1 else 'are'} set in --config {args.config!r})"
 
 
+def resume_hint(args):
+    """What an interrupted run can be continued from: its latest checkpoint, the one it resumed from, or none."""
+    if args is not None and list_checkpoints(args.output_dir):
+        return ": rerun with --resume_from_checkpoint latest to continue"
+    if args is not None and args.resume_from_checkpoint not in (None, "latest"):
+        return f" before a new checkpoint: rerun the same command to continue from {args.resume_from_checkpoint}"
+    return " before the first checkpoint (--checkpointing_steps): nothing to resume, a rerun starts from step 0"
+
+
 def main(argv=None):
     args = None
     try:
@@ -4159,10 +4191,7 @@ def main(argv=None):
         return 3 if isinstance(e, TrainingStopped) else 2
     except KeyboardInterrupt:  # Ctrl-C: checkpoints are complete or absent, so `latest` picks up from the last
         if os.environ.get("RANK", "0") == "0":  # once per job, not once per process
-            saved = args is not None and list_checkpoints(args.output_dir)
-            print("\ninterrupted: rerun with --resume_from_checkpoint latest to continue" if saved else
-                  "\ninterrupted before the first checkpoint (--checkpointing_steps): nothing to resume, a rerun "
-                  "starts from step 0", file=sys.stderr)
+            print(f"\ninterrupted{resume_hint(args)}", file=sys.stderr)
         return 128 + interrupted_by
     except torch.cuda.OutOfMemoryError as e:  # the settings don't fit the card: say which ones shrink the step
         print(f"error: out of GPU memory ({first_line(e).split('. GPU')[0]}): {smaller_step(args)}; checkpoints "
@@ -4187,7 +4216,8 @@ def main(argv=None):
 
 def smaller_step(args):
     """What shrinks a training step's memory among the settings not yet in effect (each resumable)."""
-    add = [f"--{flag}" for flag in ("gradient_checkpointing", "cache_latents") if not getattr(args, flag)]
+    add = [f"--{flag}" + (" --compile_scope stages" if flag == "gradient_checkpointing" and uses_cuda_graphs(args)
+                          else "") for flag in ("gradient_checkpointing", "cache_latents") if not getattr(args, flag)]
     if (args.mixed_precision or os.environ.get("ACCELERATE_MIXED_PRECISION", "no")) == "no":
         add.append("--mixed_precision bf16")
     ways = (["lower --train_batch_size (raise --gradient_accumulation_steps to keep the batch)"]

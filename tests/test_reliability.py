@@ -95,9 +95,15 @@ def test_an_interruption_before_the_first_checkpoint_says_nothing_can_be_resumed
     assert "interrupted before the first checkpoint (--checkpointing_steps): nothing to resume" in \
         capsys.readouterr().err
     (out / "checkpoint-2").mkdir(parents=True)
-    (out / "checkpoint-2" / T.STATE_FILE).write_text("{}")
+    (out / "checkpoint-2" / T.STATE_FILE).write_text('{"global_step": 2, "lr_scheduler": {}}')
     assert T.main(args_for(tiny_model, shapes, str(out), "--resume_from_checkpoint", "latest")) == 128 + signal.SIGINT
     assert capsys.readouterr().err.strip() == "interrupted: rerun with --resume_from_checkpoint latest to continue"
+    # Resumed from a checkpoint elsewhere and stopped before a new one: the same command continues.
+    again = tmp_path / "again"
+    assert T.main(args_for(tiny_model, shapes, str(again), "--resume_from_checkpoint",
+                           str(out / "checkpoint-2"))) == 128 + signal.SIGINT
+    assert capsys.readouterr().err.strip() == ("interrupted before a new checkpoint: rerun the same command to "
+                                               f"continue from {out / 'checkpoint-2'}")
 
 
 @pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
@@ -299,6 +305,9 @@ def test_damaged_state_files_are_named_or_recomputed(tmp_path, caplog):
     (tmp_path / "ckpt").mkdir()
     (tmp_path / "ckpt" / T.STATE_FILE).write_text('{"global_step": ')
     with pytest.raises(T.UserError, match="cannot read .*trainer_state.json"):
+        T.read_state(str(tmp_path / "ckpt"))
+    (tmp_path / "ckpt" / T.STATE_FILE).write_text('{"step": 3}')  # JSON, but not a state of ours
+    with pytest.raises(T.UserError, match="trainer_state.json \\(no global_step or lr_scheduler\\)"):
         T.read_state(str(tmp_path / "ckpt"))
     T.check_random_state(str(tmp_path / "ckpt"), 0)  # no random_states_0.pkl
     assert "cannot restore the random state" in caplog.text

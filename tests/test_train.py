@@ -132,8 +132,11 @@ def test_resumed_run_equals_uninterrupted_run(tiny_model, shapes, tmp_path):
     resumed = str(tmp_path / "resumed")
     os.makedirs(resumed)
     shutil.copytree(os.path.join(full_run, "checkpoint-3"), os.path.join(resumed, "checkpoint-3"))
-    proc = run_trainer(*base_args(tiny_model, shapes, resumed, *extra, "--resume_from_checkpoint", "latest"))
-    assert "resumed from" in proc.stderr
+    # (--overwrite_output_dir too, as a requeued job's script may pass it every time: the resume wins, said.)
+    proc = run_trainer(*base_args(tiny_model, shapes, resumed, *extra, "--resume_from_checkpoint", "latest",
+                                  "--overwrite_output_dir"))
+    assert "resumed from" in proc.stderr and "--overwrite_output_dir is ignored: the run continues from step 3" \
+        in proc.stderr
     a, b = lora_state(full_run), lora_state(resumed)
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -213,15 +216,13 @@ USER_ERRORS = {
     "bad_model": (["--dataset", "{shapes}", "--pretrained_model_name_or_path", "/nonexistent/model"],
                   "'/nonexistent/model' does not exist"),
     "model_is_the_data_folder": (["--dataset", "{shapes}", "--pretrained_model_name_or_path", "{shapes}"],
-                                 "is not a diffusers pipeline folder (no model_index.json)"),
+                                 "is not a diffusers pipeline folder (no model_index.json, no unet/)"),
     "model_is_an_sd15_folder": (["--dataset", "{shapes}", "--pretrained_model_name_or_path", "{files}/sd15-pipeline"],
                                 "is a StableDiffusionPipeline folder; pass an SDXL one"),
     "model_is_a_folder_of_checkpoint_files": (["--dataset", "{shapes}", "--pretrained_model_name_or_path", "{files}"],
-                                              "to train from the checkpoint file in it, pass"),
+                                              "to train from the checkpoint file in it, pass --pretrained_model_name_or_path"),
     "output_dir_is_the_model": (["--dataset", "{shapes}", "--pretrained_model_name_or_path", "{tiny_model}",
                                  "--output_dir", "{tiny_model}"], "is the base model's folder"),
-    "resume_and_overwrite": (["--dataset", "{shapes}", "--resume_from_checkpoint", "latest", "--overwrite_output_dir"],
-                             "pass one of them"),
     # Values torch takes without a word and trains wrongly with, or refuses only after the models have loaded.
     "negative_learning_rate": (["--dataset", "{shapes}", "--learning_rate", "-1"], "--learning_rate -1.0 must be 0"),
     "beta_of_one": (["--dataset", "{shapes}", "--adam_beta2", "1"], "--adam_beta2 1.0 must be at least 0 and below 1"),
@@ -413,9 +414,26 @@ def test_foreign_flags_prefixes_and_bad_values_are_named_in_one_line():
             T.parse_args(["--dataset", "x", *argv])
 
 
+def test_the_base_models_folder_takes_no_outputs_unless_it_is_an_earlier_output(tiny_model, shapes, tmp_path):
+    """--output_dir = the base model's folder would overwrite the base model (a full fine-tune's weights, the model
+    card): refused, unless the folder is an earlier run's output (train_config.json), continued in place. A
+    pipeline folder without model_index.json (parts downloaded alone) still trains: the parts load from unet/ etc."""
+    import train_sdxl_debias as T
+
+    base = tmp_path / "base"
+    shutil.copytree(tiny_model, base)
+    argv = ["--dataset", shapes, "--pretrained_model_name_or_path", str(base), "--output_dir", str(base)]
+    with pytest.raises(T.UserError, match="is the base model's folder"):
+        T.validate(T.parse_args(argv))
+    (base / "train_config.json").write_text("{}")
+    T.validate(T.parse_args(argv))
+    (base / "model_index.json").unlink()
+    T.validate(T.parse_args(argv))
+
+
 def test_overwrite_keeps_a_pipeline_this_run_loads(tmp_path):
-    """A full fine-tune continued in place (--output_dir = the base model's folder) with --overwrite_output_dir:
-    the pipeline there is this run's input, not a previous result to remove."""
+    """--overwrite_output_dir where the output folder and the base model's overlap (validate refuses them equal;
+    remove_outputs guards any overlap): the pipeline there is this run's input, not a previous result to remove."""
     import train_sdxl_debias as T
 
     out = tmp_path / "model"
