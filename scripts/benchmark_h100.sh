@@ -39,11 +39,16 @@ B="python3 scripts/benchmark.py --size ${SIZE:-full} --precision ${PRECISION:-bf
 deadline=$(( $(date +%s) + ${BUDGET_S:-540} ))
 # The cache as of the last configuration that ran to its end: one stopped by the time limit in the middle of a
 # compile leaves truncated files, which the next machine would fail to load ("file too short").
+# Once a snapshot is too large to come back, or a run was killed (its files may be cut short), none is taken again.
+SNAPSHOT=1
 save_cache() {
-  tar -czf "$OUT/cache.tmp" -C "$TORCHINDUCTOR_CACHE_DIR" . || return
-  if [ "$(stat -c %s "$OUT/cache.tmp")" -gt $(( 16 * 1024 * 1024 )) ]; then
-    echo "inductor cache: $(du -h "$OUT/cache.tmp" | cut -f1), too large to come back"
+  [ "$SNAPSHOT" = 1 ] || return
+  if ! tar -czf "$OUT/cache.tmp" -C "$TORCHINDUCTOR_CACHE_DIR" .; then
     rm -f "$OUT/cache.tmp"
+  elif [ "$(stat -c %s "$OUT/cache.tmp")" -gt $(( 16 * 1024 * 1024 )) ]; then
+    echo "inductor cache: $(du -h "$OUT/cache.tmp" | cut -f1), too large to come back; no more snapshots"
+    rm -f "$OUT/cache.tmp"
+    SNAPSHOT=0
   else
     mv "$OUT/cache.tmp" "$OUT/inductor-cache.tar.gz"
   fi
@@ -55,7 +60,7 @@ run() {
   timeout "$left" $B "$@"
   local status=$?
   [ "$status" -ne 0 ] && echo "ended with status $status: $*"
-  [ "$status" -ne 124 ] && [ "$status" -ne 137 ] && save_cache
+  if [ "$status" -eq 124 ] || [ "$status" -eq 137 ]; then SNAPSHOT=0; else save_cache; fi
 }
 # What runs: `open` (the default) measures what no session has yet, most wanted first; `measured` repeats the
 # configurations whose numbers benchmarks/RESULTS.md gives (device calls of 2026-11-26 and 27); `all` both.
@@ -63,7 +68,7 @@ PART=${1:-open}
 if [ "$PART" = open ] || [ "$PART" = all ]; then
   # The full fine-tune's target (batch 1, checkpointing): host-bound in eager mode (GPU busy 30 %). CUDA graphs with
   # checkpointing failed with the blocks scope (2026-11-27, pytorch issue 154306); stages keeps the checkpoints
-  # inside the graphs (its first compile took over 100 s for LoRA batch 1).
+  # inside the graphs. No stages run has finished on a GPU yet (on 2026-11-27 the time ran out mid-compile).
   run --finetune full --batch_size 1 --gradient_checkpointing on --compile reduce-overhead --compile_scope stages --profile 3
   # The 10 GB LoRA (checkpointing) under CUDA graphs.
   run --finetune lora --batch_size 1 --gradient_checkpointing on --compile reduce-overhead --compile_scope stages
