@@ -190,7 +190,8 @@ def parse_args(argv=None):
     a("--adam_beta2", type=float, default=0.999)
     a("--adam_weight_decay", type=float, default=1e-2)
     a("--adam_epsilon", type=float, default=1e-8)
-    a("--max_grad_norm", type=float, default=1.0, help="Gradient clipping; 0: none (the norm is still logged). With DeepSpeed its config's gradient_clipping "
+    a("--max_grad_norm", type=float, default=1.0,
+      help="Gradient clipping; 0: none (the norm is still logged). With DeepSpeed its config's gradient_clipping "
            "decides.")
     a("--max_nonfinite_steps", type=int, default=5,
       help="Stop after this many optimizer steps in a row with a NaN/Inf loss or gradient (each is skipped).")
