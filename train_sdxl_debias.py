@@ -515,11 +515,8 @@ def validate(args):
     vae = args.pretrained_vae_model_name_or_path
     if vae and os.path.isfile(vae):
         check_vae_file(vae)
-    elif vae and os.path.isdir(vae) and not os.path.isfile(os.path.join(vae, "config.json")):
-        inner = os.path.join(vae, "vae")
-        raise UserError(f"--pretrained_vae_model_name_or_path {vae!r} has no config.json: " + (
-            f"it is a pipeline folder, pass its VAE {inner!r}" if os.path.isfile(os.path.join(inner, "config.json"))
-            else "pass a diffusers AutoencoderKL folder or a VAE .safetensors file"))
+    elif vae and os.path.isdir(vae):
+        check_vae_folder(vae)
     if args.network_weights:
         check_lora_file(args)
     if resume and resume != "latest" and not os.path.isdir(resume) and os.path.isdir(os.path.join(args.output_dir,
@@ -741,6 +738,17 @@ def check_vae_file(path):
     if any(k.startswith("encoder.down_blocks.") for k in keys):
         raise UserError(f"{flag} is a diffusers VAE's weights file: pass the folder that holds it (with its "
                         "config.json)")
+
+
+def check_vae_folder(folder):
+    """A local VAE folder is a diffusers AutoencoderKL's (config.json beside its weights); a pipeline folder given
+    instead is named, with its vae/ to pass."""
+    if os.path.isfile(os.path.join(folder, "config.json")):
+        return
+    inner = os.path.join(folder, "vae")
+    raise UserError(f"--pretrained_vae_model_name_or_path {folder!r} has no config.json: " + (
+        f"it is a pipeline folder, pass its VAE {inner!r}" if os.path.isfile(os.path.join(inner, "config.json"))
+        else "pass a diffusers AutoencoderKL folder or a VAE .safetensors file"))
 
 
 def holds_lora(keys):
@@ -1939,8 +1947,8 @@ def caption_files(captions, image):
     Cat.png, each with its own caption, do not share one."""
     stem = os.path.splitext(image)[0]
     found = captions.get(name_key(stem), []) + captions.get(name_key(image), [])
-    exact = [f for f in found if unicodedata.normalize("NFC", os.path.splitext(f)[0]) in
-             (unicodedata.normalize("NFC", stem), unicodedata.normalize("NFC", image))]
+    names = {unicodedata.normalize("NFC", stem), unicodedata.normalize("NFC", image)}
+    exact = [f for f in found if unicodedata.normalize("NFC", os.path.splitext(f)[0]) in names]
     return sorted(exact or found, key=lambda f: os.path.splitext(f)[1].lower() != ".txt")
 
 
