@@ -32,17 +32,22 @@ import shutil
 import signal
 import socket
 import sys
+import tarfile
 import time
 import unicodedata
 import warnings
 from contextlib import ExitStack, contextmanager, nullcontext, suppress
 from dataclasses import dataclass
 
-import numpy as np
-import torch
-from PIL import Image, ImageCms, ImageOps, PngImagePlugin, UnidentifiedImageError
+try:  # Ctrl-C while torch loads (seconds on a cold disk): nothing has started, so one line, not a traceback
+    import numpy as np
+    import torch
+    from PIL import Image, ImageCms, ImageOps, PngImagePlugin, UnidentifiedImageError
 
-import loss as debias_loss
+    import loss as debias_loss
+except KeyboardInterrupt:
+    print("\ninterrupted while loading torch: nothing had started", file=sys.stderr)
+    sys.exit(128 + signal.SIGINT)
 
 logger = logging.getLogger("train_sdxl_debias")
 
@@ -1801,7 +1806,8 @@ def guarded_load(name, fn, *a, **kw):
             hint = (" (a row of the metadata file has no file_name, e.g. the blank rows a spreadsheet leaves at the end: "
                     "delete them, or upgrade datasets to 4.8 or newer, which skips them)")
         if "should be in WebDataset format" in text:
-            hint = " (a .tar here is an archive, not WebDataset shards of 000001.jpg + 000001.txt: extract it first)"
+            hint = odd_webdataset_sample(name) or (" (a .tar here is an archive, not WebDataset shards of "
+                                                   "000001.jpg + 000001.txt: extract it first)")
         if "Config name is missing" in text:
             configs = re.search(r"available configs: (\[.*?\])", text)
             hint = f" (pass --dataset_config_name, one of {configs.group(1) if configs else 'its configs'})"
@@ -1810,6 +1816,31 @@ def guarded_load(name, fn, *a, **kw):
         if pointers:
             hint = f" ({pointers[0]} is a Git LFS pointer, not the data: run `git lfs pull` in the dataset's repository)"
         raise UserError(f"cannot load dataset {name!r}: {reason}{hint}") from None
+
+
+def odd_webdataset_sample(name):
+    """A hint naming the first WebDataset sample whose files differ from the others' (an image missing, a stray
+    file), or "" when every sample is alike: then the .tar is likely an archive of something else."""
+    tars = [f for f in (list_files(name) if os.path.isdir(name) else [name]) if f.lower().endswith(".tar")]
+    for tar in tars[:16]:  # member names only, no data read: fast even on large shards
+        try:
+            with tarfile.open(tar) as t:
+                samples = {}
+                for m in t.getmembers():
+                    if m.isfile():  # WebDataset's key: the path up to the first dot of the file name
+                        folder, base = os.path.split(m.name)
+                        key, _, ext = base.partition(".")
+                        samples.setdefault(os.path.join(folder, key), set()).add(ext.lower())
+        except (OSError, tarfile.TarError):
+            continue
+        kinds = collections.Counter(frozenset(e) for e in samples.values())
+        if len(kinds) > 1:
+            usual = kinds.most_common(1)[0][0]
+            key, exts = next((k, e) for k, e in samples.items() if e != usual)
+            return (f" ({tar}: sample {key!r} has {', '.join(sorted(exts)) or 'no files'} where the others have "
+                    f"{', '.join(sorted(usual))}: give every sample the same files, or extract the archive if it is "
+                    "not WebDataset shards)")
+    return ""
 
 
 LFS_POINTER = b"version https://git-lfs."

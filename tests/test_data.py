@@ -1043,6 +1043,15 @@ def test_more_dataset_shapes_load_or_say_what_they_are(tmp_path, caplog):
                                 "status": ["success"]}).to_parquet(str(tmp_path / "wds" / "00000.parquet"))  # lists
     (tmp_path / "wds" / "00000_stats.json").write_text("{}")  # what was downloaded
     assert list(load(tmp_path / "wds")["text"]) == ["a shard's caption"]
+    (tmp_path / "gap").mkdir()  # a shard whose second sample lost its image: that sample is named
+    with tarfile.open(tmp_path / "gap" / "shard.tar", "w") as tar:
+        for key, name, payload in (("000", "png", png.getvalue()), ("000", "txt", b"a"), ("001", "txt", b"b"),
+                                   ("002", "png", png.getvalue()), ("002", "txt", b"c")):
+            info = tarfile.TarInfo(f"{key}.{name}")
+            info.size = len(payload)
+            tar.addfile(info, io.BytesIO(payload))
+    with pytest.raises(T.UserError, match="shard.tar: sample '001' has txt where the others have png, txt"):
+        load(tmp_path / "gap")
     labels = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=["cat", "dog"])})
     datasets.Dataset.from_dict({"image": [{"bytes": png.getvalue(), "path": None}] * 2, "label": [1, 0]},
                                features=labels).save_to_disk(str(tmp_path / "classes"))

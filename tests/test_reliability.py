@@ -106,6 +106,17 @@ def test_an_interruption_before_the_first_checkpoint_says_nothing_can_be_resumed
                                                f"continue from {out / 'checkpoint-2'}")
 
 
+def test_ctrl_c_while_torch_loads_is_one_line(tmp_path):
+    """Importing torch takes seconds on a cold disk, the moment a user notices a typo and presses Ctrl-C. A fake
+    torch package that raises KeyboardInterrupt on import stands in for that moment, deterministically."""
+    (tmp_path / "torch").mkdir()
+    (tmp_path / "torch" / "__init__.py").write_text("raise KeyboardInterrupt\n")
+    run = subprocess.run([sys.executable, TRAINER, "--help"], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "PYTHONPATH": str(tmp_path)})
+    assert run.returncode == 128 + signal.SIGINT and "Traceback" not in run.stderr, run.stderr[-2000:]
+    assert run.stderr.strip() == "interrupted while loading torch: nothing had started"
+
+
 @pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
 def test_ctrl_c_or_a_stop_request_ends_in_one_line_and_latest_continues(tiny_model, shapes, tmp_path, sig):
     """Ctrl-C in a terminal sends SIGINT to the whole process group (loader workers included); a scheduler
