@@ -217,7 +217,7 @@ def parse_args(argv=None):
       help="What --compile makes graphs of: each transformer and resnet block (blocks: the shortest warm-up), each "
            "Transformer2DModel whole (transformers: fewer, larger CUDA graphs; H100, LoRA batch 1, reduce-overhead: "
            "8.3-10.4 img/s against 6.3 for blocks, but 205 s of first compile against 58), or each down/mid/up block "
-           "(stages: the only one that keeps --gradient_checkpointing inside the graphs).")
+           "(stages).")
     a("--channels_last", action="store_true",
       help="Keep the UNet's 4-D weights and activations channels-last (NHWC), the layout cuDNN's half-precision "
            "convolutions prefer. Check it pays on your card: scripts/benchmark.py --channels_last off,on.")
@@ -448,12 +448,6 @@ def validate(args):
         raise UserError("--compile_mode needs --compile")
     if args.compile_scope != "blocks" and not args.compile:
         raise UserError("--compile_scope needs --compile")
-    if uses_cuda_graphs(args) and args.gradient_checkpointing and args.compile_scope != "stages":
-        # Checkpointing called from outside a compiled region recomputes that region's CUDA graph in the backward
-        # pass, which torch's graph trees cannot replay safely (pytorch issue 154306; a RuntimeError on an H100).
-        raise UserError(f"--gradient_checkpointing with --compile_mode {args.compile_mode} needs --compile_scope "
-                        "stages (CUDA graphs break when checkpointing recomputes a graph from outside it), or use "
-                        "--compile_mode default")
     if uses_cuda_graphs(args) and args.validation_prompt and not hasattr(torch.compiler, "set_stance"):
         raise UserError(f"--compile_mode {args.compile_mode} with --validation_prompt needs torch 2.6 or newer "
                         f"(this is {torch.__version__}): upgrade torch, or use --compile_mode default")
@@ -1155,8 +1149,14 @@ def compile_blocks(unet, mode="default", backend="inductor", scope="blocks"):
     `scope` (--compile_scope) trades warm-up for fewer, larger graphs: "transformers" compiles each
     Transformer2DModel whole (SDXL has 11, holding its 70 transformer blocks) and the resnets between them;
     "stages" each down, mid and up block. Fewer graphs mean fewer CUDA graph replays, and less eager code between
-    them, per step: what limits batch 1 under CUDA graphs. Only "stages" holds every gradient-checkpointing call
-    of diffusers' UNet inside a compiled region, where dynamo traces the recomputation into the backward graph."""
+    them, per step: what limits batch 1 under CUDA graphs.
+
+    With gradient checkpointing on, every checkpoint is moved inside a compiled region, where dynamo traces the
+    recomputation into the region's backward graph. diffusers checkpoints each resnet and transformer block from
+    its parent: for a compiled block that is a call from outside, which runs the block's graph again in the
+    backward pass, and CUDA graphs cannot replay that safely (pytorch issue 154306; an H100 run ended in "graph
+    recording observed an input tensor deallocate"). So the parents stop checkpointing, and each resnet and
+    transformer block checkpoints itself, inside whichever region holds it: the same tensors are recomputed."""
     from diffusers.models.attention import BasicTransformerBlock
     from diffusers.models.resnet import ResnetBlock2D
     from diffusers.models.transformers.transformer_2d import Transformer2DModel
@@ -1169,8 +1169,24 @@ def compile_blocks(unet, mode="default", backend="inductor", scope="blocks"):
     else:
         outer = {"blocks": BasicTransformerBlock, "transformers": Transformer2DModel}[scope]
         regions = [m for m in unet.modules() if isinstance(m, (outer, ResnetBlock2D))]
+    if unet.is_gradient_checkpointing:
+        for m in unet.modules():
+            if getattr(m, "gradient_checkpointing", False):
+                m.gradient_checkpointing = False
+            if isinstance(m, (BasicTransformerBlock, ResnetBlock2D)):
+                m.forward = checkpointed(m.forward)
     for module in regions:
         module.compile(mode=None if mode == "default" else mode, backend=backend)
+
+
+def checkpointed(forward):
+    """`forward` under non-reentrant activation checkpointing while gradients are on (training), as diffusers'
+    own checkpointing does it; plain under no_grad (validation)."""
+    def run(*args, **kwargs):
+        if torch.is_grad_enabled():
+            return torch.utils.checkpoint.checkpoint(forward, *args, use_reentrant=False, **kwargs)
+        return forward(*args, **kwargs)
+    return run
 
 
 _SDPA_ORDER = None  # the sdpa_kernel context prefer_sdpa_backend holds open
@@ -4256,8 +4272,7 @@ def main(argv=None):
 
 def smaller_step(args):
     """What shrinks a training step's memory among the settings not yet in effect (each resumable)."""
-    add = [f"--{flag}" + (" --compile_scope stages" if flag == "gradient_checkpointing" and uses_cuda_graphs(args)
-                          else "") for flag in ("gradient_checkpointing", "cache_latents") if not getattr(args, flag)]
+    add = [f"--{flag}" for flag in ("gradient_checkpointing", "cache_latents") if not getattr(args, flag)]
     if (args.mixed_precision or os.environ.get("ACCELERATE_MIXED_PRECISION", "no")) == "no":
         add.append("--mixed_precision bf16")
     ways = (["lower --train_batch_size (raise --gradient_accumulation_steps to keep the batch)"]
