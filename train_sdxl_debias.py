@@ -2413,10 +2413,12 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
     Reads cached latents / embeddings when the plan has them, else decodes the image.
 
     A row whose image fails to decode is named in the sample's `skipped` and replaced by the next row of the
-    same bucket: batches keep their size, so every process still runs the same collectives (a rank with an
-    empty batch would leave the others waiting in the gradient all-reduce forever). A row that failed is not
-    decoded again by this (worker's) copy: a bucket of many bad files would otherwise cost each sample a decode
-    of every bad row before the next good one."""
+    same bucket or, when all of that bucket failed, of the next bucket (every sample of a batch comes from one
+    bucket, so they all move to the same one): batches keep their size, so every process still runs the same
+    collectives (a rank with an empty batch would leave the others waiting in the gradient all-reduce forever),
+    and no step goes by untrained. A sample comes back empty only when every image failed. A row that failed is
+    not decoded again by this (worker's) copy: a bucket of many bad files would otherwise cost each sample a
+    decode of every bad row before the next good one."""
 
     def __init__(self, table, args, plan):
         self.table, self.args, self.plan = table, args, plan
@@ -2426,6 +2428,8 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
             rows = self.same_target.setdefault(target, [])
             self.position.append(len(rows))
             rows.append(i)
+        self.buckets = list(self.same_target.values())
+        self.bucket_index = {target: n for n, target in enumerate(self.same_target)}
 
     def __len__(self):
         return len(self.table)
@@ -2433,16 +2437,18 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
     def __getitem__(self, key):
         i, sample_seed = key
         i = int(i)
-        rows, start = self.same_target[self.plan.targets[i]], self.position[i]
+        buckets, first = self.buckets, self.bucket_index[self.plan.targets[i]]
         skipped = []
-        for n in range(len(rows)):  # i, then the rows after it in its bucket
-            j = rows[(start + n) % len(rows)]
-            if j not in self.failed:
-                sample = self.load(j, random.Random(sample_seed))
-                if "caption" in sample:
-                    return {**sample, "skipped": skipped}
-                self.failed[j] = sample["skipped"]
-            skipped.append(self.failed[j])
+        for rows in buckets[first:] + buckets[:first]:  # i's bucket, then the others in turn
+            start = self.position[i] % len(rows)
+            for n in range(len(rows)):  # i (or the row at its position), then the rows after it
+                j = rows[(start + n) % len(rows)]
+                if j not in self.failed:
+                    sample = self.load(j, random.Random(sample_seed))
+                    if "caption" in sample:
+                        return {**sample, "skipped": skipped}
+                    self.failed[j] = sample["skipped"]
+                skipped.append(self.failed[j])
         return {"skipped": skipped}
 
     def load(self, i, rng):
@@ -2486,7 +2492,7 @@ def shuffled_tags(caption, keep, rng):
 
 def collate(samples):
     """Stack a batch, naming the files that were skipped. A batch whose every sample failed (no substitute
-    decoded either) has no tensors: the loop then has no work for it."""
+    decoded either: every image failed) has no tensors, and the loop stops with an error."""
     good = [s for s in samples if "caption" in s]
     batch = {"skipped": [name for s in samples for name in s["skipped"]]}
     if good:
@@ -4048,7 +4054,7 @@ def train(args):
     first_epoch = num_epochs if global_step >= max_steps else global_step // steps_per_epoch  # already done
     # Closed however the run ends: the bar (so an error is the last line) and the loader's workers.
     with bar as progress, workers_stopped(loader):
-        report, nonfinite, last_good = DataReport(), NonFiniteGuard(args, accelerator, optimizer), None
+        report, nonfinite = DataReport(), NonFiniteGuard(args, accelerator, optimizer)
         if grid_missing(args, global_step, max_steps) and accelerator.is_main_process:
             run_validation(accelerator, args, m, global_step, accelerator.trackers)
         for model in trained:
@@ -4056,26 +4062,16 @@ def train(args):
         for epoch in range(first_epoch, num_epochs):
             resume_in_epoch = epoch == global_step // steps_per_epoch
             sampler.set_epoch(epoch, skip=(global_step % steps_per_epoch) * accum if resume_in_epoch else 0)
-            report.new_epoch()
             for i, batch in enumerate(loader):
                 micro, last_micro = i % accum, i % accum == accum - 1
-                report.add(batch)
                 # Noise and timesteps are a pure function of (seed, rank, step, micro-batch): a resumed run draws
                 # exactly what the uninterrupted run drew.
                 generator.manual_seed(derive_seed(args.seed, "noise", rank, global_step, micro))
-                work, weight = batch, 1.0
-                if "captions" in batch:
-                    last_good = batch
-                elif world > 1 and last_good is not None:
-                    # Every image of this batch (and its bucket) failed to decode: run the last good batch with
-                    # zero weight, so this rank still joins the gradient all-reduce the others wait in.
-                    work, weight = last_good, 0.0
-                if "captions" in work:
-                    with no_sync(accelerator, trained, not last_micro):  # gradients all-reduce once per step
-                        loss, stats = training_step(work, m, args, generator, new_step=micro == 0)
-                        accelerator.backward(loss * weight / accum)
-                    if weight:
-                        metrics.add(stats)
+                report.check_batch(batch)  # (empty only when every image failed: each rank finds that alike)
+                with no_sync(accelerator, trained, not last_micro):  # gradients all-reduce once per step
+                    loss, stats = training_step(batch, m, args, generator, new_step=micro == 0)
+                    accelerator.backward(loss / accum)
+                metrics.add(stats)
                 if not last_micro:
                     continue
                 lr, grad_norm = update_weights(accelerator, args, m, params, optimizer, lr_scheduler, metrics,
@@ -4086,7 +4082,6 @@ def train(args):
                            grad_norm, lr_scheduler)
                 if global_step >= max_steps:
                     break
-            report.check_epoch()
             if global_step >= max_steps:
                 break
     report.finish()
@@ -4134,23 +4129,18 @@ def update_weights(accelerator, args, m, params, optimizer, lr_scheduler, metric
 
 
 class DataReport:
-    """Names the files the loader skipped, and fails clearly when an epoch yields no sample at all (files that
-    pass the header scan but never decode)."""
+    """Names the files the loader skipped, and fails clearly, before the step counts, when a batch is empty:
+    the dataset replaces a failed image from any bucket, so that means every file passed the header scan but
+    none decodes."""
 
     def __init__(self):
-        self.skipped, self.seen = set(), 0
+        self.skipped = set()
 
-    def new_epoch(self):
-        self.seen = 0
-
-    def add(self, batch):
+    def check_batch(self, batch):
         self.skipped.update(batch["skipped"])
-        self.seen += len(batch.get("captions", ()))
-
-    def check_epoch(self):
-        if self.seen == 0 and self.skipped:
-            raise UserError(f"every image of the epoch failed to load ({len(self.skipped)} files, "
-                            f"e.g. {min(self.skipped)})")
+        if "captions" not in batch:
+            raise UserError(f"every image failed to load ({len(self.skipped)} files, e.g. {min(self.skipped)}): "
+                            "check that they open in an image viewer, or re-export them")
 
     def finish(self):
         if self.skipped:

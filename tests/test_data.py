@@ -390,6 +390,13 @@ def test_an_undecodable_image_is_named_and_replaced_from_its_bucket(tmp_path):
     assert sample["skipped"] == [paths[0]] and sample["caption"] == "rgba"
     batch = T.collate([sample, ds[(2, 5)]])
     assert batch["pixel_values"].shape[0] == 2 and batch["skipped"] == [paths[0]]
+    # A bucket whose every file fails: its samples come from the next bucket (all of them, so a batch stays one
+    # size), not an empty batch that would count as a step and train nothing.
+    tall = T.ImageCaptionDataset(table.select([0, 0, 1, 2]), args,
+                                 T.DataPlan(targets=[(64, 32), (64, 32), (64, 64), (64, 64)]))
+    batch = T.collate([tall[(0, 1)], tall[(1, 2)]])
+    assert batch["captions"] == ["rgba", "la"] and batch["pixel_values"].shape[-2:] == (64, 64)
+    assert set(batch["skipped"]) == {paths[0]}
 
 
 def test_a_bucket_of_bad_files_decodes_each_once(tmp_path, monkeypatch):
@@ -411,19 +418,32 @@ def test_a_bucket_of_bad_files_decodes_each_once(tmp_path, monkeypatch):
 
 
 def test_every_image_unreadable_is_a_clear_error(tiny_model, tmp_path):
-    folder = str(tmp_path / "bad")
-    os.makedirs(folder)
-    for i in range(3):
-        with open(os.path.join(folder, f"{i}.png"), "wb") as f:
-            f.write(b"garbage")
-        with open(os.path.join(folder, f"{i}.txt"), "w") as f:
-            f.write("a caption")
-    for extra in ([], ["--aspect_ratio_bucketing"]):
+    """Files that are not images fail the header scan; truncated JPEGs pass it and fail only when decoded, in the
+    first batch: the error comes before that step counts."""
+    buf = io.BytesIO()
+    Image.fromarray(np.random.RandomState(0).randint(0, 255, (64, 64, 3), dtype=np.uint8)).save(buf, "JPEG")
+    for kind, content, extra, message in (("garbage", b"garbage", [], "none of the 3 images could be read"),
+                                          ("truncated", buf.getvalue()[: len(buf.getvalue()) // 2], [], "every image failed to load"),
+                                          ("truncated", None, ["--aspect_ratio_bucketing"], "every image failed")):
+        folder = str(tmp_path / kind)
+        for i in range(3) if content else ():
+            os.makedirs(folder, exist_ok=True)
+            with open(os.path.join(folder, f"{i}.jpg"), "wb") as f:
+                f.write(content)
+            with open(os.path.join(folder, f"{i}.txt"), "w") as f:
+                f.write("a caption")
         proc = run_trainer("--pretrained_model_name_or_path", tiny_model, "--train_data_dir", folder,
-                           "--output_dir", str(tmp_path / "out"), "--resolution", "64", *extra, check=False)
+                           "--output_dir", str(tmp_path / "out"), "--resolution", "64", "--checkpointing_steps",
+                           "1", *extra, check=False)
         assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
-        assert proc.stderr.strip().splitlines()[-1].startswith("error: ")
-        assert "0.png" in proc.stderr.strip().splitlines()[-1]
+        assert proc.stderr.strip().splitlines()[-1].startswith("error: " + message)
+        assert "0.jpg" in proc.stderr.strip().splitlines()[-1]
+        # No step was counted: no checkpoint that a rerun with mended images would resume as "finished".
+        assert not os.path.exists(tmp_path / "out") or not any(n.startswith("checkpoint-")
+                                                               for n in os.listdir(tmp_path / "out"))
+        # No step was counted: no checkpoint that a rerun with fixed images would resume as "finished".
+        assert not os.path.exists(tmp_path / "out") or not any(n.startswith("checkpoint-")
+                                                               for n in os.listdir(tmp_path / "out"))
 
 
 def test_cache_gives_the_same_loss_and_is_reused(tiny_model, shapes, tmp_path):
