@@ -191,6 +191,10 @@ def parse_args(argv=None):
     a("--lr_scheduler", default="constant",
       choices=("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup"))
     a("--lr_warmup_steps", type=int, default=0, help="In optimizer steps.")
+    a("--lr_num_cycles", "--lr_scheduler_num_cycles", dest="lr_num_cycles", type=int, default=1,
+      help="cosine_with_restarts: how many cosine decays (hard restarts) the run has.")
+    a("--lr_power", "--lr_scheduler_power", dest="lr_power", type=float, default=1.0,
+      help="polynomial: the decay's power (1: linear).")
     a("--adam_beta1", type=float, default=0.9)
     a("--adam_beta2", type=float, default=0.999)
     a("--adam_weight_decay", type=float, default=1e-2)
@@ -479,6 +483,8 @@ def validate(args):
                            ("adam_weight_decay", lambda v: v >= 0, "0 or more"),
                            ("max_grad_norm", lambda v: v >= 0, "0 or more (0: no clipping)"),
                            ("lr_warmup_steps", lambda v: v >= 0, "0 or more"),
+                           ("lr_num_cycles", lambda v: v >= 1, "at least 1"),
+                           ("lr_power", lambda v: v > 0, "above 0"),
                            ("lora_alpha", lambda v: v > 0, "above 0"),
                            ("lora_dropout", lambda v: 0 <= v < 1, "at least 0 and below 1"),
                            ("seed", lambda v: 0 <= v < 2**32, f"between 0 and {2**32 - 1}")):
@@ -2919,8 +2925,8 @@ def training_step(batch, m, args, generator, new_step=True):
 RUN_SHAPE = ("finetune", "rank", "lora_alpha", "lora_target_modules", "use_dora", "train_text_encoder", "optimizer",
              "use_ema")
 # What a resume may change but should say it changed: the schedule, the data and its order, and the objective.
-RUN_SETTINGS = ("lr_scheduler", "lr_warmup_steps", "max_train_steps", "num_train_epochs", "train_batch_size",
-                "gradient_accumulation_steps", "dataset", "train_data_dir", "max_train_samples", "resolution",
+RUN_SETTINGS = ("lr_scheduler", "lr_warmup_steps", "lr_num_cycles", "lr_power", "max_train_steps", "num_train_epochs",
+                "train_batch_size", "gradient_accumulation_steps", "dataset", "train_data_dir", "max_train_samples", "resolution",
                 "aspect_ratio_bucketing", "seed", "pretrained_model_name_or_path", "single_file_config",
                 "loss_weighting", "snr_gamma",
                 "prediction_type", "min_timestep", "max_timestep", "noise_offset", "input_perturbation",
@@ -3235,7 +3241,9 @@ def read_state(path):
 
 def run_settings(args, accelerator):
     """RUN_SETTINGS' values, the number of processes, and what the data is (data_fingerprint)."""
-    unused = ("adam_beta1", "adam_beta2", "adam_epsilon") if args.optimizer == "adafactor" else ()  # its own
+    unused = (("adam_beta1", "adam_beta2", "adam_epsilon") if args.optimizer == "adafactor" else ()) + \
+        (("lr_num_cycles",) if args.lr_scheduler != "cosine_with_restarts" else ()) + \
+        (("lr_power",) if args.lr_scheduler != "polynomial" else ())  # (adafactor: its own betas)
     return {**{k: getattr(args, k) for k in RUN_SETTINGS if k not in unused}, "processes": accelerator.num_processes,
             "mixed precision": accelerator.mixed_precision, "data": getattr(args, "data_fingerprint", None)}
 
@@ -3989,20 +3997,25 @@ def workers_stopped(loader):
             iterator._shutdown_workers()
 
 
-def make_optimization(args, m, accelerator, max_steps):
+def lr_schedule(args, optimizer, max_steps):
+    """diffusers' --lr_scheduler, over max_steps optimizer steps, with --lr_num_cycles and --lr_power."""
     from diffusers.optimization import get_scheduler
 
+    name = args.lr_scheduler
+    if name == "constant" and args.lr_warmup_steps:  # diffusers' "constant" ignores warmup silently
+        name = "constant_with_warmup"
+    return get_scheduler(name, optimizer, num_warmup_steps=args.lr_warmup_steps, num_training_steps=max_steps,
+                         num_cycles=args.lr_num_cycles, power=args.lr_power)
+
+
+def make_optimization(args, m, accelerator, max_steps):
     scale = args.train_batch_size * args.gradient_accumulation_steps * accelerator.num_processes if args.scale_lr else 1
     groups = param_groups(args, m, scale)
     params = [p for g in groups for p in g["params"]]
     optimizer = build_optimizer(args, groups, accelerator.device)
     # Not passed to accelerator.prepare: a prepared scheduler steps once per process, which shortens warmup and
     # decay with more GPUs. Here it steps once per optimizer step, whatever the process count or accumulation.
-    name = args.lr_scheduler
-    if name == "constant" and args.lr_warmup_steps:  # diffusers' "constant" ignores warmup silently
-        name = "constant_with_warmup"
-    lr_scheduler = get_scheduler(name, optimizer, num_warmup_steps=args.lr_warmup_steps,
-                                 num_training_steps=max_steps)
+    lr_scheduler = lr_schedule(args, optimizer, max_steps)
     if args.train_text_encoder:
         m.unet, *m.text_encoders, optimizer = accelerator.prepare(m.unet, *m.text_encoders, optimizer)
     else:

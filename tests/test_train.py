@@ -147,6 +147,30 @@ def test_resumed_run_equals_uninterrupted_run(tiny_model, shapes, tmp_path):
     assert rows(resumed) == rows(full_run)[2:]  # row 4 holds step 4 alone in both runs
 
 
+def test_lr_schedules_take_their_cycles_and_power():
+    """--lr_num_cycles and --lr_power (diffusers' flag names; kohya's --lr_scheduler_num_cycles/_power) reach the
+    schedule: without them cosine_with_restarts was plain cosine and polynomial was linear."""
+    import train_sdxl_debias as T
+
+    def curve(*flags):
+        optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+        schedule = T.lr_schedule(T.parse_args(["--dataset", "x", *flags]), optimizer, 10)
+        lrs = []
+        for _ in range(10):
+            lrs.append(optimizer.param_groups[0]["lr"])
+            optimizer.step(), schedule.step()
+        return lrs
+
+    restarts = curve("--lr_scheduler", "cosine_with_restarts", "--lr_num_cycles", "2")
+    assert restarts[0] == restarts[5] == 1.0 and restarts[4] < 0.2  # decays, then starts again at the peak
+    assert curve("--lr_scheduler", "cosine_with_restarts") == curve("--lr_scheduler", "cosine")  # 1 cycle: cosine
+    squared = curve("--lr_scheduler", "polynomial", "--lr_power", "2")
+    assert abs(squared[5] - 0.25) < 1e-3 and abs(curve("--lr_scheduler", "polynomial")[5] - 0.5) < 1e-3
+    assert curve("--lr_scheduler", "cosine_with_restarts", "--lr_scheduler_num_cycles", "2") == restarts
+    with pytest.raises(T.UserError, match="--lr_num_cycles 0 must be at least 1"):
+        T.validate(T.parse_args(["--dataset", "x", "--lr_num_cycles", "0"]))
+
+
 def test_a_resume_with_other_optimizer_flags_uses_them_and_says_so(tiny_model, shapes, tmp_path):
     """The optimizer's saved state carries its hyperparameters: a changed --adam_weight_decay or --max_grad_norm
     takes effect and is named; a changed --learning_rate is not (the schedule is the checkpoint's), and the
