@@ -93,9 +93,13 @@ class Parser(argparse.ArgumentParser):
 
 def side(value):
     """--resolution: one side, or kohya's "1024,1024" (square only: other shapes are what buckets are for)."""
-    value = str(value)  # (a --config file's 1024 is an int)
-    sides = {int(v) for v in value.split(",")} if re.fullmatch(r"\s*\d+\s*(,\s*\d+\s*)?", value) else set()
-    if len(sides) != 1:
+    value = str(value)  # (a --config file's 1024 is an int, or 1024.0; validate() then checks the range)
+    try:
+        numbers = [float(v) for v in value.split(",")]
+    except ValueError:
+        numbers = []
+    sides = {int(n) for n in numbers if n.is_integer()}
+    if len(numbers) not in (1, 2) or len(sides) != 1 or not all(n.is_integer() for n in numbers):
         raise argparse.ArgumentTypeError(f"{value!r} is not one number, the side of square training images (for "
                                          "other shapes add --aspect_ratio_bucketing, whose buckets keep its area)")
     return sides.pop()
@@ -320,6 +324,11 @@ FOREIGN_FLAGS = {
     "--network_args": "use --rank, --lora_alpha, --lora_target_modules, --use_dora",
     "--dataset_config": "pass the data folder with --train_data_dir (kohya's folders are read as they are)",
     "--pretrained_model_name": "use --pretrained_model_name_or_path",
+    "--flip_aug": "use --random_flip", "--caption_dropout_rate": "use --caption_dropout",
+    "--ip_noise_gamma": "use --input_perturbation", "--resume": "use --resume_from_checkpoint (a folder, or latest)",
+    "--config_file": "use --config (YAML, JSON or TOML, keys named as this trainer's flags)",
+    "--in_json": "captions come from .txt files beside the images, or a metadata.jsonl (--train_data_dir)",
+    "--reg_data_dir": "regularization images are not supported: train on your images alone",
 }
 LORA_DEFAULTS = (("rank", 4), ("lora_alpha", None), ("lora_dropout", 0.0), ("lora_target_modules",
                  "to_q,to_k,to_v,to_out.0"), ("use_dora", False), ("init_lora_weights", "gaussian"),
@@ -334,22 +343,37 @@ def read_config(path, parser):
     """Flag values from a YAML or JSON file; keys are flag names (with or without dashes, aliases allowed)."""
     if not os.path.isfile(path):
         raise UserError(f"--config {path!r} does not exist")
-    with open(path) as f:
-        text = f.read()
+    with open(path, "rb") as f:
+        data = f.read()
+    try:  # UTF-8 on every OS (Windows' default would be cp1252), or UTF-16 with its mark (PowerShell's `>`)
+        text = data.decode("utf-16") if data.startswith(UTF16_BOMS) else data.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        raise UserError(f"--config {path!r} is not UTF-8: save it as UTF-8") from None
+    kind = os.path.splitext(path)[1].lower()
     try:
-        if path.endswith((".yaml", ".yml")):
+        if kind in (".yaml", ".yml"):
             import yaml
             values = yaml.safe_load(text) or {}
+        elif kind == ".toml":  # kohya's config files: its [sections] are read as one flat table
+            import tomllib
+            values = {}
+            for key, value in tomllib.loads(text).items():
+                values.update(value if isinstance(value, dict) else {key: value})
         else:
             values = json.loads(text)
+    except ImportError:
+        raise UserError(f"--config {path!r}: TOML needs Python 3.11 or newer; write it as YAML or JSON") from None
     except Exception as e:
-        raise UserError(f"--config {path!r} is not valid YAML/JSON: {first_line(e)}") from None
+        raise UserError(f"--config {path!r} is not valid {'TOML' if kind == '.toml' else 'YAML/JSON'}: "
+                        f"{first_line(e)}") from None
     if not isinstance(values, dict):
         raise UserError(f"--config {path!r} must hold a mapping of flag names to values")
     actions = {o.lstrip("-"): a for a in parser._actions for o in a.option_strings}
     unknown = [k for k in values if str(k).lstrip("-") not in actions]
-    if unknown:
-        raise UserError(f"--config {path!r} has unknown keys: {', '.join(map(str, unknown))}")
+    if unknown:  # kohya's or diffusers' names with ours beside them
+        raise UserError(f"--config {path!r} has unknown keys: " + ", ".join(
+            f"{k} ({FOREIGN_FLAGS['--' + str(k).lstrip('-')]})" if '--' + str(k).lstrip('-') in FOREIGN_FLAGS
+            else str(k) for k in unknown))
     if any(actions[str(k).lstrip("-")].dest == "hub_token" for k in values):
         raise UserError(f"--config {path!r} holds hub_token, which is never read from a file that may be shared or "
                         "published: remove it, and log in with `hf auth login` (or set HF_TOKEN)")
@@ -364,8 +388,8 @@ def read_config(path, parser):
 def config_value(action, value, path):
     """A config file's value, checked as argparse checks the command line (defaults bypass its checks)."""
     name = f"--config {path!r}: {action.option_strings[0]}"
-    if value is None:
-        return None
+    if value is None:  # `learning_rate:` left empty in YAML, or null in JSON (our train_config.json): the default
+        return action.default
     if action.nargs == 0:  # store_true / store_const flags: a YAML/JSON boolean
         if not isinstance(value, bool):
             raise UserError(f"{name} must be true or false, not {value!r}")

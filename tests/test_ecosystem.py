@@ -272,6 +272,29 @@ def test_config_values_are_checked_like_flags(tmp_path, values, needle):
     assert args.lora_target_modules == "to_q,to_k"
 
 
+def test_config_files_as_people_write_them(tmp_path):
+    """Empty values mean the default (not None, which crashed after the models loaded); the file is read as UTF-8
+    on every OS or as UTF-16 with its mark (PowerShell), and named when it is neither; .YAML is YAML; kohya's TOML
+    files are read with their [sections] flattened, and kohya's own key names are named with ours."""
+    (tmp_path / "blank.yaml").write_text("dataset: x\nlearning_rate:\nresolution: 512.0\ntrain_batch_size:\n")
+    args = T.parse_args(["--config", str(tmp_path / "blank.yaml")])
+    assert (args.learning_rate, args.resolution, args.train_batch_size) == (1e-4, 512, 1)
+    (tmp_path / "utf16.YAML").write_bytes("dataset: x\nvalidation_prompt: un café\n".encode("utf-16"))
+    assert T.parse_args(["--config", str(tmp_path / "utf16.YAML")]).validation_prompt == ["un café"]
+    (tmp_path / "latin.yaml").write_bytes("dataset: x\nvalidation_prompt: un café\n".encode("cp1252"))
+    with pytest.raises(T.UserError, match="latin.yaml' is not UTF-8: save it as UTF-8"):
+        T.parse_args(["--config", str(tmp_path / "latin.yaml")])
+    (tmp_path / "run.toml").write_text('[model]\npretrained_model_name_or_path = "m"\n[training]\nrank = 8\n'
+                                       'learning_rate = 2e-4\ndataset = "x"\n')
+    args = T.parse_args(["--config", str(tmp_path / "run.toml")])
+    assert (args.pretrained_model_name_or_path, args.rank, args.learning_rate) == ("m", 8, 2e-4)
+    (tmp_path / "kohya.toml").write_text("[training_arguments]\nnetwork_dim = 8\nflip_aug = true\n")
+    with pytest.raises(T.UserError, match=r"unknown keys: network_dim \(use --rank\), flip_aug \(use --random_flip"):
+        T.parse_args(["--config", str(tmp_path / "kohya.toml")])
+    with pytest.raises(T.UserError, match="--resolution -64 must be a positive multiple of 8"):
+        T.validate(T.parse_args(["--dataset", "x", "--resolution", "-64"]))
+
+
 def test_an_error_about_a_flag_from_the_config_file_says_so(tmp_path, capsys):
     path = str(tmp_path / "run.yaml")
     with open(path, "w") as f:
