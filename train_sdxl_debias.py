@@ -1623,13 +1623,14 @@ def load_folder(source, args):
             logger.warning("%d images have caption files (e.g. %s) that are not read: with a metadata file the "
                            "captions come from its column (--caption_column); move the metadata file away to use "
                            "the caption files", len(beside), caption_files(sidecars, beside[0])[0])
-        folders = imagefolder_folders(source, files)
-        data_files = {"train": [os.path.join(glob.escape(folder), "**") for folder in folders]}  # `[v2]`: no pattern
+        patterns, used = split_train_files(source, files)  # (escaped: a folder named `[v2]` is no pattern)
         with old_pandas_strings():
-            table = train_split(guarded_load(source, datasets.load_dataset, "imagefolder", data_files=data_files,
-                                             cache_dir=cache_dir), source)
-        unnamed_images(table, [f for f in images if any(f.startswith(os.path.join(d, "")) for d in folders)], source)
+            table = train_split(guarded_load(source, datasets.load_dataset, "imagefolder",
+                                             data_files={"train": patterns}, cache_dir=cache_dir), source)
+        unnamed_images(table, used, source)
         return table
+    if images and not data_files:  # image + caption files: train/ trains, a test/ or val/ is held out, as above
+        images = split_train_files(source, files)[1]
     captions = find_captions(source, files, images, args.caption_extension) if images else None
     if captions is not None:
         unused_flags(args, "images with caption files", "dataset_config_name")
@@ -1644,6 +1645,13 @@ def load_folder(source, args):
         if glob.has_magic(source):  # datasets would read the path as a pattern and find no files
             raise UserError(f"dataset folder {source!r}: datasets cannot read a downloaded dataset in a folder "
                             "whose path has [ ] or * in it: rename the folder")
+        named = split_named_files(source, files) if config is None else {}
+        if named.get(None) and len(named) > 1:  # datasets would drop the files whose names say no split
+            train, rest = named.pop(None) + named.pop("train", []), sorted(f for fs in named.values() for f in fs)
+            logger.warning("dataset %s: training on %s; %s held out (the name says a split)", source,
+                           ", ".join(train), ", ".join(rest))
+            return guarded_load(source, datasets.load_dataset, source, cache_dir=cache_dir,
+                                data_files={"train": [glob.escape(f) for f in train]})
         return guarded_load(source, datasets.load_dataset, source, config, cache_dir=cache_dir)
     if not images:
         archives = [f for f in files if f.lower().endswith((".zip", ".tar.gz", ".tgz", ".7z", ".rar"))]
@@ -1656,6 +1664,26 @@ def load_folder(source, args):
                     "next to each image, or a metadata.jsonl with file_name and text columns"
                     + (f"; if {tables[0]!r} holds the captions, pass it as --dataset" if tables else "")
                     + (f" ({near})" if near else ""))
+
+
+SPLIT_WORD = re.compile(r"(?:^|[-._ 0-9/])(train|training|validation|valid|val|dev|test|testing|eval|evaluation)"
+                        r"(?:[-._ 0-9/]|$)")
+
+
+def split_named_files(source, files):
+    """A downloaded dataset's data files by the split their path names, as datasets reads it (None: no split
+    word), when its README defines no configs (then datasets follows those)."""
+    readme = os.path.join(source, "README.md")
+    with suppress(OSError):
+        with open(readme, encoding="utf-8", errors="replace") as f:
+            if "configs:" in f.read().split("\n---", 1)[0]:
+                return {}
+    named = {}
+    for f in files:
+        if os.path.splitext(f)[1].lower() in DATA_FILES:
+            word = SPLIT_WORD.search(os.path.relpath(f, source).replace(os.sep, "/"))
+            named.setdefault(SPLIT_FOLDERS[word.group(1)] if word else None, []).append(os.path.relpath(f, source))
+    return named
 
 
 def unused_flags(args, kind, *flags):
@@ -1671,30 +1699,47 @@ SPLIT_FOLDERS = {"train": "train", "training": "train", "validation": "validatio
                  "evaluation": "test"}
 
 
-def imagefolder_folders(source, files):
-    """The folders of an imagefolder's training data: all of it, or its train/ folders. Given the folder alone,
-    datasets also reads split names out of file names and other folder names: `dog_test_04.png` or a
-    `test_shots/` folder became a test split, and the run trained on the rest without a word. Here only a folder
-    named exactly as a split is one (`train/`, `data/train/`), as in datasets' documented layout, and only if it
-    holds images or metadata."""
-    splits = {}
-    for f in files:
-        if not (os.path.splitext(f)[1].lower() in IMAGE_EXTS or os.path.basename(f) in METADATA_FILES):
-            continue
+def split_train_files(source, files):
+    """The data files of a folder's training data, as datasets' patterns, and the images among them: all
+    of it, or its train/ folders. Given the folder alone, datasets also reads split names out of file names and
+    other folder names: `dog_test_04.png` or a `test_shots/` folder became a test split, and the run trained on
+    the rest without a word. Here only a folder named exactly as a split is one (`train/`, `data/train/`), as in
+    datasets' documented layout, and only if it holds images or metadata. Images outside the split folders train
+    when there is no train/ (a test/ or val/ beside them is held out), and are named when there is."""
+    data = [f for f in files if os.path.splitext(f)[1].lower() in IMAGE_EXTS or os.path.basename(f) in METADATA_FILES]
+    images = lambda paths: [f for f in paths if os.path.splitext(f)[1].lower() in IMAGE_EXTS]
+    splits, loose = {}, []
+    for f in data:
         parts = os.path.relpath(f, source).split(os.sep)[:-1]
         depth = next((i for i, part in enumerate(parts) if part in SPLIT_FOLDERS), None)  # the outermost
-        if depth is not None:
-            splits.setdefault(SPLIT_FOLDERS[parts[depth]], set()).add(os.path.join(*parts[:depth + 1]))
+        if depth is None:
+            loose.append(f)
+        else:
+            splits.setdefault(SPLIT_FOLDERS[parts[depth]], set()).add(os.path.join(source, *parts[:depth + 1]))
     if not splits:
-        return [source]
+        return [os.path.join(glob.escape(source), "**")], images(data)
+    held_out = ", ".join(os.path.relpath(d, source) for ds in splits.values() for d in sorted(ds))
+    if "train" not in splits and images(loose):  # the images, and a test/ or val/ folder kept apart from them
+        logger.warning("dataset %s: training on its %d images outside its split folders; %s is left out",
+                       source, len(images(loose)), held_out)
+        return [glob.escape(f) for f in loose], images(loose)
     name = "train" if "train" in splits else next(iter(splits))
     if name != "train" and len(splits) > 1:
-        raise UserError(f"dataset {source!r} has no train/ folder (it has split folders: "
-                        f"{', '.join(sorted(d for ds in splits.values() for d in ds))}); name one train/, or pass the "
-                        "folder of the split you want")
+        raise UserError(f"dataset {source!r} has no train/ folder (it has split folders: {held_out}); name one "
+                        "train/, or pass the folder of the split you want")
     if name != "train":
-        logger.info("dataset %s has one split folder, %s: training on it", source, ", ".join(sorted(splits[name])))
-    return [os.path.join(source, folder) for folder in sorted(splits[name])]
+        logger.info("dataset %s has one split folder, %s: training on it", source, held_out)
+    chosen = sorted(splits[name])
+    inside = [f for f in data if any(f.startswith(os.path.join(d, "")) for d in chosen)]
+    patterns = [os.path.join(glob.escape(d), "**") for d in chosen]
+    above = [f for f in loose if os.path.basename(f) in METADATA_FILES]
+    if above and not any(os.path.basename(f) in METADATA_FILES for f in inside):
+        # A metadata file above the split folders (file_name: train/a.png) is theirs: what it names trains.
+        return patterns + [glob.escape(f) for f in above], images(inside) + images(loose)
+    if images(loose):
+        logger.warning("%d images of dataset %s are outside its %s folder and are not used (e.g. %s): move them "
+                       "into it", len(images(loose)), source, os.path.relpath(chosen[0], source), images(loose)[0])
+    return patterns, images(inside)
 
 
 def unnamed_images(table, images, source):

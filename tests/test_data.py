@@ -522,6 +522,46 @@ def test_every_local_dataset_form_loads_with_its_captions(shapes, tmp_path):
         assert T.decode_image(table[0]["image"])[1][0] >= 96, name  # images resolve (relative paths too)
 
 
+def test_split_folders_and_split_named_files_hold_out_only_what_their_names_say(tmp_path, caplog):
+    """Images beside a test/ folder train (test/ is held out; they were dropped for it, a 1-image run); a metadata
+    file above train/ is read; images beside train/ are named as unused; a data file whose name says no split
+    trains beside a `_val` one (datasets kept only the validation file); image + caption files follow the same
+    split folders (their test/ images trained)."""
+    def image(path, text, metadata=None):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (32, 32)).save(path)
+        if metadata:
+            with open(metadata, "a") as f:
+                f.write(json.dumps({"file_name": os.path.relpath(path, metadata.parent), "text": text}) + "\n")
+        else:
+            path.with_suffix(".txt").write_text(text)
+
+    texts = lambda folder: sorted(T.load_table(T.parse_args(["--dataset", str(folder)]))[0]["text"])
+    root = tmp_path / "beside_test"
+    for i in range(3):
+        image(root / f"{i}.png", f"root {i}", root / "metadata.jsonl")
+    image(root / "test" / "t.png", "held out", root / "test" / "metadata.jsonl")
+    assert texts(root) == ["root 0", "root 1", "root 2"] and "test is left out" in caplog.text
+    above = tmp_path / "above"
+    image(above / "train" / "a.png", "from the metadata above", above / "metadata.jsonl")
+    assert texts(above) == ["from the metadata above"]
+    image(above / "train" / "b.png", "b")  # (its own caption file, not read: the metadata above names no b.png)
+    assert texts(above) == ["from the metadata above"] and "b.png" in caplog.text
+    beside = tmp_path / "beside_train"
+    image(beside / "train" / "a.png", "a", beside / "train" / "metadata.jsonl")
+    image(beside / "stray.png", "stray", beside / "metadata.jsonl")
+    assert texts(beside) == ["a"] and "1 images of dataset" in caplog.text
+    files = tmp_path / "files"
+    for name, rows in (("captions.jsonl", 2), ("captions_val.jsonl", 1)):
+        for i in range(rows):
+            image(files / f"{name}{i}.png", name, files / name)
+    assert texts(files) == ["captions.jsonl"] * 2 and "captions_val.jsonl held out" in caplog.text
+    sidecars = tmp_path / "sidecars"
+    image(sidecars / "train" / "a.png", "train")
+    image(sidecars / "test" / "b.png", "test")
+    assert texts(sidecars) == ["train"]
+
+
 def test_split_names_in_file_names_brackets_in_paths_and_dataset_configs(tmp_path):
     """datasets reads split names anywhere in a name: given the folder alone, `dog_test_04.png` went to a test
     split and the run trained on the rest. Only folders named exactly as splits are splits (train/ trains, as
