@@ -1333,6 +1333,10 @@ DATA_FILES = {".parquet": "parquet", ".arrow": "arrow", ".jsonl": "json", ".json
               ".tar": "webdataset"}  # (WebDataset shards: 000001.jpg + 000001.txt, read as columns jpg and txt)
 
 
+DATASETS_BUILDERS = ("imagefolder", "audiofolder", "videofolder", "webdataset", "json", "csv", "parquet", "arrow",
+                     "text", "pandas", "sql", "xml", "spark", "generator", "cache")
+
+
 def load_table(args):
     """The training table (a `datasets.Dataset`) with an image column (undecoded) and a caption column.
 
@@ -1357,6 +1361,9 @@ def load_table(args):
                              cache_dir=args.cache_dir)
     elif source.startswith((".", "/", "~")) or os.path.splitext(source)[1].lower() in DATA_FILES:
         raise UserError(f"dataset {'file' if os.path.splitext(source)[1] else 'folder'} {source!r} does not exist")
+    elif source.lower() in DATASETS_BUILDERS:  # datasets would read the working folder with that loader
+        raise UserError(f"--dataset {source!r} is the name of one of datasets' loaders, not a dataset: pass the folder "
+                        f"or file of your data, e.g. --dataset path/to/images")
     else:
         unused_flags(args, "a Hub dataset", "caption_extension")
         table = guarded_load(source, datasets.load_dataset, source, args.dataset_config_name,
@@ -1380,7 +1387,7 @@ def load_table(args):
         raise UserError(f"image column {image_col!r} of dataset {source!r} holds several images per row: this "
                         "trainer takes one image per row (a row per image, or --image_column naming such a column)")
     encoded = (isinstance(feature, datasets.Image) or getattr(feature, "dtype", None) in ("binary", "large_binary")
-               or isinstance(feature, dict) and {"bytes", "path"} <= set(feature))  # a parquet of {bytes, path}
+               or isinstance(feature, dict) and {"bytes", "path"} & set(feature))  # {bytes, path}, or one of them
     if encoded:
         table = table.cast_column(image_col, datasets.Image(decode=False))  # encoded bytes too: {bytes, path}
     table = table.select_columns([image_col, caption_col]).rename_columns({image_col: "image", caption_col: "text"})
@@ -2497,7 +2504,7 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
 
     def __init__(self, table, args, plan):
         self.table, self.args, self.plan = table, args, plan
-        self.failed = {}  # row -> how it is named in `skipped`
+        self.failed, self.bad_files = {}, set()  # row -> how it is named in `skipped`; those names
         self.same_target, self.position = {}, []
         for i, target in enumerate(plan.targets):
             rows = self.same_target.setdefault(target, [])
@@ -2547,9 +2554,13 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
                 return {"skipped": describe_image(row["image"], number)}
             sample.update(plan.latent_cache.get(key))
             return sample
+        name = describe_image(row["image"], number)
+        if name in self.bad_files:  # a file that failed under another row (kohya's repeats): not again, not said
+            return {"skipped": name}
         decoded = decode_image(row["image"], cover=target, row=number)
         if decoded is None:  # unreadable or truncated: named, and replaced by another row
-            return {"skipped": describe_image(row["image"], number)}
+            self.bad_files.add(name)
+            return {"skipped": name}
         img, size = decoded
         pixels, original, crop = transform_image(img, target, args.center_crop, flip, rng, size=size)
         sample.update(pixel_values=pixels, time_ids=time_ids(original, crop, target))
