@@ -1484,13 +1484,20 @@ def relative_to(source):
     nowhere is named beside the data (then as unreadable), never looked for elsewhere."""
     bases = [source] if os.path.isdir(source) else [os.path.dirname(os.path.abspath(source))]
     listed = not os.path.isdir(source)  # a folder's data files are looked for at the first path not beside it
-    said = []
+    said, said_windows = [], []
 
     def resolve(value):
         nonlocal listed
         if not isinstance(value, str) or not value.strip():  # (an empty cell: drop_rows_without_image's)
             return value
         value = value[len("file://"):] if value.startswith("file://") else value
+        if os.sep == "/" and re.match(r"[A-Za-z]:[\\/]|\\\\", value):  # C:\Users\me\a.png: another machine's
+            name = re.split(r"[\\/]", value)[-1]  # path; the file of that name beside the data is the one
+            found = next((p for base in bases if os.path.exists(p := trimmed(os.path.join(base, name)))), None)
+            if found and not said_windows:
+                said_windows.append(logger.warning("image paths of %s such as %r are Windows paths: the files of those "
+                                           "names beside the data are used", source, value))
+            return found or value  # (not found: named as written, when it fails to open)
         if os.sep == "/" and "\\" in value and not os.path.exists(value):
             value = value.replace("\\", "/")
         if os.path.isabs(value) or value.startswith(("http://", "https://")):

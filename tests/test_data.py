@@ -1075,6 +1075,11 @@ def test_image_paths_resolve_beside_the_data_never_silently_elsewhere(tmp_path, 
     table, _ = T.load_table(T.parse_args(["--dataset", str(data / "struct.parquet")]))
     assert [v["path"] for v in table["image"][:10]] == [str(data / "imgs" / "a.png")] * 10
     assert "hashed" not in capsys.readouterr().err + caplog.text  # datasets warned so on every local run
+    rows = [{"image": "C:\\Users\\me\\set\\a.png", "text": "w"}, {"image": "D:\\gone\\z.png", "text": "z"}]
+    (data / "imgs" / "windows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))  # written on Windows
+    table, _ = T.load_table(T.parse_args(["--dataset", str(data / "imgs" / "windows.jsonl")]))
+    assert table["image"] == [str(data / "imgs" / "a.png"), "D:\\gone\\z.png"]  # (not …/imgs/D:/gone/z.png)
+    assert "such as 'C:\\\\Users\\\\me\\\\set\\\\a.png' are Windows paths: the files of those names" in caplog.text
     (data / "two.jsonl").write_text(json.dumps({"image": "imgs/a.png", "text": "photo", "caption": "a long one"}))
     assert T.load_table(T.parse_args(["--dataset", str(data / "two.jsonl")]))[0]["text"] == ["photo"]
     assert "caption column 'text' is used; the dataset also has 'caption': pass --caption_column" in caplog.text
