@@ -1495,8 +1495,8 @@ def relative_to(source):
             name = re.split(r"[\\/]", value)[-1]  # path; the file of that name beside the data is the one
             found = next((p for base in bases if os.path.exists(p := trimmed(os.path.join(base, name)))), None)
             if found and not said_windows:
-                said_windows.append(logger.warning("image paths of %s such as %r are Windows paths: the files of those "
-                                           "names beside the data are used", source, value))
+                said_windows.append(logger.warning("image paths of %s such as %r are Windows paths: the files of "
+                                                   "those names beside the data are used", source, value))
             return found or value  # (not found: named as written, when it fails to open)
         if os.sep == "/" and "\\" in value and not os.path.exists(value):
             value = value.replace("\\", "/")
