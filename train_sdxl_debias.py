@@ -1383,7 +1383,8 @@ def load_table(args):
         raise UserError(f"--image_column and --caption_column are both {image_col!r}: name two different columns "
                         f"(the dataset has: {', '.join(table.column_names)})")
     feature = table.features[image_col]
-    if isinstance(item_feature(feature), datasets.Image):
+    item = item_feature(feature)
+    if isinstance(item, datasets.Image) or getattr(item, "dtype", None) in ("string", "large_string"):
         raise UserError(f"image column {image_col!r} of dataset {source!r} holds several images per row: this "
                         "trainer takes one image per row (a row per image, or --image_column naming such a column)")
     encoded = (isinstance(feature, datasets.Image) or getattr(feature, "dtype", None) in ("binary", "large_binary")
@@ -2547,6 +2548,8 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
         if isinstance(caption, (list, tuple)):  # one of the captions, not a null or empty one among them
             caption = [c for c in caption if not blank(c)]
             caption = rng.choice(caption) if caption else ""
+        if isinstance(caption, float) and caption.is_integer():  # a CSV's column of numbers with a blank cell
+            caption = int(caption)  # is read as floats: "3", not "3.0"
         caption = "" if caption is None or rng.random() < args.caption_dropout else str(caption)
         if args.shuffle_caption:
             caption = shuffled_tags(caption, args.keep_tokens, rng)

@@ -1115,6 +1115,9 @@ def test_more_dataset_shapes_load_or_say_what_they_are(tmp_path, caplog):
     datasets.Dataset.from_dict({"image": [{"bytes": png.getvalue()}], "text": ["b"]}).to_parquet(
         str(tmp_path / "bytes_only.parquet"))
     assert load(tmp_path / "bytes_only.parquet")[0]["image"]["bytes"] == png.getvalue()
+    (tmp_path / "paths.jsonl").write_text(json.dumps({"images": ["p.png", "p.png"], "text": "two"}) + "\n")
+    with pytest.raises(T.UserError, match="image column 'images' of dataset .* holds several images per row"):
+        load(tmp_path / "paths.jsonl")  # ("'list' object has no attribute 'read'" for every row)
     with pytest.raises(T.UserError, match="'imagefolder' is the name of one of datasets' loaders, not a dataset"):
         load("imagefolder")  # datasets read every */train/ under the working folder
     (tmp_path / "gap").mkdir()  # a shard whose second sample lost its image: that sample is named
@@ -1135,6 +1138,9 @@ def test_more_dataset_shapes_load_or_say_what_they_are(tmp_path, caplog):
     Image.new("RGB", (32, 32)).save(tmp_path / "x.png")
     ds = T.ImageCaptionDataset(table, args, T.DataPlan(targets=[(32, 32)]))
     assert {ds[(0, seed)]["caption"] for seed in range(20)} == {"a cat"}
+    numbers = datasets.Dataset.from_dict({"image": [str(tmp_path / "x.png")] * 3, "text": [1, None, 3.5]})
+    ds = T.ImageCaptionDataset(numbers, args, T.DataPlan(targets=[(32, 32)] * 3))  # a CSV's numbers, one blank
+    assert [ds[(i, 0)]["caption"] for i in range(3)] == ["1", "", "3.5"]  # (read as floats: "1.0" trained)
     for name, data, needle in (
             ("several", {"images": [[{"bytes": png.getvalue(), "path": None}] * 2], "text": ["two"]},
              "holds several images per row"),
