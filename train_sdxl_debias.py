@@ -2101,6 +2101,9 @@ def kohya_near_miss(source, images, captions):
         # long is taken as part of the name (2023_trip/). Said only where that leaves an image uncaptioned.
         numbered = sorted({r[0] for r, p in zip(parts, images) if len(r) > 1 and re.match(r"\d{4,}_.", r[0])
                            and not caption_files(captions, p)})
+        if KOHYA_FOLDER.match(os.path.basename(os.path.normpath(source))) and not tops:  # the folder itself
+            return (f"its name is one of kohya's DreamBooth folders, <repeats>_<caption>: pass its parent folder "
+                    f"{os.path.dirname(os.path.abspath(source))!r} to read it as such")
         if numbered and not below:
             return (f"folders {', '.join(map(repr, numbered[:5]))} are read as plain folders (no repeats, no "
                     "captions from folder names): a number of 4 digits or more is taken as part of a name, like a "

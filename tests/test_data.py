@@ -774,6 +774,10 @@ def test_folders_that_look_like_kohyas_but_are_not_read_so_say_why(tmp_path, cap
         with pytest.raises(T.UserError, match=f"images but no captions: .*{why}"):
             load(layout(name, folders))
     assert load(layout("empty", [("10_sks dog", "")]))["text"] == ["sks dog"] * 10
+    layout("itself", [("10_cat", None)])  # the DreamBooth folder given, not its parent
+    with pytest.raises(T.UserError, match="its name is one of kohya's DreamBooth folders.*pass its parent folder "
+                                          f"'{tmp_path / 'itself'}'"):
+        load(str(tmp_path / "itself" / "10_cat"))
     caplog.clear()  # a year is no number of repeats: 2023_trip/ is an ordinary folder, said nothing about
     assert load(layout("year", [("2023_trip", "a beach")]))["text"] == ["a beach"] and "kohya" not in caplog.text
     # ... but kohya would read 1500_sks/ as 1500 repeats of "sks": said, where an image is left without a caption.
