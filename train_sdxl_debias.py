@@ -1369,6 +1369,10 @@ def load_table(args):
         table = guarded_load(source, datasets.load_dataset, source, args.dataset_config_name,
                              cache_dir=args.cache_dir)
     table = train_split(table, source)
+    if table.features and all(isinstance(f, dict) and {"caption", "tags"} & set(f) for f in table.features.values()):
+        raise UserError(f"{source!r} is kohya's metadata JSON (image name -> caption/tags, for its --in_json), which "
+                        "this trainer does not read: write each caption to a .txt file beside its image, or a "
+                        "metadata.jsonl with file_name and text")
     image_col = pick_column(table.column_names, args.image_column, IMAGE_COLUMNS, "image")
     try:
         caption_col = pick_column(table.column_names, args.caption_column, CAPTION_COLUMNS, "caption")

@@ -1119,6 +1119,10 @@ def test_more_dataset_shapes_load_or_say_what_they_are(tmp_path, caplog):
     datasets.Dataset.from_dict({"image": [{"bytes": png.getvalue()}], "text": ["b"]}).to_parquet(
         str(tmp_path / "bytes_only.parquet"))
     assert load(tmp_path / "bytes_only.parquet")[0]["image"]["bytes"] == png.getvalue()
+    (tmp_path / "meta_cap.json").write_text(json.dumps({"img000": {"caption": "a", "tags": "x"}, "img001": {
+        "caption": "b"}}))  # (it was "no image column found among: img000, img001")
+    with pytest.raises(T.UserError, match="is kohya's metadata JSON .* write each caption to a .txt file"):
+        load(tmp_path / "meta_cap.json")
     (tmp_path / "paths.jsonl").write_text(json.dumps({"images": ["p.png", "p.png"], "text": "two"}) + "\n")
     with pytest.raises(T.UserError, match="image column 'images' of dataset .* holds several images per row"):
         load(tmp_path / "paths.jsonl")  # ("'list' object has no attribute 'read'" for every row)
