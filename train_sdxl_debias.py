@@ -2194,6 +2194,9 @@ def pick_column(columns, requested, candidates, kind):
             raise UserError(f"--{kind}_column {requested!r} is not in the dataset; its columns are: {', '.join(columns)}")
         return names[requested.strip()]
     found = [names[c] for c in candidates if c in names]
+    if not found:  # "Image,Caption" typed in a spreadsheet, IMG_1.PNG + IMG_1.TXT in a WebDataset shard
+        lower = {c.strip().lower(): c for c in reversed(columns)}
+        found = [lower[c] for c in candidates if c in lower]
     if len(found) > 1:  # "text" and "caption" both there: which one trains is worth a look
         logger.warning("%s column %r is used; the dataset also has %s: pass --%s_column to use another", kind,
                        found[0], ", ".join(map(repr, found[1:])), kind)

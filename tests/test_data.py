@@ -1119,6 +1119,8 @@ def test_more_dataset_shapes_load_or_say_what_they_are(tmp_path, caplog):
     datasets.Dataset.from_dict({"image": [{"bytes": png.getvalue()}], "text": ["b"]}).to_parquet(
         str(tmp_path / "bytes_only.parquet"))
     assert load(tmp_path / "bytes_only.parquet")[0]["image"]["bytes"] == png.getvalue()
+    (tmp_path / "typed.csv").write_text("Image,Caption\np.png,a red square\n")  # headers typed in a spreadsheet
+    assert load(tmp_path / "typed.csv")["text"] == ["a red square"]
     (tmp_path / "meta_cap.json").write_text(json.dumps({"img000": {"caption": "a", "tags": "x"}, "img001": {
         "caption": "b"}}))  # (it was "no image column found among: img000, img001")
     with pytest.raises(T.UserError, match="is kohya's metadata JSON .* write each caption to a .txt file"):
