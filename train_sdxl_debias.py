@@ -1369,6 +1369,8 @@ def load_table(args):
         table = guarded_load(source, datasets.load_dataset, source, args.dataset_config_name,
                              cache_dir=args.cache_dir)
     table = train_split(table, source)
+    if "__key__" in table.column_names and os.path.exists(source) and (odd := odd_webdataset_sample(source)):
+        raise UserError(f"the WebDataset shards of {source!r} differ{odd}")
     if table.features and all(isinstance(f, dict) and {"caption", "tags"} & set(f) for f in table.features.values()):
         raise UserError(f"{source!r} is kohya's metadata JSON (image name -> caption/tags, for its --in_json), which "
                         "this trainer does not read: write each caption to a .txt file beside its image, or a "
@@ -1932,6 +1934,7 @@ def odd_webdataset_sample(name):
     """A hint naming the first WebDataset sample whose files differ from the others' (an image missing, a stray
     file), or "" when every sample is alike: then the .tar is likely an archive of something else."""
     tars = [f for f in (list_files(name) if os.path.isdir(name) else [name]) if f.lower().endswith(".tar")]
+    usual_of = {}
     for tar in tars[:16]:  # member names only, no data read: fast even on large shards
         try:
             with tarfile.open(tar) as t:
@@ -1950,6 +1953,13 @@ def odd_webdataset_sample(name):
             return (f" ({tar}: sample {key!r} has {', '.join(sorted(exts)) or 'no files'} where the others have "
                     f"{', '.join(sorted(usual))}: give every sample the same files, or extract the archive if it is "
                     "not WebDataset shards)")
+        if kinds:
+            usual_of[tar] = next(iter(kinds))
+    if len(set(usual_of.values())) > 1:  # datasets takes the first shard's columns: the others' images are lost
+        (a, kind_a), (b, kind_b) = next(iter(usual_of.items())), next((t, k) for t, k in usual_of.items()
+                                                                      if k != next(iter(usual_of.values())))
+        return (f" ({a} holds {', '.join(sorted(kind_a))} and {b} {', '.join(sorted(kind_b))}: datasets reads every "
+                "shard with the first one's columns, so give every shard's samples the same file types)")
     return ""
 
 

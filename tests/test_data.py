@@ -1139,6 +1139,17 @@ def test_more_dataset_shapes_load_or_say_what_they_are(tmp_path, caplog):
             tar.addfile(info, io.BytesIO(payload))
     with pytest.raises(T.UserError, match="shard.tar: sample '001' has txt where the others have png, txt"):
         load(tmp_path / "gap")
+    (tmp_path / "kinds").mkdir()  # one shard of PNGs, one of JPEGs: datasets dropped the second's images
+    for n, (ext, fmt) in enumerate((("png", "PNG"), ("jpg", "JPEG"))):
+        with tarfile.open(tmp_path / "kinds" / f"shard-{n}.tar", "w") as tar:
+            image = io.BytesIO()
+            Image.new("RGB", (32, 32)).save(image, format=fmt)
+            for name, payload in ((f"{n}.{ext}", image.getvalue()), (f"{n}.txt", b"a")):
+                info = tarfile.TarInfo(name)
+                info.size = len(payload)
+                tar.addfile(info, io.BytesIO(payload))
+    with pytest.raises(T.UserError, match="shard-0.tar holds png, txt and .*shard-1.tar jpg, txt: datasets reads"):
+        load(tmp_path / "kinds")
     labels = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=["cat", "dog"])})
     datasets.Dataset.from_dict({"image": [{"bytes": png.getvalue(), "path": None}] * 2, "label": [1, 0]},
                                features=labels).save_to_disk(str(tmp_path / "classes"))
