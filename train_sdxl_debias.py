@@ -3526,13 +3526,34 @@ def save_final(accelerator, args, m):
             save_file(sdxl_checkpoint(pipe, m.weight_dtype), os.path.join(tmp, kohya_name(args.output_dir)),
                       metadata=modelspec(args, "stable-diffusion-xl-v1-base", pipe.scheduler.config.prediction_type))
     readable_as_umask_says(tmp)
-    for name in os.listdir(tmp):  # each file or folder appears complete or not at all
-        final = os.path.join(args.output_dir, name)
-        if os.path.isdir(final):
-            shutil.rmtree(final)
-        os.replace(os.path.join(tmp, name), final)
-    os.rmdir(tmp)
+    ready = os.path.join(args.output_dir, ".export-ready")
+    os.replace(tmp, ready)  # complete: from here on, a killed run's successor finishes the move (tidy_output_dir)
+    commit_export(args.output_dir, ready)
     logger.info("saved the %s to %s", "LoRA" if args.finetune == "lora" else "pipeline", args.output_dir)
+
+
+def commit_export(output_dir, ready):
+    """Move each file and folder of the complete export `ready` into output_dir. What one replaces is set aside
+    first (renamed into .old-export), never deleted before its replacement is in place: killed at any moment,
+    nothing is lost, and the next run finishes the move before it loads anything. (A full fine-tune continued
+    in place replaces the pipeline it was loaded from: deleting vae/ before the new one arrived lost it.)"""
+    old = os.path.join(output_dir, ".old-export")
+    os.makedirs(old, exist_ok=True)
+    for name in sorted(os.listdir(ready)):
+        final, aside = os.path.join(output_dir, name), os.path.join(old, name)
+        if os.path.lexists(final):
+            remove_path(aside)  # (left by an earlier commit that was killed)
+            os.replace(final, aside)
+        os.replace(os.path.join(ready, name), final)
+    os.rmdir(ready)
+    shutil.rmtree(old)
+
+
+def remove_path(path):
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path)
+    elif os.path.lexists(path):
+        os.remove(path)
 
 
 def readable_as_umask_says(folder):
@@ -3969,7 +3990,11 @@ def forget_output_dir(args):
 
 def tidy_output_dir(output_dir):
     """What a killed run left in output_dir (only our own names): half-written checkpoints and exports go; a
-    checkpoint set aside to be replaced (save_checkpoint) goes back in place if its replacement never arrived."""
+    complete export is moved into place (commit_export), and the versions it replaced go; a checkpoint set aside
+    to be replaced (save_checkpoint) goes back in place if its replacement never arrived."""
+    if os.path.isdir(os.path.join(output_dir, ".export-ready")):
+        commit_export(output_dir, os.path.join(output_dir, ".export-ready"))
+    shutil.rmtree(os.path.join(output_dir, ".old-export"), ignore_errors=True)
     for name in os.listdir(output_dir):
         path = os.path.join(output_dir, name)
         if name.startswith((".tmp-checkpoint-", ".tmp-export")):

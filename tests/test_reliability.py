@@ -441,6 +441,47 @@ def test_a_kill_while_a_checkpoint_is_replaced_leaves_one_to_resume(tmp_path, mo
     assert sorted(os.listdir(out)) == ["checkpoint-5", "notes.txt"]
 
 
+def test_a_kill_at_any_moment_of_the_final_export_loses_nothing(tmp_path, monkeypatch):
+    """The final export replaces the folders and files of the previous one, which for a full fine-tune continued
+    in place is the pipeline the run loaded: a kill between deleting vae/ and moving the new one in lost it for
+    good (checkpoints hold the UNet only), and the rerun then deleted the complete copy. Now the next start
+    finishes the move, whichever rename the kill came before; a kill while writing keeps the old export."""
+    names = ("model_index.json", "vae/config.json", "unet/weights", "model.safetensors")
+
+    def write(folder, version, only=names):
+        for name in only:
+            os.makedirs(os.path.dirname(os.path.join(folder, name)), exist_ok=True)
+            with open(os.path.join(folder, name), "w") as f:
+                f.write(version)
+
+    real_replace = os.replace
+    for kill_at in range(1, 8):  # every rename: 3 old names set aside, 4 new ones moved in
+        out = str(tmp_path / f"kill{kill_at}")
+        write(out, "old", names[:3])  # (model.safetensors is new in this export)
+        write(os.path.join(out, ".export-ready"), "new")
+        calls = [0]
+
+        def killed(src, dst):
+            calls[0] += 1
+            if calls[0] == kill_at:
+                raise KeyboardInterrupt
+            real_replace(src, dst)
+
+        monkeypatch.setattr(os, "replace", killed)
+        with pytest.raises(KeyboardInterrupt):
+            T.commit_export(out, os.path.join(out, ".export-ready"))
+        monkeypatch.setattr(os, "replace", real_replace)
+        T.tidy_output_dir(out)  # the next run's first step
+        assert sorted(os.listdir(out)) == ["model.safetensors", "model_index.json", "unet", "vae"], kill_at
+        assert all(open(os.path.join(out, n)).read() == "new" for n in names), kill_at
+    out = str(tmp_path / "killed_while_writing")
+    write(out, "old", names[:3])
+    write(os.path.join(out, ".tmp-export"), "half", names[:1])
+    T.tidy_output_dir(out)
+    assert sorted(os.listdir(out)) == ["model_index.json", "unet", "vae"]
+    assert all(open(os.path.join(out, n)).read() == "old" for n in names[:3])
+
+
 CRASH_INJECTOR = """
 import sys
 sys.path.insert(0, {root!r})
