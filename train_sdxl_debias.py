@@ -3113,7 +3113,9 @@ def flattened_clip(model):
 
 
 def adapter_config(model):
-    return model.peft_config["default"].to_dict()
+    """peft's config of the trained adapter, as a LoRA file's metadata records it, with dropout off: that is a
+    training setting, and diffusers' loader would keep it on while generating (noisy, unrepeatable images)."""
+    return {**model.peft_config["default"].to_dict(), "lora_dropout": 0.0}
 
 
 def export_trained(args, folder, unet, text_encoders=(), ema=None, step=None, prediction_type=None):

@@ -34,6 +34,7 @@ def te_lora_run(tiny_model, shapes, tmp_path_factory):
                         "train_batch_size": 2, "max_train_steps": 4, "learning_rate": 1e-2,
                         "train_text_encoder": True, "text_encoder_lr": 5e-3, "logging_steps": 1,
                         "rank": 4, "lora_alpha": 2,  # alpha != rank: each file must carry the scale itself
+                        "lora_dropout": 0.1,  # training only: diffusers generated with it on from our file
                         "validation_prompt": ["a red circle", "a blue square"], "num_validation_images": 2,
                         "validation_steps": 2, "validation_inference_steps": 2, "checkpointing_steps": 2}, f)
     proc = run_trainer("--config", config, "--output_dir", out, "--seed", "4")
