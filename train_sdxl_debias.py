@@ -4402,10 +4402,18 @@ def main(argv=None):
               "checkpoints are complete or absent: then rerun with --resume_from_checkpoint latest", file=sys.stderr)
         return 2
     except Exception as e:
-        if not disk_full(e):
+        if disk_full(e):
+            what = f"the disk is full or read-only ({first_line(e)})", "make room and rerun"
+        elif re.search(r"DataLoader worker \(pids?\b.*(is killed by signal|exited unexpectedly)", str(e)):
+            what = (f"a data loader process was killed ({first_line(e)}), most often by the system for lack of "
+                    "memory", "lower --dataloader_num_workers (or --train_batch_size) and rerun")
+        elif re.search(r"gloo.*(Connection reset by peer|Connection closed by peer)|NCCL.*remote process exited",
+                       str(e)):  # (torchrun prints which process failed, and its error, too)
+            what = f"another process of this run stopped ({first_line(e)})", "see its error above; then rerun"
+        else:
             raise
-        print(f"error: the disk is full or read-only ({first_line(e)}); checkpoints are complete or absent: make "
-              "room and rerun with --resume_from_checkpoint latest", file=sys.stderr)
+        print(f"error: {what[0]}; checkpoints are complete or absent: {what[1]} with --resume_from_checkpoint "
+              "latest", file=sys.stderr)
         return 2
     return 0
 

@@ -543,6 +543,18 @@ def test_a_full_disk_ends_in_one_line_that_says_how_to_go_on(monkeypatch, capsys
     assert line == ("error: cannot access out/.tmp-checkpoint-10 (Permission denied): give this user read and "
                     "write access to out; checkpoints are complete or absent: then rerun with "
                     "--resume_from_checkpoint latest")
+    # A loader worker killed (by the kernel's out-of-memory killer, say), or another process of a torchrun job gone.
+    for error, start in ((RuntimeError("DataLoader worker (pid 32018) is killed by signal: Killed. "),
+                          "error: a data loader process was killed"),
+                         (RuntimeError("DataLoader worker (pid(s) 31346) exited unexpectedly"),
+                          "error: a data loader process was killed"),
+                         (RuntimeError("[/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:537] Read error "
+                                       "[127.0.0.1]:41923: Connection reset by peer"),
+                          "error: another process of this run stopped")):
+        monkeypatch.setattr(T, "train", lambda args, error=error: (_ for _ in ()).throw(error))
+        assert T.main(["--dataset", "x", "--output_dir", "out"]) == 2
+        line = capsys.readouterr().err.strip()
+        assert "\n" not in line and line.startswith(start) and line.endswith("--resume_from_checkpoint latest")
     for bug in (RuntimeError("a bug"), OSError("a bug without an errno"),
                 PermissionError(errno.EACCES, "Permission denied", "/etc/elsewhere")):  # not ours to write
         monkeypatch.setattr(T, "train", lambda args, bug=bug: (_ for _ in ()).throw(bug))
