@@ -3036,7 +3036,8 @@ RUN_SHAPE = ("finetune", "rank", "lora_alpha", "lora_target_modules", "use_dora"
              "use_ema")
 # What a resume may change but should say it changed: the schedule, the data and its order, and the objective.
 RUN_SETTINGS = ("lr_scheduler", "lr_warmup_steps", "lr_num_cycles", "lr_power", "max_train_steps", "num_train_epochs",
-                "train_batch_size", "gradient_accumulation_steps", "dataset", "train_data_dir", "max_train_samples", "resolution",
+                "train_batch_size", "gradient_accumulation_steps", "dataset", "train_data_dir", "max_train_samples",
+                "resolution",
                 "aspect_ratio_bucketing", "seed", "pretrained_model_name_or_path", "single_file_config",
                 "loss_weighting", "snr_gamma",
                 "prediction_type", "min_timestep", "max_timestep", "noise_offset", "input_perturbation",
