@@ -1400,6 +1400,8 @@ def load_table(args):
     table = table.select_columns([image_col, caption_col]).rename_columns({image_col: "image", caption_col: "text"})
     if isinstance(table.features["text"], datasets.ClassLabel):  # a classification dataset: train on the class names
         table = class_names(table)
+    if getattr(table.features["text"], "dtype", "").startswith("float"):  # a CSV's numbers with a blank cell are
+        table = table.cast_column("text", datasets.Value("string"))  # floats: "3" trains, as typed, not "3.0"
     if len(table) == 0:
         raise UserError(f"dataset {source!r} has no rows")
     table = table.add_column("row", np.arange(len(table)))  # the dataset's row, for messages after subsets
@@ -2532,7 +2534,7 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
 
     def __init__(self, table, args, plan):
         self.table, self.args, self.plan = table, args, plan
-        self.failed, self.bad_files = {}, set()  # row -> how it is named in `skipped`; those names
+        self.failed, self.bad_files = {}, set()  # row -> how it is named in `skipped`; the paths that failed
         self.same_target, self.position = {}, []
         for i, target in enumerate(plan.targets):
             rows = self.same_target.setdefault(target, [])
@@ -2568,8 +2570,6 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
         if isinstance(caption, (list, tuple)):  # one of the captions, not a null or empty one among them
             caption = [c for c in caption if not blank(c)]
             caption = rng.choice(caption) if caption else ""
-        if isinstance(caption, float) and caption.is_integer():  # a CSV's column of numbers with a blank cell
-            caption = int(caption)  # is read as floats: "3", not "3.0"
         caption = "" if caption is None or rng.random() < args.caption_dropout else str(caption)
         if args.shuffle_caption:
             caption = shuffled_tags(caption, args.keep_tokens, rng)
@@ -2584,12 +2584,14 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
                 return {"skipped": describe_image(row["image"], number)}
             sample.update(plan.latent_cache.get(key))
             return sample
-        name = describe_image(row["image"], number)
-        if name in self.bad_files:  # a file that failed under another row (kohya's repeats): not again, not said
+        name, value = describe_image(row["image"], number), row["image"]
+        file = value if isinstance(value, str) else value.get("path") if isinstance(value, dict) and \
+            value.get("bytes") is None else None  # (stored bytes are their row's own, whatever their path says)
+        if file is not None and file in self.bad_files:  # failed under another row (kohya's repeats): not again
             return {"skipped": name}
-        decoded = decode_image(row["image"], cover=target, row=number)
+        decoded = decode_image(value, cover=target, row=number)
         if decoded is None:  # unreadable or truncated: named, and replaced by another row
-            self.bad_files.add(name)
+            self.bad_files.add(file)
             return {"skipped": name}
         img, size = decoded
         pixels, original, crop = transform_image(img, target, args.center_crop, flip, rng, size=size)

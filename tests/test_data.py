@@ -416,6 +416,14 @@ def test_a_bucket_of_bad_files_decodes_each_once(tmp_path, monkeypatch):
     assert [len(s["skipped"]) for s in samples] == [6, 5, 4, 3, 2, 1]
     # Each bad file once, though three rows name it (kohya's repeats), and the good one for every sample.
     assert len(decoded) == len(set(bad)) + len(samples)
+    # Stored bytes are their row's own even when rows share a path (a Hub parquet keeps the base name only).
+    png = io.BytesIO()
+    Image.new("RGB", (64, 64)).save(png, format="PNG")
+    table = datasets.Dataset.from_dict({"image": [{"bytes": b"broken", "path": "1.png"},
+                                                  {"bytes": png.getvalue(), "path": "1.png"}], "text": ["cat", "dog"]})
+    ds = T.ImageCaptionDataset(table, T.parse_args(["--dataset", "x", "--resolution", "64"]),
+                               T.DataPlan(targets=[(64, 64)] * 2))
+    assert ds[(0, 0)]["caption"] == "dog" and ds[(1, 0)]["caption"] == "dog"
 
 
 def test_every_image_unreadable_is_a_clear_error(tiny_model, tmp_path):
@@ -1159,9 +1167,8 @@ def test_more_dataset_shapes_load_or_say_what_they_are(tmp_path, caplog):
     Image.new("RGB", (32, 32)).save(tmp_path / "x.png")
     ds = T.ImageCaptionDataset(table, args, T.DataPlan(targets=[(32, 32)]))
     assert {ds[(0, seed)]["caption"] for seed in range(20)} == {"a cat"}
-    numbers = datasets.Dataset.from_dict({"image": [str(tmp_path / "x.png")] * 3, "text": [1, None, 3.5]})
-    ds = T.ImageCaptionDataset(numbers, args, T.DataPlan(targets=[(32, 32)] * 3))  # a CSV's numbers, one blank
-    assert [ds[(i, 0)]["caption"] for i in range(3)] == ["1", "", "3.5"]  # (read as floats: "1.0" trained)
+    (tmp_path / "numbers.csv").write_text("image,text\nx.png,1\nx.png,\nx.png,3.5\n")  # one blank: floats
+    assert load(tmp_path / "numbers.csv")["text"] == ["1", None, "3.5"]  # ("1.0" trained; the text cache holds these)
     for name, data, needle in (
             ("several", {"images": [[{"bytes": png.getvalue(), "path": None}] * 2], "text": ["two"]},
              "holds several images per row"),
