@@ -1650,10 +1650,14 @@ def load_folder(source, args):
         with old_pandas_strings():
             table = train_split(guarded_load(source, datasets.load_dataset, "imagefolder",
                                              data_files={"train": patterns}, cache_dir=cache_dir), source)
+        if len(used) < len(images):
+            table = rows_of(table, used, source)
         unnamed_images(table, used, source)
         return table
     if images and not data_files:  # image + caption files: train/ trains, a test/ or val/ is held out, as above
-        images = split_train_files(source, files)[1]
+        used = split_train_files(source, files, args.caption_extension)[1]
+        held = set(images) - set(used)
+        files, images = [f for f in files if f not in held], used
     captions = find_captions(source, files, images, args.caption_extension) if images else None
     if captions is not None:
         unused_flags(args, "images with caption files", "dataset_config_name")
@@ -1722,13 +1726,14 @@ SPLIT_FOLDERS = {"train": "train", "training": "train", "validation": "validatio
                  "evaluation": "test"}
 
 
-def split_train_files(source, files):
+def split_train_files(source, files, extension=None):
     """The data files of a folder's training data, as datasets' patterns, and the images among them: all
     of it, or its train/ folders. Given the folder alone, datasets also reads split names out of file names and
     other folder names: `dog_test_04.png` or a `test_shots/` folder became a test split, and the run trained on
     the rest without a word. Here only a folder named exactly as a split is one (`train/`, `data/train/`), as in
     datasets' documented layout, and only if it holds images or metadata. Images outside the split folders train
-    when there is no train/ (a test/ or val/ beside them is held out), and are named when there is."""
+    when there is no train/ and they have captions of their own (a metadata file, caption files, a kohya folder):
+    a test/ or val/ beside them is held out. Beside train/ they are named as unused."""
     data = [f for f in files if os.path.splitext(f)[1].lower() in IMAGE_EXTS or os.path.basename(f) in METADATA_FILES]
     images = lambda paths: [f for f in paths if os.path.splitext(f)[1].lower() in IMAGE_EXTS]
     splits, loose = {}, []
@@ -1742,7 +1747,14 @@ def split_train_files(source, files):
     if not splits:
         return [os.path.join(glob.escape(source), "**")], images(data)
     held_out = ", ".join(os.path.relpath(d, source) for ds in splits.values() for d in sorted(ds))
-    if "train" not in splits and images(loose):  # the images, and a test/ or val/ folder kept apart from them
+    captions = caption_index(files, extension)
+
+    def captioned(image):  # a caption file beside it, or a kohya DreamBooth folder (its name captions it)
+        parts = os.path.relpath(image, source).split(os.sep)
+        return bool(caption_files(captions, image)) or (len(parts) > 1 and bool(KOHYA_FOLDER.match(parts[0])))
+
+    own = any(os.path.basename(f) in METADATA_FILES for f in loose) or any(map(captioned, images(loose)))
+    if "train" not in splits and own:  # the images, and a test/ or val/ folder kept apart from them
         logger.warning("dataset %s: training on its %d images outside its split folders; %s is left out",
                        source, len(images(loose)), held_out)
         return [glob.escape(f) for f in loose], images(loose)
@@ -1763,6 +1775,23 @@ def split_train_files(source, files):
         logger.warning("%d images of dataset %s are outside its %s folder and are not used (e.g. %s): move them "
                        "into it", len(images(loose)), source, os.path.relpath(chosen[0], source), images(loose)[0])
     return patterns, images(inside)
+
+
+def rows_of(table, used, source):
+    """The rows whose image is one of `used`: datasets' imagefolder yields every row of a metadata file, those
+    naming images in held-out split folders too (a metadata file above train/ and test/)."""
+    import pyarrow.compute as pc
+
+    if "image" not in table.column_names:
+        return table
+    real = {os.path.realpath(p) for p in used}
+    paths = pc.struct_field(table.with_format("arrow")["image"], "path").to_pylist()
+    keep = [not p or os.path.realpath(p) in real for p in paths]
+    if not all(keep):
+        logger.warning("%d rows of the metadata of %s name images in held-out split folders (e.g. %s): not used",
+                       keep.count(False), source, paths[keep.index(False)])
+        table = table.select([i for i, k in enumerate(keep) if k])
+    return table
 
 
 def unnamed_images(table, images, source):

@@ -568,7 +568,20 @@ def test_split_folders_and_split_named_files_hold_out_only_what_their_names_say(
     sidecars = tmp_path / "sidecars"
     image(sidecars / "train" / "a.png", "train")
     image(sidecars / "test" / "b.png", "test")
-    assert texts(sidecars) == ["train"]
+    assert texts(sidecars) == ["train"] and "not images this trainer reads" not in caplog.text
+    both = tmp_path / "one_metadata_for_both"  # datasets yields every row of it: the test/ rows are dropped
+    image(both / "train" / "a.png", "train a", both / "metadata.jsonl")
+    image(both / "test" / "b.png", "test b", both / "metadata.jsonl")
+    assert texts(both) == ["train a"] and "1 rows of the metadata of" in caplog.text
+    image(root / "test" / "u.png", "also held out", root / "metadata.jsonl")  # named in the root's metadata
+    assert texts(root) == ["root 0", "root 1", "root 2"]
+    # A lone split folder with an uncaptioned stray beside it (a cover, a preview) still trains, as before.
+    image(tmp_path / "lone" / "validation" / "v.png", "v", tmp_path / "lone" / "validation" / "metadata.jsonl")
+    Image.new("RGB", (32, 32)).save(tmp_path / "lone" / "preview.png")
+    assert texts(tmp_path / "lone") == ["v"]
+    image(tmp_path / "lone_txt" / "val" / "v.png", "v")
+    Image.new("RGB", (32, 32)).save(tmp_path / "lone_txt" / "cover.png")
+    assert texts(tmp_path / "lone_txt") == ["v"]
 
 
 def test_split_names_in_file_names_brackets_in_paths_and_dataset_configs(tmp_path):
