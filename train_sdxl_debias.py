@@ -1673,8 +1673,8 @@ def load_folder(source, args):
             raise UserError(f"dataset folder {source!r}: datasets cannot read a downloaded dataset in a folder "
                             "whose path has [ ] or * in it: rename the folder")
         named = split_named_files(source, files) if config is None else {}
-        if named.get(None) and len(named) > 1:  # datasets would drop the files whose names say no split
-            train, rest = named.pop(None) + named.pop("train", []), sorted(f for fs in named.values() for f in fs)
+        if named.get(None) and "train" not in named and len(named) > 1:  # datasets would train on the val file
+            train, rest = named.pop(None), sorted(f for fs in named.values() for f in fs)
             logger.warning("dataset %s: training on %s; %s held out (the name says a split)", source,
                            ", ".join(train), ", ".join(rest))
             return guarded_load(source, datasets.load_dataset, source, cache_dir=cache_dir,
@@ -1699,7 +1699,8 @@ SPLIT_WORD = re.compile(r"(?:^|[-._ 0-9/])(train|training|validation|valid|val|d
 
 def split_named_files(source, files):
     """A downloaded dataset's data files by the split their path names, as datasets reads it (None: no split
-    word), when its README defines no configs (then datasets follows those)."""
+    word), when its README defines no configs (then datasets follows those). Only files of the split files'
+    format count, and never datasets' own dataset_info(s).json."""
     readme = os.path.join(source, "README.md")
     with suppress(OSError):
         with open(readme, encoding="utf-8", errors="replace") as f:
@@ -1707,10 +1708,16 @@ def split_named_files(source, files):
                 return {}
     named = {}
     for f in files:
-        if os.path.splitext(f)[1].lower() in DATA_FILES:
+        if DATA_FILES.get(os.path.splitext(f)[1].lower()) and os.path.basename(f) not in DATASET_INFO_FILES:
             word = SPLIT_WORD.search(os.path.relpath(f, source).replace(os.sep, "/"))
             named.setdefault(SPLIT_FOLDERS[word.group(1)] if word else None, []).append(os.path.relpath(f, source))
-    return named
+    kind = lambda f: DATA_FILES[os.path.splitext(f)[1].lower()]
+    kinds = {kind(f) for split, fs in named.items() if split for f in fs}
+    unsplit = [f for f in named.pop(None, []) if kind(f) in kinds]  # (a stray notes.json beside parquet shards)
+    return {**named, None: unsplit} if unsplit else named
+
+
+DATASET_INFO_FILES = ("dataset_info.json", "dataset_infos.json", "dataset_dict.json", "state.json")
 
 
 def unused_flags(args, kind, *flags):

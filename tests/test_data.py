@@ -565,6 +565,12 @@ def test_split_folders_and_split_named_files_hold_out_only_what_their_names_say(
         for i in range(rows):
             image(files / f"{name}{i}.png", name, files / name)
     assert texts(files) == ["captions.jsonl"] * 2 and "captions_val.jsonl held out" in caplog.text
+    hub = tmp_path / "hub"  # a Hub download: its train file trains; dataset_infos.json is no data file
+    for split in ("train", "test"):
+        image(hub / "data" / f"{split}.png", split, hub / "data" / f"{split}-00000-of-00001.jsonl")
+    (hub / "dataset_infos.json").write_text("{}")
+    (hub / "notes.csv").write_text("a,b\n1,2\n")  # another format than the data files'
+    assert texts(hub) == ["train"]
     sidecars = tmp_path / "sidecars"
     image(sidecars / "train" / "a.png", "train")
     image(sidecars / "test" / "b.png", "test")
