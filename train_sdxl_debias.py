@@ -1369,7 +1369,7 @@ def load_table(args):
         table = guarded_load(source, datasets.load_dataset, source, args.dataset_config_name,
                              cache_dir=args.cache_dir)
     table = train_split(table, source)
-    if "__key__" in table.column_names and os.path.exists(source) and (odd := odd_webdataset_sample(source)):
+    if "__key__" in table.column_names and os.path.exists(source) and (odd := odd_webdataset_sample(source, False)):
         raise UserError(f"the WebDataset shards of {source!r} differ{odd}")
     if table.features and all(isinstance(f, dict) and {"caption", "tags"} & set(f) for f in table.features.values()):
         raise UserError(f"{source!r} is kohya's metadata JSON (image name -> caption/tags, for its --in_json), which "
@@ -1968,9 +1968,14 @@ def guarded_load(name, fn, *a, **kw):
         raise UserError(f"cannot load dataset {name!r}: {reason}{hint}") from None
 
 
-def odd_webdataset_sample(name):
-    """A hint naming the first WebDataset sample whose files differ from the others' (an image missing, a stray
-    file), or "" when every sample is alike: then the .tar is likely an archive of something else."""
+WEBDATASET_MEMBER = re.compile(r"^((?:.*/|)[^./][^.]*)[.]([^/]*)$")  # key, fields: as datasets splits a name
+
+
+def odd_webdataset_sample(name, within=True):
+    """A hint naming WebDataset shards whose fields differ (datasets reads every shard with the first one's
+    columns: the rows of a shard of .png where the first has .jpg lost their images), or with `within`, the first
+    sample whose files differ from the others' in its shard (an image missing: datasets refuses the shard);
+    "" when all are alike. Hidden members (macOS' ._ files) are skipped, as datasets skips them."""
     tars = [f for f in (list_files(name) if os.path.isdir(name) else [name]) if f.lower().endswith(".tar")]
     usual_of = {}
     for tar in tars[:16]:  # member names only, no data read: fast even on large shards
@@ -1978,26 +1983,25 @@ def odd_webdataset_sample(name):
             with tarfile.open(tar) as t:
                 samples = {}
                 for m in t.getmembers():
-                    if m.isfile():  # WebDataset's key: the path up to the first dot of the file name
-                        folder, base = os.path.split(m.name)
-                        key, _, ext = base.partition(".")
-                        samples.setdefault(os.path.join(folder, key), set()).add(ext.lower())
+                    match = WEBDATASET_MEMBER.match(m.name) if m.isfile() and "__MACOSX" not in m.name else None
+                    if match and not os.path.basename(m.name).startswith("."):
+                        samples.setdefault(match.group(1), set()).add(match.group(2))
         except (OSError, tarfile.TarError):
             continue
         kinds = collections.Counter(frozenset(e) for e in samples.values())
-        if len(kinds) > 1:
+        if within and len(kinds) > 1:
             usual = kinds.most_common(1)[0][0]
             key, exts = next((k, e) for k, e in samples.items() if e != usual)
-            return (f" ({tar}: sample {key!r} has {', '.join(sorted(exts)) or 'no files'} where the others have "
+            return (f" ({tar}: sample {key!r} has {', '.join(sorted(exts))} where the others have "
                     f"{', '.join(sorted(usual))}: give every sample the same files, or extract the archive if it is "
                     "not WebDataset shards)")
         if kinds:
-            usual_of[tar] = next(iter(kinds))
-    if len(set(usual_of.values())) > 1:  # datasets takes the first shard's columns: the others' images are lost
-        (a, kind_a), (b, kind_b) = next(iter(usual_of.items())), next((t, k) for t, k in usual_of.items()
-                                                                      if k != next(iter(usual_of.values())))
-        return (f" ({a} holds {', '.join(sorted(kind_a))} and {b} {', '.join(sorted(kind_b))}: datasets reads every "
-                "shard with the first one's columns, so give every shard's samples the same file types)")
+            usual_of[tar] = kinds.most_common(1)[0][0]
+    fields = list(dict.fromkeys(usual_of.values()))
+    if len(fields) > 1:  # datasets takes the first shard's columns: the others' images are lost
+        a, b = (next(t for t, k in usual_of.items() if k == f) for f in fields[:2])
+        return (f" ({a} holds {', '.join(sorted(fields[0]))} and {b} {', '.join(sorted(fields[1]))}: datasets "
+                "reads every shard with the first one's columns, so give every shard's samples the same file types)")
     return ""
 
 

@@ -1177,6 +1177,21 @@ def test_more_dataset_shapes_load_or_say_what_they_are(tmp_path, caplog):
                 tar.addfile(info, io.BytesIO(payload))
     with pytest.raises(T.UserError, match="shard-0.tar holds png, txt and .*shard-1.tar jpg, txt: datasets reads"):
         load(tmp_path / "kinds")
+    os.rename(tmp_path / "kinds" / "shard-1.tar", tmp_path / "shard-1.tar")
+    with tarfile.open(tmp_path / "kinds" / "shard-1.tar", "w") as tar:  # .JPG beside .png: a column of its own
+        for name, payload in (("1.JPG", png.getvalue()), ("1.txt", b"a")):
+            info = tarfile.TarInfo(name)
+            info.size = len(payload)
+            tar.addfile(info, io.BytesIO(payload))
+    with pytest.raises(T.UserError, match="shard-1.tar JPG, txt"):
+        load(tmp_path / "kinds")
+    (tmp_path / "mac").mkdir()  # a shard packed on a Mac: its ._ resource forks are skipped, by datasets and by us
+    with tarfile.open(tmp_path / "mac" / "shard.tar", "w") as tar:
+        for name, payload in (("000.png", png.getvalue()), ("._000.png", b"\0\5\x16\7"), ("000.txt", b"mac")):
+            info = tarfile.TarInfo(name)
+            info.size = len(payload)
+            tar.addfile(info, io.BytesIO(payload))
+    assert list(load(tmp_path / "mac")["text"]) == ["mac"]
     labels = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=["cat", "dog"])})
     datasets.Dataset.from_dict({"image": [{"bytes": png.getvalue(), "path": None}] * 2, "label": [1, 0]},
                                features=labels).save_to_disk(str(tmp_path / "classes"))
