@@ -1500,12 +1500,18 @@ def relative_to(source):
         if not isinstance(value, str) or not value.strip():  # (an empty cell: drop_rows_without_image's)
             return value
         value = value[len("file://"):] if value.startswith("file://") else value
-        if os.sep == "/" and re.match(r"[A-Za-z]:[\\/]|\\\\", value):  # C:\Users\me\a.png: another machine's
-            name = re.split(r"[\\/]", value)[-1]  # path; the file of that name beside the data is the one
-            found = next((p for base in bases if os.path.exists(p := trimmed(os.path.join(base, name)))), None)
+        if os.sep == "/" and re.match(r"[A-Za-z]:[\\/]|\\\\", value):  # C:\Users\me\set\cat\1.png: another
+            parts = [p for p in re.split(r"[\\/]", value)[1:] if p]  # machine's path: its longest tail found
+            found = next((p for n in range(len(parts)) for base in bases  # under the data, set\cat\1.png first
+                          if os.path.exists(p := trimmed(os.path.join(base, *parts[n:])))), None)
+            if found is None and not listed:
+                listed = True
+                bases.extend(sorted({os.path.dirname(f) for f in list_files(source)
+                                     if os.path.splitext(f)[1].lower() in DATA_FILES} - {source}))
+                return resolve(value)
             if found and not said_windows:
-                said_windows.append(logger.warning("image paths of %s such as %r are Windows paths: the files of "
-                                                   "those names beside the data are used", source, value))
+                said_windows.append(logger.warning("image paths of %s such as %r are Windows paths: read as the "
+                                                   "files under the data that end the same way", source, value))
             return found or value  # (not found: named as written, when it fails to open)
         if os.sep == "/" and "\\" in value and not os.path.exists(value):
             value = value.replace("\\", "/")

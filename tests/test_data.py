@@ -1106,11 +1106,14 @@ def test_image_paths_resolve_beside_the_data_never_silently_elsewhere(tmp_path, 
     table, _ = T.load_table(T.parse_args(["--dataset", str(data / "struct.parquet")]))
     assert [v["path"] for v in table["image"][:10]] == [str(data / "imgs" / "a.png")] * 10
     assert "hashed" not in capsys.readouterr().err + caplog.text  # datasets warned so on every local run
-    rows = [{"image": "C:\\Users\\me\\set\\a.png", "text": "w"}, {"image": "D:\\gone\\z.png", "text": "z"}]
-    (data / "imgs" / "windows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))  # written on Windows
-    table, _ = T.load_table(T.parse_args(["--dataset", str(data / "imgs" / "windows.jsonl")]))
-    assert table["image"] == [str(data / "imgs" / "a.png"), "D:\\gone\\z.png"]  # (not …/imgs/D:/gone/z.png)
-    assert "such as 'C:\\\\Users\\\\me\\\\set\\\\a.png' are Windows paths: the files of those names" in caplog.text
+    (data / "cat").mkdir()
+    Image.new("RGB", (16, 16)).save(data / "cat" / "a.png")  # two a.png: the longer tail that exists wins
+    rows = [{"image": "C:\\Users\\me\\set\\imgs\\a.png", "text": "w"},
+            {"image": "C:\\Users\\me\\set\\cat\\a.png", "text": "c"}, {"image": "D:\\gone\\z.png", "text": "z"}]
+    (data / "windows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))  # written on Windows
+    table, _ = T.load_table(T.parse_args(["--dataset", str(data / "windows.jsonl")]))
+    assert table["image"] == [str(data / "imgs" / "a.png"), str(data / "cat" / "a.png"), "D:\\gone\\z.png"]
+    assert "are Windows paths: read as the files under the data that end the same way" in caplog.text
     (data / "two.jsonl").write_text(json.dumps({"image": "imgs/a.png", "text": "photo", "caption": "a long one"}))
     assert T.load_table(T.parse_args(["--dataset", str(data / "two.jsonl")]))[0]["text"] == ["photo"]
     assert "caption column 'text' is used; the dataset also has 'caption': pass --caption_column" in caplog.text
