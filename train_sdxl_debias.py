@@ -942,6 +942,10 @@ def prepare_models(args, tokenizers, text_encoders, vae, unet, noise_scheduler, 
         unet.to(memory_format=torch.channels_last)
     if args.compile:
         compile_blocks(unet, args.compile_mode, scope=args.compile_scope)
+        if args.gradient_checkpointing and uses_cuda_graphs(args):
+            logger.warning("--gradient_checkpointing under CUDA graphs (--compile_mode %s) is tested on the CPU but "
+                           "has not yet run on a GPU here: if torch fails inside a graph, use --compile_mode default",
+                           args.compile_mode)
     ema = None
     if args.use_ema:  # an fp32 shadow of every UNet weight, averaged after each update
         from diffusers.training_utils import EMAModel
@@ -1186,7 +1190,8 @@ def compile_blocks(unet, mode="default", backend="inductor", scope="blocks"):
     its parent: for a compiled block that is a call from outside, which runs the block's graph again in the
     backward pass, and CUDA graphs cannot replay that safely (pytorch issue 154306; an H100 run ended in "graph
     recording observed an input tensor deallocate"). So the parents stop checkpointing, and each resnet and
-    transformer block checkpoints itself, inside whichever region holds it: the same tensors are recomputed."""
+    transformer block checkpoints itself, inside whichever region holds it: what diffusers recomputes, plus the
+    mid block's first resnet (which diffusers runs unchecked), a little less memory for a little more compute."""
     from diffusers.models.attention import BasicTransformerBlock
     from diffusers.models.resnet import ResnetBlock2D
     from diffusers.models.transformers.transformer_2d import Transformer2DModel
@@ -4289,7 +4294,7 @@ def train(args):
         save_final(accelerator, args, m)
         log = os.path.join(args.output_dir, "metrics.jsonl")
         rows = [json.loads(line) for line in open(log)] if os.path.exists(log) else []
-        logged = [r["loss"] for r in rows if r["loss"] is not None]  # null: a row of skipped steps only
+        logged = [r["loss"] for r in rows if r["loss"] is not None]  # null: a row of non-finite (skipped) steps only
         run = {"steps": global_step, "epochs": num_epochs, "processes": world, "mixed_precision":
                accelerator.mixed_precision, "last logged loss": f"{logged[-1]:.4g}" if logged else "-"}
         write_model_card(args, m, source, plan.describe(), run)
@@ -4454,8 +4459,11 @@ def main(argv=None):
         if disk_full(e):
             what = f"the disk is full or read-only ({first_line(e)})", "make room and rerun"
         elif re.search(r"DataLoader worker \(pids?\b.*(is killed by signal|exited unexpectedly)", str(e)):
-            what = (f"a data loader process was killed ({first_line(e)}), most often by the system for lack of "
-                    "memory", "lower --dataloader_num_workers (or --train_batch_size) and rerun")
+            what = (f"a data loader process ended ({first_line(e)})", "if memory ran out, lower "
+                    "--dataloader_num_workers (or --train_batch_size); then rerun")
+            if "Bus error" in str(e):  # torch's own words: workers out of shared memory
+                what = (f"a data loader process ran out of shared memory ({first_line(e)})", "raise /dev/shm "
+                        "(Docker: --shm-size 8g) or lower --dataloader_num_workers; then rerun")
         elif re.search(r"gloo.*(Connection reset by peer|Connection closed by peer)|NCCL.*remote process exited",
                        str(e)):  # (torchrun prints which process failed, and its error, too)
             what = f"another process of this run stopped ({first_line(e)})", "see its error above; then rerun"

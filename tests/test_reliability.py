@@ -545,9 +545,12 @@ def test_a_full_disk_ends_in_one_line_that_says_how_to_go_on(monkeypatch, capsys
                     "--resume_from_checkpoint latest")
     # A loader worker killed (by the kernel's out-of-memory killer, say), or another process of a torchrun job gone.
     for error, start in ((RuntimeError("DataLoader worker (pid 32018) is killed by signal: Killed. "),
-                          "error: a data loader process was killed"),
+                          "error: a data loader process ended"),
                          (RuntimeError("DataLoader worker (pid(s) 31346) exited unexpectedly"),
-                          "error: a data loader process was killed"),
+                          "error: a data loader process ended"),
+                         (RuntimeError("DataLoader worker (pid 9) is killed by signal: Bus error. It is possible "
+                                       "that dataloader's workers are out of shared memory."),
+                          "error: a data loader process ran out of shared memory"),
                          (RuntimeError("[/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:537] Read error "
                                        "[127.0.0.1]:41923: Connection reset by peer"),
                           "error: another process of this run stopped")):
