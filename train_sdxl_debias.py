@@ -1657,18 +1657,16 @@ def load_folder(source, args):
             logger.warning("%d images have caption files (e.g. %s) that are not read: with a metadata file the "
                            "captions come from its column (--caption_column); move the metadata file away to use "
                            "the caption files", len(beside), caption_files(sidecars, beside[0])[0])
-        patterns, used = split_train_files(source, files)  # (escaped: a folder named `[v2]` is no pattern)
+        patterns, used, held = split_train_files(source, files, sidecars=False)  # (escaped: `[v2]` is no pattern)
         with old_pandas_strings():
             table = train_split(guarded_load(source, datasets.load_dataset, "imagefolder",
                                              data_files={"train": patterns}, cache_dir=cache_dir), source)
-        if len(used) < len(images):
-            table = rows_of(table, used, source)
+        table = rows_outside(table, held, source)
         unnamed_images(table, used, source)
         return table
     if images and not data_files:  # image + caption files: train/ trains, a test/ or val/ is held out, as above
-        used = split_train_files(source, files, args.caption_extension)[1]
-        held = set(images) - set(used)
-        files, images = [f for f in files if f not in held], used
+        _, images, held = split_train_files(source, files, args.caption_extension)
+        files = [f for f in files if not inside_any(f, held)]
     captions = find_captions(source, files, images, args.caption_extension) if images else None
     if captions is not None:
         unused_flags(args, "images with caption files", "dataset_config_name")
@@ -1744,14 +1742,15 @@ SPLIT_FOLDERS = {"train": "train", "training": "train", "validation": "validatio
                  "evaluation": "test"}
 
 
-def split_train_files(source, files, extension=None):
+def split_train_files(source, files, extension=None, sidecars=True):
     """The data files of a folder's training data, as datasets' patterns, and the images among them: all
     of it, or its train/ folders. Given the folder alone, datasets also reads split names out of file names and
     other folder names: `dog_test_04.png` or a `test_shots/` folder became a test split, and the run trained on
     the rest without a word. Here only a folder named exactly as a split is one (`train/`, `data/train/`), as in
     datasets' documented layout, and only if it holds images or metadata. Images outside the split folders train
-    when there is no train/ and they have captions of their own (a metadata file, caption files, a kohya folder):
-    a test/ or val/ beside them is held out. Beside train/ they are named as unused."""
+    when there is no train/ and they have captions of their own (a metadata file; with `sidecars`, caption files
+    or a kohya folder): a test/ or val/ beside them is held out. Beside train/ they are named as unused. Returns
+    (patterns, the images, the held-out split folders)."""
     data = [f for f in files if os.path.splitext(f)[1].lower() in IMAGE_EXTS or os.path.basename(f) in METADATA_FILES]
     images = lambda paths: [f for f in paths if os.path.splitext(f)[1].lower() in IMAGE_EXTS]
     splits, loose = {}, []
@@ -1763,7 +1762,7 @@ def split_train_files(source, files, extension=None):
         else:
             splits.setdefault(SPLIT_FOLDERS[parts[depth]], set()).add(os.path.join(source, *parts[:depth + 1]))
     if not splits:
-        return [os.path.join(glob.escape(source), "**")], images(data)
+        return [os.path.join(glob.escape(source), "**")], images(data), []
     held_out = ", ".join(os.path.relpath(d, source) for ds in splits.values() for d in sorted(ds))
     captions = caption_index(files, extension)
 
@@ -1771,11 +1770,12 @@ def split_train_files(source, files, extension=None):
         parts = os.path.relpath(image, source).split(os.sep)
         return bool(caption_files(captions, image)) or (len(parts) > 1 and bool(KOHYA_FOLDER.match(parts[0])))
 
-    own = any(os.path.basename(f) in METADATA_FILES for f in loose) or any(map(captioned, images(loose)))
+    own = bool(images(loose)) and (any(os.path.basename(f) in METADATA_FILES for f in loose)
+                                   or sidecars and any(map(captioned, images(loose))))
     if "train" not in splits and own:  # the images, and a test/ or val/ folder kept apart from them
         logger.warning("dataset %s: training on its %d images outside its split folders; %s is left out",
                        source, len(images(loose)), held_out)
-        return [glob.escape(f) for f in loose], images(loose)
+        return [glob.escape(f) for f in loose], images(loose), sorted(d for ds in splits.values() for d in ds)
     name = "train" if "train" in splits else next(iter(splits))
     if name != "train" and len(splits) > 1:
         raise UserError(f"dataset {source!r} has no train/ folder (it has split folders: {held_out}); name one "
@@ -1783,28 +1783,33 @@ def split_train_files(source, files, extension=None):
     if name != "train":
         logger.info("dataset %s has one split folder, %s: training on it", source, held_out)
     chosen = sorted(splits[name])
-    inside = [f for f in data if any(f.startswith(os.path.join(d, "")) for d in chosen)]
+    held = sorted(d for ds in splits.values() for d in ds if d not in chosen)
+    inside = [f for f in data if inside_any(f, chosen)]
     patterns = [os.path.join(glob.escape(d), "**") for d in chosen]
     above = [f for f in loose if os.path.basename(f) in METADATA_FILES]
     if above and not any(os.path.basename(f) in METADATA_FILES for f in inside):
         # A metadata file above the split folders (file_name: train/a.png) is theirs: what it names trains.
-        return patterns + [glob.escape(f) for f in above], images(inside) + images(loose)
+        return patterns + [glob.escape(f) for f in above], images(inside) + images(loose), held
     if images(loose):
         logger.warning("%d images of dataset %s are outside its %s folder and are not used (e.g. %s): move them "
                        "into it", len(images(loose)), source, os.path.relpath(chosen[0], source), images(loose)[0])
-    return patterns, images(inside)
+    return patterns, images(inside), held
 
 
-def rows_of(table, used, source):
-    """The rows whose image is one of `used`: datasets' imagefolder yields every row of a metadata file, those
-    naming images in held-out split folders too (a metadata file above train/ and test/)."""
+def inside_any(path, folders):
+    return any(path.startswith(os.path.join(d, "")) for d in folders)
+
+
+def rows_outside(table, held, source):
+    """The rows whose image is not in a held-out split folder: datasets' imagefolder yields every row of a
+    metadata file, those naming test/ images too (one metadata file above train/ and test/)."""
     import pyarrow.compute as pc
 
-    if "image" not in table.column_names:
+    if not held or "image" not in table.column_names:
         return table
-    real = {os.path.realpath(p) for p in used}
+    real = [os.path.realpath(d) for d in held]
     paths = pc.struct_field(table.with_format("arrow")["image"], "path").to_pylist()
-    keep = [not p or os.path.realpath(p) in real for p in paths]
+    keep = [not p or not inside_any(os.path.realpath(p), real) for p in paths]
     if not all(keep):
         logger.warning("%d rows of the metadata of %s name images in held-out split folders (e.g. %s): not used",
                        keep.count(False), source, paths[keep.index(False)])

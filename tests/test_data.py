@@ -585,6 +585,16 @@ def test_split_folders_and_split_named_files_hold_out_only_what_their_names_say(
     image(tmp_path / "lone_txt" / "val" / "v.png", "v")
     Image.new("RGB", (32, 32)).save(tmp_path / "lone_txt" / "cover.png")
     assert texts(tmp_path / "lone_txt") == ["v"]
+    image(tmp_path / "lone" / "cover.png", "a cover")  # a caption file is not read beside metadata: still val/
+    assert texts(tmp_path / "lone") == ["v"]
+    image(tmp_path / "lone_above" / "validation" / "v.png", "v", tmp_path / "lone_above" / "metadata.jsonl")
+    assert texts(tmp_path / "lone_above") == ["v"]  # the metadata above a lone split folder, no loose images
+    spaced = tmp_path / "spaced"  # a spreadsheet cell "a.png " beside a held-out test/: trains, as without test/
+    image(spaced / "train" / "a.png", "a")
+    (spaced / "train" / "a.txt").unlink()
+    (spaced / "train" / "metadata.csv").write_text("file_name,text\na.png ,a\n")
+    image(spaced / "test" / "t.png", "t", spaced / "test" / "metadata.jsonl")
+    assert texts(spaced) == ["a"]
 
 
 def test_split_names_in_file_names_brackets_in_paths_and_dataset_configs(tmp_path):
