@@ -1406,7 +1406,9 @@ def load_table(args):
     if isinstance(table.features["text"], datasets.ClassLabel):  # a classification dataset: train on the class names
         table = class_names(table)
     if getattr(table.features["text"], "dtype", "").startswith("float"):  # a CSV's numbers with a blank cell are
-        table = table.cast_column("text", datasets.Value("string"))  # floats: "3" trains, as typed, not "3.0"
+        import pyarrow.compute as pc  # floats: "3" trains, as typed, not "3.0" (arrow's cast; images untouched)
+        texts = pc.cast(table.with_format("arrow")["text"], "string")
+        table = replace_column(table, "text", texts, datasets.Value("string"), "captions as text")
     if len(table) == 0:
         raise UserError(f"dataset {source!r} has no rows")
     table = table.add_column("row", np.arange(len(table)))  # the dataset's row, for messages after subsets
@@ -1506,14 +1508,13 @@ def relative_to(source):
             return value
         value = value[len("file://"):] if value.startswith("file://") else value
         if os.sep == "/" and re.match(r"[A-Za-z]:[\\/]|\\\\", value):  # C:\Users\me\set\cat\1.png: another
-            parts = [p for p in re.split(r"[\\/]", value)[1:] if p]  # machine's path: its longest tail found
-            found = next((p for n in range(len(parts)) for base in bases  # under the data, set\cat\1.png first
-                          if os.path.exists(p := trimmed(os.path.join(base, *parts[n:])))), None)
-            if found is None and not listed:
+            if not listed:  # the data files' folders first: the longest tail is looked for under every base
                 listed = True
                 bases.extend(sorted({os.path.dirname(f) for f in list_files(source)
                                      if os.path.splitext(f)[1].lower() in DATA_FILES} - {source}))
-                return resolve(value)
+            parts = [p for p in re.split(r"[\\/]", value)[1:] if p]  # machine's path: its longest tail found
+            found = next((p for n in range(len(parts)) for base in bases  # under the data, set\cat\1.png first
+                          if os.path.exists(p := trimmed(os.path.join(base, *parts[n:])))), None)
             if found and not said_windows:
                 said_windows.append(logger.warning("image paths of %s such as %r are Windows paths: read as the "
                                                    "files under the data that end the same way", source, value))
@@ -1709,24 +1710,28 @@ SPLIT_WORD = re.compile(r"(?:^|[-._ 0-9/])(train|training|validation|valid|val|d
 def split_named_files(source, files):
     """A downloaded dataset's data files by the split their path names, as datasets reads it (None: no split
     word), when its README defines no configs (then datasets follows those). Only files of the split files'
-    format count, and never datasets' own dataset_info(s).json."""
+    format count, never datasets' own dataset_info(s).json or config.json; one of another format is refused."""
     readme = os.path.join(source, "README.md")
     with suppress(OSError):
         with open(readme, encoding="utf-8", errors="replace") as f:
             if "configs:" in f.read().split("\n---", 1)[0]:
                 return {}
+    from datasets.data_files import FILES_TO_IGNORE  # (config.json, dataset_infos.json, …: datasets' own)
+
+    not_data = {*FILES_TO_IGNORE, "state.json"}
     named = {}
     for f in files:
-        if DATA_FILES.get(os.path.splitext(f)[1].lower()) and os.path.basename(f) not in DATASET_INFO_FILES:
+        if DATA_FILES.get(os.path.splitext(f)[1].lower()) and os.path.basename(f) not in not_data:
             word = SPLIT_WORD.search(os.path.relpath(f, source).replace(os.sep, "/"))
             named.setdefault(SPLIT_FOLDERS[word.group(1)] if word else None, []).append(os.path.relpath(f, source))
     kind = lambda f: DATA_FILES[os.path.splitext(f)[1].lower()]
     kinds = {kind(f) for split, fs in named.items() if split for f in fs}
-    unsplit = [f for f in named.pop(None, []) if kind(f) in kinds]  # (a stray notes.json beside parquet shards)
+    others = named.pop(None, [])
+    unsplit = [f for f in others if kind(f) in kinds]  # (a stray notes.json beside parquet shards)
+    if others and named and not unsplit and "train" not in named:  # datasets would train on the val file alone
+        raise UserError(f"dataset {source!r}: {others[0]!r} says no split and {next(iter(named.values()))[0]!r} a "
+                        "held-out one, in another format: pass the file to train on as --dataset")
     return {**named, None: unsplit} if unsplit else named
-
-
-DATASET_INFO_FILES = ("dataset_info.json", "dataset_infos.json", "dataset_dict.json", "state.json")
 
 
 def unused_flags(args, kind, *flags):
@@ -1999,8 +2004,8 @@ def odd_webdataset_sample(name, within=True):
             with tarfile.open(tar) as t:
                 samples = {}
                 for m in t.getmembers():
-                    match = WEBDATASET_MEMBER.match(m.name) if m.isfile() and "__MACOSX" not in m.name else None
-                    if match and not os.path.basename(m.name).startswith("."):
+                    match = WEBDATASET_MEMBER.match(m.name) if m.isfile() else None
+                    if match and not os.path.basename(m.name).startswith((".", "__")):  # (as datasets skips them)
                         samples.setdefault(match.group(1), set()).add(match.group(2))
         except (OSError, tarfile.TarError):
             continue
@@ -2013,10 +2018,12 @@ def odd_webdataset_sample(name, within=True):
                     "not WebDataset shards)")
         if kinds:
             usual_of[tar] = kinds.most_common(1)[0][0]
-    fields = list(dict.fromkeys(usual_of.values()))
-    if len(fields) > 1:  # datasets takes the first shard's columns: the others' images are lost
-        a, b = (next(t for t, k in usual_of.items() if k == f) for f in fields[:2])
-        return (f" ({a} holds {', '.join(sorted(fields[0]))} and {b} {', '.join(sorted(fields[1]))}: datasets "
+    first = next(iter(usual_of.items()), None)
+    media = lambda field: "." + field.split(".")[-1].lower() in (*IMAGE_EXTS, *CAPTION_EXTS)
+    lacking = next(((t, k) for t, k in usual_of.items() if any(map(media, k - first[1]))), None)
+    if lacking:  # datasets reads every shard with the first one's columns: the others' own images are lost
+        (a, kind_a), (b, kind_b) = first, lacking
+        return (f" ({a} holds {', '.join(sorted(kind_a))} and {b} {', '.join(sorted(kind_b))}: datasets "
                 "reads every shard with the first one's columns, so give every shard's samples the same file types)")
     return ""
 
@@ -4461,7 +4468,10 @@ def main(argv=None):
               "checkpoints are complete or absent: then rerun with --resume_from_checkpoint latest", file=sys.stderr)
         return 2
     except Exception as e:
-        if disk_full(e):
+        if "DataLoader worker" in str(e) and "/torch_" in str(e):  # a worker's shared memory file: /dev/shm full
+            what = (f"a data loader process ran out of shared memory ({first_line(e)})", "raise /dev/shm "
+                    "(Docker: --shm-size 8g) or lower --dataloader_num_workers; then rerun")
+        elif disk_full(e):
             what = f"the disk is full or read-only ({first_line(e)})", "make room and rerun"
         elif re.search(r"DataLoader worker \(pids?\b.*(is killed by signal|exited unexpectedly)", str(e)):
             what = (f"a data loader process ended ({first_line(e)})", "if memory ran out, lower "

@@ -566,8 +566,14 @@ def test_split_folders_and_split_named_files_hold_out_only_what_their_names_say(
     for split in ("train", "test"):
         image(hub / "data" / f"{split}.png", split, hub / "data" / f"{split}-00000-of-00001.jsonl")
     (hub / "dataset_infos.json").write_text("{}")
+    (hub / "config.json").write_text("{}")
     (hub / "notes.csv").write_text("a,b\n1,2\n")  # another format than the data files'
     assert texts(hub) == ["train"]
+    mixed = tmp_path / "mixed"  # a val file of another format than the unsplit one: datasets trained on val alone
+    image(mixed / "a.png", "a", mixed / "captions_val.jsonl")
+    (mixed / "captions.csv").write_text("image,text\na.png,a\n")
+    with pytest.raises(T.UserError, match="'captions.csv' says no split and 'captions_val.jsonl' a held-out one"):
+        texts(mixed)
     sidecars = tmp_path / "sidecars"
     image(sidecars / "train" / "a.png", "train")
     image(sidecars / "test" / "b.png", "test")
@@ -1113,13 +1119,19 @@ def test_image_paths_resolve_beside_the_data_never_silently_elsewhere(tmp_path, 
     table, _ = T.load_table(T.parse_args(["--dataset", str(data / "struct.parquet")]))
     assert [v["path"] for v in table["image"][:10]] == [str(data / "imgs" / "a.png")] * 10
     assert "hashed" not in capsys.readouterr().err + caplog.text  # datasets warned so on every local run
-    (data / "cat").mkdir()
-    Image.new("RGB", (16, 16)).save(data / "cat" / "a.png")  # two a.png: the longer tail that exists wins
+    win = tmp_path / "win"  # a folder given: its data file's folder is searched, a stray top-level a.png loses
+    for folder in ("sub/imgs", "sub/cat"):
+        (win / folder).mkdir(parents=True)
+        Image.new("RGB", (16, 16)).save(win / folder / "a.png")
+    Image.new("RGB", (8, 8)).save(win / "a.png")
     rows = [{"image": "C:\\Users\\me\\set\\imgs\\a.png", "text": "w"},
             {"image": "C:\\Users\\me\\set\\cat\\a.png", "text": "c"}, {"image": "D:\\gone\\z.png", "text": "z"}]
-    (data / "windows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))  # written on Windows
-    table, _ = T.load_table(T.parse_args(["--dataset", str(data / "windows.jsonl")]))
-    assert table["image"] == [str(data / "imgs" / "a.png"), str(data / "cat" / "a.png"), "D:\\gone\\z.png"]
+    (win / "sub" / "windows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))  # written on Windows
+    table, _ = T.load_table(T.parse_args(["--dataset", str(win / "sub" / "windows.jsonl")]))
+    assert table["image"] == [str(win / "sub" / "imgs" / "a.png"), str(win / "sub" / "cat" / "a.png"),
+                              "D:\\gone\\z.png"]
+    resolve = T.relative_to(str(win))  # the folder given: its data file's folder is searched before a.png at the top
+    assert [resolve(r["image"]) for r in rows[:2]] == table["image"][:2]
     assert "are Windows paths: read as the files under the data that end the same way" in caplog.text
     (data / "two.jsonl").write_text(json.dumps({"image": "imgs/a.png", "text": "photo", "caption": "a long one"}))
     assert T.load_table(T.parse_args(["--dataset", str(data / "two.jsonl")]))[0]["text"] == ["photo"]
@@ -1202,6 +1214,18 @@ def test_more_dataset_shapes_load_or_say_what_they_are(tmp_path, caplog):
             info.size = len(payload)
             tar.addfile(info, io.BytesIO(payload))
     assert list(load(tmp_path / "mac")["text"]) == ["mac"]
+    for name, payload in (("__meta__.json", b"{}"), ("001.png", png.getvalue()), ("001.txt", b"more"),
+                          ("001.json", b"{}")):  # datasets skips __ members; a later shard's extra field is dropped
+        with tarfile.open(tmp_path / "mac" / "shard.tar", "a") as tar:
+            info = tarfile.TarInfo(name)
+            info.size = len(payload)
+            tar.addfile(info, io.BytesIO(payload))
+    with tarfile.open(tmp_path / "mac" / "shard-2.tar", "w") as tar:
+        for name, payload in (("002.png", png.getvalue()), ("002.txt", b"extra"), ("002.json", b"{}")):
+            info = tarfile.TarInfo(name)
+            info.size = len(payload)
+            tar.addfile(info, io.BytesIO(payload))
+    assert sorted(load(tmp_path / "mac")["text"]) == ["extra", "mac", "more"]
     labels = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=["cat", "dog"])})
     datasets.Dataset.from_dict({"image": [{"bytes": png.getvalue(), "path": None}] * 2, "label": [1, 0]},
                                features=labels).save_to_disk(str(tmp_path / "classes"))

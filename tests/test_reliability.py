@@ -551,6 +551,9 @@ def test_a_full_disk_ends_in_one_line_that_says_how_to_go_on(monkeypatch, capsys
                          (RuntimeError("DataLoader worker (pid 9) is killed by signal: Bus error. It is possible "
                                        "that dataloader's workers are out of shared memory."),
                           "error: a data loader process ran out of shared memory"),
+                         (RuntimeError("Caught RuntimeError in DataLoader worker process 0.\nRuntimeError: unable to "
+                                       "write to file </torch_77_1>: No space left on device (28)"),
+                          "error: a data loader process ran out of shared memory"),  # (not "the disk is full")
                          (RuntimeError("[/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:537] Read error "
                                        "[127.0.0.1]:41923: Connection reset by peer"),
                           "error: another process of this run stopped")):
