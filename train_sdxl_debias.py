@@ -710,9 +710,12 @@ def check_single_file(args):
         raise UserError(f"{flag} is {what}")
 
 
+WINDOWS_ABSOLUTE = re.compile(r"[A-Za-z]:[\\/]|\\\\")  # C:\x, C:/x, \\server\share
+
+
 def looks_local(path):
     """A path, not a Hub id (organisation/name): ./x, ../x, /x, ~/x, C:\\x, \\\\server\\x, or a/b/c."""
-    return path.startswith((".", "/", "~", "\\")) or path.count("/") > 1 or bool(re.match(r"[A-Za-z]:[\\/]", path))
+    return path.startswith((".", "/", "~", "\\")) or path.count("/") > 1 or bool(WINDOWS_ABSOLUTE.match(path))
 
 
 def check_pipeline_folder(config):
@@ -1502,16 +1505,19 @@ def relative_to(source):
     listed = not os.path.isdir(source)  # a folder's data files are looked for at the first path not beside it
     said, said_windows = [], []
 
-    def resolve(value):
+    def more_bases():  # the folders of the data's files, once
         nonlocal listed
+        if not listed:
+            listed = True
+            bases.extend(sorted({os.path.dirname(f) for f in list_files(source)
+                                 if os.path.splitext(f)[1].lower() in DATA_FILES} - {source}))
+
+    def resolve(value):
         if not isinstance(value, str) or not value.strip():  # (an empty cell: drop_rows_without_image's)
             return value
         value = value[len("file://"):] if value.startswith("file://") else value
-        if os.sep == "/" and re.match(r"[A-Za-z]:[\\/]|\\\\", value):  # C:\Users\me\set\cat\1.png: another
-            if not listed:  # the data files' folders first: the longest tail is looked for under every base
-                listed = True
-                bases.extend(sorted({os.path.dirname(f) for f in list_files(source)
-                                     if os.path.splitext(f)[1].lower() in DATA_FILES} - {source}))
+        if os.sep == "/" and WINDOWS_ABSOLUTE.match(value):  # C:\Users\me\set\cat\1.png: another
+            more_bases()  # the data files' folders first: the longest tail is looked for under every base
             parts = [p for p in re.split(r"[\\/]", value)[1:] if p]  # machine's path: its longest tail found
             found = next((p for n in range(len(parts)) for base in bases  # under the data, set\cat\1.png first
                           if os.path.exists(p := trimmed(os.path.join(base, *parts[n:])))), None)
@@ -1528,9 +1534,7 @@ def relative_to(source):
                 if os.path.exists(path := trimmed(path)):
                     return path
         if not listed:
-            listed = True
-            bases.extend(sorted({os.path.dirname(f) for f in list_files(source)
-                                 if os.path.splitext(f)[1].lower() in DATA_FILES} - {source}))
+            more_bases()
             return resolve(value)
         if os.path.exists(here := trimmed(os.path.abspath(value))):
             if not said:
@@ -1667,7 +1671,7 @@ def load_folder(source, args):
         return table
     if images and not data_files:  # image + caption files: train/ trains, a test/ or val/ is held out, as above
         _, images, held = split_train_files(source, files, args.caption_extension)
-        files = [f for f in files if not inside_any(f, held)]
+        files = [f for f in files if not any(inside(f, d) for d in held)]
     captions = find_captions(source, files, images, args.caption_extension) if images else None
     if captions is not None:
         unused_flags(args, "images with caption files", "dataset_config_name")
@@ -1758,14 +1762,15 @@ def split_train_files(source, files, extension=None, sidecars=True):
     (patterns, the images, the held-out split folders)."""
     data = [f for f in files if os.path.splitext(f)[1].lower() in IMAGE_EXTS or os.path.basename(f) in METADATA_FILES]
     images = lambda paths: [f for f in paths if os.path.splitext(f)[1].lower() in IMAGE_EXTS]
-    splits, loose = {}, []
+    splits, loose, folder_of = {}, [], {}
     for f in data:
         parts = os.path.relpath(f, source).split(os.sep)[:-1]
         depth = next((i for i, part in enumerate(parts) if part in SPLIT_FOLDERS), None)  # the outermost
         if depth is None:
             loose.append(f)
         else:
-            splits.setdefault(SPLIT_FOLDERS[parts[depth]], set()).add(os.path.join(source, *parts[:depth + 1]))
+            folder_of[f] = os.path.join(source, *parts[:depth + 1])
+            splits.setdefault(SPLIT_FOLDERS[parts[depth]], set()).add(folder_of[f])
     if not splits:
         return [os.path.join(glob.escape(source), "**")], images(data), []
     held_out = ", ".join(os.path.relpath(d, source) for ds in splits.values() for d in sorted(ds))
@@ -1789,7 +1794,7 @@ def split_train_files(source, files, extension=None, sidecars=True):
         logger.info("dataset %s has one split folder, %s: training on it", source, held_out)
     chosen = sorted(splits[name])
     held = sorted(d for ds in splits.values() for d in ds if d not in chosen)
-    inside = [f for f in data if inside_any(f, chosen)]
+    inside = [f for f in data if folder_of.get(f) in chosen]
     patterns = [os.path.join(glob.escape(d), "**") for d in chosen]
     above = [f for f in loose if os.path.basename(f) in METADATA_FILES]
     if above and not any(os.path.basename(f) in METADATA_FILES for f in inside):
@@ -1801,10 +1806,6 @@ def split_train_files(source, files, extension=None, sidecars=True):
     return patterns, images(inside), held
 
 
-def inside_any(path, folders):
-    return any(path.startswith(os.path.join(d, "")) for d in folders)
-
-
 def rows_outside(table, held, source):
     """The rows whose image is not in a held-out split folder: datasets' imagefolder yields every row of a
     metadata file, those naming test/ images too (one metadata file above train/ and test/)."""
@@ -1812,9 +1813,8 @@ def rows_outside(table, held, source):
 
     if not held or "image" not in table.column_names:
         return table
-    real = [os.path.realpath(d) for d in held]
     paths = pc.struct_field(table.with_format("arrow")["image"], "path").to_pylist()
-    keep = [not p or not inside_any(os.path.realpath(p), real) for p in paths]
+    keep = [not p or not any(inside(p, d) for d in held) for p in paths]
     if not all(keep):
         logger.warning("%d rows of the metadata of %s name images in held-out split folders (e.g. %s): not used",
                        keep.count(False), source, paths[keep.index(False)])
@@ -3605,23 +3605,15 @@ def commit_export(output_dir, ready):
     first (renamed into .old-export), never deleted before its replacement is in place: killed at any moment,
     nothing is lost, and the next run finishes the move before it loads anything. (A full fine-tune continued
     in place replaces the pipeline it was loaded from: deleting vae/ before the new one arrived lost it.)"""
-    old = os.path.join(output_dir, ".old-export")
+    old = os.path.join(output_dir, ".old-export")  # (none is left over: tidy_output_dir removes it first)
     os.makedirs(old, exist_ok=True)
     for name in sorted(os.listdir(ready)):
-        final, aside = os.path.join(output_dir, name), os.path.join(old, name)
+        final = os.path.join(output_dir, name)
         if os.path.lexists(final):
-            remove_path(aside)  # (left by an earlier commit that was killed)
-            os.replace(final, aside)
+            os.replace(final, os.path.join(old, name))
         os.replace(os.path.join(ready, name), final)
     os.rmdir(ready)
     shutil.rmtree(old)
-
-
-def remove_path(path):
-    if os.path.isdir(path) and not os.path.islink(path):
-        shutil.rmtree(path)
-    elif os.path.lexists(path):
-        os.remove(path)
 
 
 def readable_as_umask_says(folder):
@@ -4060,9 +4052,10 @@ def tidy_output_dir(output_dir):
     """What a killed run left in output_dir (only our own names): half-written checkpoints and exports go; a
     complete export is moved into place (commit_export), and the versions it replaced go; a checkpoint set aside
     to be replaced (save_checkpoint) goes back in place if its replacement never arrived."""
+    # Old versions first: every name not yet moved in has its new version in .export-ready.
+    shutil.rmtree(os.path.join(output_dir, ".old-export"), ignore_errors=True)
     if os.path.isdir(os.path.join(output_dir, ".export-ready")):
         commit_export(output_dir, os.path.join(output_dir, ".export-ready"))
-    shutil.rmtree(os.path.join(output_dir, ".old-export"), ignore_errors=True)
     for name in os.listdir(output_dir):
         path = os.path.join(output_dir, name)
         if name.startswith((".tmp-checkpoint-", ".tmp-export")):
