@@ -422,6 +422,15 @@ PATH_FLAGS = ("pretrained_model_name_or_path", "pretrained_vae_model_name_or_pat
 
 def validate(args):
     """Fail fast, before any model loads, with one line that names the problem and what to do."""
+    check_places(args)
+    check_combinations(args)
+    check_values(args)
+    check_models(args)
+    check_resume(args)
+
+
+def check_places(args):
+    """The folders and launcher: what the run reads and writes, and that they are not each other."""
     for name in PATH_FLAGS:  # the shell expands ~ on the command line, but not in a --config file
         if isinstance(getattr(args, name), str) and getattr(args, name).startswith("~"):
             setattr(args, name, os.path.expanduser(getattr(args, name)))
@@ -453,11 +462,13 @@ def validate(args):
             not os.path.isfile(os.path.join(base, "train_config.json")):  # (an output of ours continued in place)
         raise UserError(f"--output_dir {args.output_dir!r} is the base model's folder: pass another (this run's "
                         "outputs, a full fine-tune's weights or the model card, would replace the base model's files)")
+
+
+def check_combinations(args):
+    """Flags that need, or exclude, one another, this torch, or an optional package."""
     if args.keep_tokens < 0 or (args.keep_tokens and not args.shuffle_caption):
         raise UserError(f"--keep_tokens {args.keep_tokens}: the number of leading tags --shuffle_caption leaves in "
                         "place (0 or more): use it with --shuffle_caption")
-    if args.resolution <= 0 or args.resolution % 8:
-        raise UserError(f"--resolution {args.resolution} must be a positive multiple of 8 (the VAE downsamples by 8)")
     if args.finetune == "full" and args.lora_flags_given:
         raise UserError(f"--{args.lora_flags_given[0]} only applies to --finetune lora; drop it for a full fine-tune")
     if args.finetune == "full" and args.train_text_encoder:
@@ -479,12 +490,24 @@ def validate(args):
     if uses_cuda_graphs(args) and args.validation_prompt and not hasattr(torch.compiler, "set_stance"):
         raise UserError(f"--compile_mode {args.compile_mode} with --validation_prompt needs torch 2.6 or newer "
                         f"(this is {torch.__version__}): upgrade torch, or use --compile_mode default")
+    if args.hub_token and (args.report_to not in (None, "none") or resolve_trackers(args)):
+        raise UserError("--hub_token would be logged by --report_to's tracker: run `hf auth login` instead")
+    import importlib.util
+    package = {"adamw8bit": "bitsandbytes", "prodigy": "prodigyopt"}.get(args.optimizer)
+    if package and importlib.util.find_spec(package) is None:
+        raise UserError(f"--optimizer {args.optimizer} needs the {package} package: pip install {package}")
+    if args.push_to_hub and os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+        raise UserError("--push_to_hub needs the Hub, but HF_HUB_OFFLINE is set")
+
+
+def check_values(args):
+    """Numbers out of range: each ends here in one line, not in a crash after the models load."""
+    if args.resolution <= 0 or args.resolution % 8:
+        raise UserError(f"--resolution {args.resolution} must be a positive multiple of 8 (the VAE downsamples by 8)")
     if args.max_timestep is not None and not 0 <= args.min_timestep < args.max_timestep:
         raise UserError("--min_timestep must be >= 0 and below --max_timestep")
     if not 0 < args.ema_decay < 1:
         raise UserError("--ema_decay must be between 0 and 1")
-    if args.hub_token and (args.report_to not in (None, "none") or resolve_trackers(args)):
-        raise UserError("--hub_token would be logged by --report_to's tracker: run `hf auth login` instead")
     for name in ("train_batch_size", "num_train_epochs", "gradient_accumulation_steps", "checkpointing_steps",
                  "validation_steps", "logging_steps", "num_validation_images", "cache_batch_size",
                  "validation_inference_steps"):
@@ -523,7 +546,10 @@ def validate(args):
         raise UserError("--rank must be at least 1")
     if args.snr_gamma <= 0:
         raise UserError("--snr_gamma must be positive")
-    resume = args.resume_from_checkpoint
+
+
+def check_models(args):
+    """The base model, VAE and starting LoRA: each path exists and holds what its flag takes."""
     model = args.pretrained_model_name_or_path
     for flag in ("pretrained_model_name_or_path", "pretrained_vae_model_name_or_path"):
         path = getattr(args, flag) or ""
@@ -548,6 +574,11 @@ def validate(args):
         check_vae_folder(vae)
     if args.network_weights:
         check_lora_file(args)
+
+
+def check_resume(args):
+    """--resume_from_checkpoint names a checkpoint of this trainer, and a fresh run does not bury another's."""
+    resume = args.resume_from_checkpoint
     if resume and resume != "latest" and not os.path.isdir(resume) and os.path.isdir(os.path.join(args.output_dir,
                                                                                                  resume)):
         resume = args.resume_from_checkpoint = os.path.join(args.output_dir, resume)  # diffusers: a name in output_dir
@@ -573,12 +604,6 @@ def validate(args):
         raise UserError(f"--resume_from_checkpoint latest: {args.output_dir} holds {', '.join(sorted(foreign))}, "
                         f"not written by this trainer (no {STATE_FILE}; diffusers' scripts write such), which it "
                         "cannot resume: start a new run in another --output_dir")
-    import importlib.util
-    package = {"adamw8bit": "bitsandbytes", "prodigy": "prodigyopt"}.get(args.optimizer)
-    if package and importlib.util.find_spec(package) is None:
-        raise UserError(f"--optimizer {args.optimizer} needs the {package} package: pip install {package}")
-    if args.push_to_hub and os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
-        raise UserError("--push_to_hub needs the Hub, but HF_HUB_OFFLINE is set")
 
 
 def check_folder(flag, path, write=True):
