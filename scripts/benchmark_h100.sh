@@ -4,6 +4,10 @@
 #   bash scripts/benchmark_h100.sh fetch     # here (pip's registry): the wheels the GPU machine lacks, into .whl/ (git-ignored)
 #   bash scripts/benchmark_h100.sh [open|measured|all]   # on the GPU machine (device call, carry [".whl"])
 #
+# The targets are ratios to diffusers' examples measured on an H100 (../shared/GPU.md): name the kind
+# nvidia-h100-x1 in the device call, since a call without a kind may land on an H200 (faster memory), whose
+# numbers compare with no reference. The JSON lines and $OUT/gpu.txt name the card either way.
+#
 # Compiling is most of a GPU session's time (205 s cold for LoRA batch 1 with whole Transformer2DModel graphs,
 # 49 s with inductor's on-disk cache warm). The run leaves that cache in $OUT/inductor-cache.tar.gz (when it is
 # under the 16 MiB a returned file may have); put it in .inductor-cache/ here (git-ignored) and add
