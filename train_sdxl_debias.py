@@ -579,9 +579,12 @@ def check_models(args):
 def check_resume(args):
     """--resume_from_checkpoint names a checkpoint of this trainer, and a fresh run does not bury another's."""
     resume = args.resume_from_checkpoint
-    if resume and resume != "latest" and not os.path.isdir(resume) and os.path.isdir(os.path.join(args.output_dir,
-                                                                                                 resume)):
-        resume = args.resume_from_checkpoint = os.path.join(args.output_dir, resume)  # diffusers: a name in output_dir
+    if resume and resume != "latest":
+        bare = os.path.basename(os.path.normpath(resume)) == resume.rstrip("/" + os.sep)  # checkpoint-3, not ./…
+        resume = args.resume_from_checkpoint = os.path.normpath(resume)  # (checkpoint-3/: basename 'checkpoint-3')
+        # A bare name is output_dir's checkpoint, as in diffusers, even where the working folder has one too.
+        if bare and os.path.isdir(os.path.join(args.output_dir, resume)):
+            resume = args.resume_from_checkpoint = os.path.join(args.output_dir, resume)
     if resume and resume != "latest" and os.path.isfile(resume):
         raise UserError(f"--resume_from_checkpoint {resume!r} is a file: pass its checkpoint folder "
                         f"({os.path.dirname(resume) or '.'!r}) or 'latest'")
@@ -3763,10 +3766,7 @@ def write_model_card(args, m, source, data, run, repo_id=None):
         + f", prediction type `{prediction}`"
         + (", weights normalised to mean 1" if args.normalize_loss_weights else "") + ".", "",
         "| setting | value |", "|---|---|",
-        *[f"| {k} | {v} |" for k, v in run.items()],  # what the run resolved: steps, epochs, precision, last loss
-        *[f"| {k} | {getattr(args, k)} |" for k in ("resolution", "train_batch_size", "gradient_accumulation_steps",
-          "learning_rate", "lr_scheduler", "aspect_ratio_bucketing", "train_text_encoder", "use_ema", "noise_offset",
-          "seed")],
+        *[f"| {k} | {v} |" for k, v in {**run, **card_settings(args, run["processes"])}.items()],
         "", "## Use it", "", "```python", "import torch", "from diffusers import StableDiffusionXLPipeline",
         usage, f'image = pipe({prompt!r}).images[0]', "```", ""]
     if lora and not args.use_dora:
@@ -3785,6 +3785,18 @@ def write_model_card(args, m, source, data, run, repo_id=None):
                   "model before training.", ""] + [f"![{s}](samples/{s})" for s in samples] + [""]
     with open(os.path.join(args.output_dir, "README.md"), "w") as f:
         f.write("\n".join(lines))
+
+
+def card_settings(args, processes):
+    """The flags a reader needs to repeat the run, as trained: the learning rate --scale_lr gave, LoRA's shape."""
+    keys = ("resolution", "train_batch_size", "gradient_accumulation_steps", "learning_rate", "lr_scheduler",
+            "aspect_ratio_bucketing", "train_text_encoder", "use_ema", "noise_offset", "seed")
+    keys += ("rank", "lora_alpha", "lora_target_modules") * (args.finetune == "lora")
+    settings = {k: getattr(args, k) for k in keys}
+    if args.scale_lr:
+        scale = args.train_batch_size * args.gradient_accumulation_steps * processes
+        settings["learning_rate"] = f"{args.learning_rate:g} × {scale} (--scale_lr) = {args.learning_rate * scale:g}"
+    return settings
 
 
 def plot_losses(output_dir):
@@ -4225,6 +4237,9 @@ def lr_schedule(args, optimizer, max_steps):
     name = args.lr_scheduler
     if name == "constant" and args.lr_warmup_steps:  # diffusers' "constant" ignores warmup silently
         name = "constant_with_warmup"
+        logger.info("--lr_scheduler constant with --lr_warmup_steps %d: warming up over those steps, as "
+                    "constant_with_warmup (diffusers' constant would ignore them; drop the flag for none)",
+                    args.lr_warmup_steps)
     return get_scheduler(name, optimizer, num_warmup_steps=args.lr_warmup_steps, num_training_steps=max_steps,
                          num_cycles=args.lr_num_cycles, power=args.lr_power)
 
@@ -4272,7 +4287,7 @@ def train(args):
         accelerator.init_trackers("train_sdxl_debias", config={k: v for k, v in vars(args).items() if k not in
                                                                NOT_CONFIG and isinstance(v, (int, float, str, bool))})
     what = f"LoRA rank {args.rank}" if args.finetune == "lora" else "full UNet"
-    if args.finetune == "lora" and args.learning_rate < 1e-5:  # diffusers' full-SDXL command, without --finetune full
+    if args.finetune == "lora" and args.learning_rate <= 1e-5:  # diffusers' full-SDXL command, without --finetune full
         logger.warning("a LoRA at --learning_rate %g barely moves: that is a full fine-tune's rate (add --finetune "
                        "full, which diffusers' train_text_to_image_sdxl.py trains); LoRAs train at about 1e-4",
                        args.learning_rate)

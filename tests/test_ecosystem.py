@@ -31,8 +31,9 @@ def te_lora_run(tiny_model, shapes, tmp_path_factory):
     config = str(tmp_path_factory.mktemp("cfg") / "run.yaml")
     with open(config, "w") as f:
         yaml.safe_dump({"pretrained_model_name_or_path": tiny_model, "dataset_name": shapes, "resolution": 64,
-                        "train_batch_size": 2, "max_train_steps": 4, "learning_rate": 1e-2,
-                        "train_text_encoder": True, "text_encoder_lr": 5e-3, "logging_steps": 1,
+                        "train_batch_size": 2, "max_train_steps": 4, "learning_rate": 5e-3,
+                        "scale_lr": True,  # × batch 2: 1e-2 and 5e-3, as the card must say
+                        "train_text_encoder": True, "text_encoder_lr": 2.5e-3, "logging_steps": 1,
                         "rank": 4, "lora_alpha": 2,  # alpha != rank: each file must carry the scale itself
                         "lora_dropout": 0.1,  # training only: diffusers generated with it on from our file
                         "validation_prompt": ["a red circle", "a blue square"], "num_validation_images": 2,
@@ -217,7 +218,8 @@ def test_validation_grids_model_card_and_metrics(te_lora_run, tiny_model, shapes
     assert Image.open(os.path.join(out, "samples", grids[0])).size == (2 * 64, 2 * 64)  # 2 images x 2 prompts
     card = open(os.path.join(out, "README.md")).read()
     for needle in (tiny_model, shapes, "arxiv.org/abs/2310.08442", "debias", "load_lora_weights",
-                   "samples/step_000000.png", "my-lora.safetensors", "| learning_rate | 0.01 |",
+                   "samples/step_000000.png", "my-lora.safetensors", "| learning_rate | 0.005 × 2 (--scale_lr) = 0.01 |",
+                   "| lora_alpha | 2.0 |", "| lora_target_modules | to_q,to_k,to_v,to_out.0 |",
                    "| steps | 4 |", "| mixed_precision | no |", "| last logged loss | ", "(24 images)"):
         assert needle in card, needle
     header = yaml.safe_load(card.split("---\n")[1])  # the Hub's metadata: a local base is no Hub id, so left out

@@ -1,6 +1,7 @@
 """End to end on the tiny fixtures: outputs load in diffusers and change the images; resume; user errors."""
 import importlib.util
 import json
+import logging
 import os
 import re
 import shutil
@@ -147,7 +148,7 @@ def test_resumed_run_equals_uninterrupted_run(tiny_model, shapes, tmp_path):
     assert rows(resumed) == rows(full_run)[2:]  # row 4 holds step 4 alone in both runs
 
 
-def test_lr_schedules_take_their_cycles_and_power():
+def test_lr_schedules_take_their_cycles_and_power(caplog):
     """--lr_num_cycles and --lr_power (diffusers' flag names; kohya's --lr_scheduler_num_cycles/_power) reach the
     schedule: without them cosine_with_restarts was plain cosine and polynomial was linear."""
     import train_sdxl_debias as T
@@ -169,6 +170,10 @@ def test_lr_schedules_take_their_cycles_and_power():
     assert curve("--lr_scheduler", "cosine_with_restarts", "--lr_scheduler_num_cycles", "2") == restarts
     with pytest.raises(T.UserError, match="--lr_num_cycles 0 must be at least 1"):
         T.validate(T.parse_args(["--dataset", "x", "--lr_num_cycles", "0"]))
+    # constant with a warmup warms up (diffusers' constant ignores it), and the log says so.
+    with caplog.at_level(logging.INFO, logger=T.logger.name):
+        assert curve("--lr_scheduler", "constant", "--lr_warmup_steps", "2")[:3] == [0.0, 0.5, 1.0]
+    assert "warming up over those steps, as constant_with_warmup" in caplog.text
 
 
 def test_a_resume_with_other_optimizer_flags_uses_them_and_says_so(tiny_model, shapes, tmp_path):
@@ -522,6 +527,25 @@ def test_a_foreign_checkpoint_folder_is_moved_aside_not_deleted(tiny_model, shap
     proc = run_trainer(*base_args(tiny_model, shapes, str(out), "--max_train_steps", "2", "--checkpointing_steps", "2"))
     assert (out / "checkpoint-2.orig1" / "notes.txt").read_text() == "mine" and "moved to" in proc.stderr
     assert (out / "checkpoint-2" / "trainer_state.json").exists()
+
+
+def test_a_checkpoint_named_bare_is_output_dirs_even_beside_one_in_the_working_folder(tiny_model, shapes, tmp_path,
+                                                                                       monkeypatch):
+    """diffusers' scripts take `--resume_from_checkpoint checkpoint-N` from output_dir: a folder of that name in
+    the working directory (another run's, started from there) must not be resumed instead."""
+    import train_sdxl_debias as T
+    for run in ("mine", "."):  # output_dir "mine", and a decoy run's checkpoint-3 in the working folder
+        ckpt = tmp_path / run / "checkpoint-3"
+        ckpt.mkdir(parents=True)
+        (ckpt / T.STATE_FILE).write_text(json.dumps({"global_step": 3, "lr_scheduler": {}}))
+    monkeypatch.chdir(tmp_path)
+    for name in ("checkpoint-3", "checkpoint-3/"):  # (with the slash, messages named "'s step 3")
+        args = T.parse_args(base_args(tiny_model, shapes, "mine", "--resume_from_checkpoint", name))
+        T.validate(args)
+        assert args.resume_from_checkpoint == os.path.join("mine", "checkpoint-3")
+    args = T.parse_args(base_args(tiny_model, shapes, "mine", "--resume_from_checkpoint", "./checkpoint-3"))
+    T.validate(args)  # a path, not a bare name: the one it names
+    assert args.resume_from_checkpoint == "checkpoint-3"
 
 
 @pytest.mark.skipif(not hasattr(torch.compiler, "set_stance"), reason="torch < 2.6 has no compile stances")
