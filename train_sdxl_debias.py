@@ -293,13 +293,21 @@ def parse_args(argv=None):
 # Flags of diffusers' and kohya's scripts that this one does differently.
 SDPA_USED = "not needed: PyTorch's scaled-dot-product attention is used"
 RANK_FROM_LAUNCHER = "launch with accelerate launch or torchrun, which pass the rank in the environment"
+KOHYA_DATASET_CONFIG = ("kohya's dataset config is not read: pass the images' folder with --train_data_dir (a "
+                        "subset's num_repeats is its folder's N_ prefix, as in kohya's DreamBooth folders) and set "
+                        "resolution, batch size and caption options with this trainer's flags")
+TEXT_CACHED = "the default: caption embeddings are cached unless --train_text_encoder or --no_text_cache; drop it"
+FULL_HALF = "not supported: trained weights stay fp32 under --mixed_precision (for memory: --optimizer adamw8bit)"
+BUCKETS = "--aspect_ratio_bucketing uses SDXL's ~1 MP bucket shapes scaled to --resolution; not adjustable"
 FOREIGN_FLAGS = {
     "--use_8bit_adam": "use --optimizer adamw8bit",
     "--enable_xformers_memory_efficient_attention": SDPA_USED,
     "--validation_epochs": "use --validation_steps (in optimizer steps)",
     "--debug_loss": "the loss per timestep bucket is always in metrics.jsonl",
     "--image_interpolation_mode": "images are resized with Lanczos",
-    "--timestep_bias_strategy": "use --min_timestep / --max_timestep to train on a range of timesteps",
+    **{f"--timestep_bias_{k}": "use --min_timestep / --max_timestep to train on a range of timesteps"
+       for k in ("strategy", "multiplier", "begin", "end", "portion")},
+    "--enable_npu_flash_attention": SDPA_USED, "--dream_detail_preservation": "not supported",
     "--instance_data_dir": "DreamBooth-style: put the images with same-name .txt captions (your instance prompt) "
                            "in a folder and pass --train_data_dir",
     "--instance_prompt": "write the prompt into a same-name .txt caption next to each image (--train_data_dir)",
@@ -312,7 +320,7 @@ FOREIGN_FLAGS = {
     "--debiased_estimation_loss": "this trainer's default: --loss_weighting debias",
     "--min_snr_gamma": "use --snr_gamma (with --loss_weighting min_snr)",
     "--xformers": SDPA_USED, "--mem_eff_attn": SDPA_USED,
-    "--sdpa": "always on; --sdpa_backend picks the kernel", "--optimizer_type": "use --optimizer",
+    "--sdpa": "always on (--sdpa_backend picks the kernel): drop it", "--optimizer_type": "use --optimizer",
     "--save_every_n_steps": "use --checkpointing_steps", "--cache_latents_to_disk": "use --cache_latents",
     "--output_name": "use --output_dir",
     "--max_train_epochs": "use --num_train_epochs", "--enable_bucket": "use --aspect_ratio_bucketing",
@@ -320,9 +328,27 @@ FOREIGN_FLAGS = {
     "--max_data_loader_n_workers": "use --dataloader_num_workers", "--vae": "use --pretrained_vae_model_name_or_path",
     "--sample_prompts": "use --validation_prompt (repeatable)", "--network_dropout": "use --lora_dropout",
     "--unet_lr": "use --learning_rate",
-    "--network_module": "LoRA is --finetune lora (the default)", "--network_train_unet_only": "the default",
+    "--network_module": "LoRA is --finetune lora (the default): drop it",
+    "--network_train_unet_only": "the default (--train_text_encoder adds the text encoders): drop it",
     "--network_args": "use --rank, --lora_alpha, --lora_target_modules, --use_dora",
-    "--dataset_config": "pass the data folder with --train_data_dir (kohya's folders are read as they are)",
+    "--dataset_config": KOHYA_DATASET_CONFIG, "--datasets": KOHYA_DATASET_CONFIG,
+    "--cache_text_encoder_outputs": TEXT_CACHED, "--cache_text_encoder_outputs_to_disk": TEXT_CACHED,
+    "--persistent_data_loader_workers": "the default (the loader's workers live through the run): drop it",
+    "--save_model_as": "outputs are always .safetensors: drop it",
+    "--save_precision": "a LoRA is saved in fp32, a full fine-tune's pipeline in fp32 and its --save_single_file "
+                        "in --mixed_precision's dtype: drop it",
+    "--save_state": "every checkpoint holds the training state (--checkpointing_steps): drop it",
+    "--save_every_n_epochs": "use --checkpointing_steps (in optimizer steps)",
+    "--max_token_length": "captions are cut at CLIP's 77 tokens, as in diffusers: drop it",
+    "--no_half_vae": "the VAE runs in fp32 unless its config allows half precision (force_upcast false): drop it",
+    "--clip_skip": "not supported: SDXL already conditions on each text encoder's penultimate layer",
+    "--full_bf16": FULL_HALF, "--full_fp16": FULL_HALF,
+    "--min_bucket_reso": BUCKETS, "--max_bucket_reso": BUCKETS, "--bucket_reso_steps": BUCKETS,
+    "--bucket_no_upscale": BUCKETS,
+    "--multires_noise_iterations": "not supported: use --noise_offset",
+    "--multires_noise_discount": "not supported: use --noise_offset",
+    "--loss_type": "the loss is the MSE, weighted by --loss_weighting",
+    "--prior_loss_weight": "regularization images are not supported",
     "--pretrained_model_name": "use --pretrained_model_name_or_path",
     "--flip_aug": "use --random_flip", "--caption_dropout_rate": "use --caption_dropout",
     "--ip_noise_gamma": "use --input_perturbation", "--resume": "use --resume_from_checkpoint (a folder, or latest)",
@@ -1729,10 +1755,27 @@ def load_folder(source, args):
     tables = [f for f in files if os.path.splitext(f)[1].lower() in DATA_FILES]  # not read beside images
     near = kohya_near_miss(source, images, caption_index(files, args.caption_extension))
     which = f"{args.caption_extension} file" if args.caption_extension else ".txt (or .caption) file"
+    hint = ""
+    if tables and kohya_metadata(tables[0]):
+        hint = f"; {tables[0]!r} is kohya's metadata JSON (for its --in_json), which this trainer does not read"
+    elif tables:
+        hint = f"; if {tables[0]!r} holds the captions, pass it as --dataset"
     raise UserError(f"dataset folder {source!r} has {len(images)} images but no captions: put a same-name {which} "
-                    "next to each image, or a metadata.jsonl with file_name and text columns"
-                    + (f"; if {tables[0]!r} holds the captions, pass it as --dataset" if tables else "")
+                    "next to each image, or a metadata.jsonl with file_name and text columns" + hint
                     + (f" ({near})" if near else ""))
+
+
+def kohya_metadata(path):
+    """Whether `path` is kohya's metadata JSON: {image name: {"caption" or "tags": ...}} (its --in_json)."""
+    if not path.lower().endswith(".json"):
+        return False
+    try:
+        with open(path, encoding="utf-8-sig") as f:
+            data = json.load(f)
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and bool(data) and all(
+        isinstance(v, dict) and {"caption", "tags"} & set(v) for v in data.values())
 
 
 SPLIT_WORD = re.compile(r"(?:^|[-._ 0-9/])(train|training|validation|valid|val|dev|test|testing|eval|evaluation)"

@@ -1174,6 +1174,11 @@ def test_more_dataset_shapes_load_or_say_what_they_are(tmp_path, caplog):
         "caption": "b"}}))  # (it was "no image column found among: img000, img001")
     with pytest.raises(T.UserError, match="is kohya's metadata JSON .* write each caption to a .txt file"):
         load(tmp_path / "meta_cap.json")
+    (tmp_path / "kohya").mkdir()  # the same beside its images: named, not "pass it as --dataset" (which refuses it)
+    os.rename(tmp_path / "meta_cap.json", tmp_path / "kohya" / "meta_cap.json")
+    Image.new("RGB", (32, 32)).save(tmp_path / "kohya" / "img000.png")
+    with pytest.raises(T.UserError, match="no captions.*meta_cap.json' is kohya's metadata JSON .*does not read"):
+        load(tmp_path / "kohya")
     (tmp_path / "paths.jsonl").write_text(json.dumps({"images": ["p.png", "p.png"], "text": "two"}) + "\n")
     with pytest.raises(T.UserError, match="image column 'images' of dataset .* holds several images per row"):
         load(tmp_path / "paths.jsonl")  # ("'list' object has no attribute 'read'" for every row)

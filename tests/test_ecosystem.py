@@ -294,6 +294,13 @@ def test_config_files_as_people_write_them(tmp_path):
     (tmp_path / "kohya.toml").write_text("[training_arguments]\nnetwork_dim = 8\nflip_aug = true\n")
     with pytest.raises(T.UserError, match=r"unknown keys: network_dim \(use --rank\), flip_aug \(use --random_flip"):
         T.parse_args(["--config", str(tmp_path / "kohya.toml")])
+    (tmp_path / "dataset.toml").write_text('[general]\nshuffle_caption = true\n[[datasets]]\nresolution = 1024\n'
+                                           '[[datasets.subsets]]\nimage_dir = "img"\nnum_repeats = 10\n')
+    with pytest.raises(T.UserError, match=r"unknown keys: datasets \(kohya's dataset config is not read: pass the "
+                                          r"images' folder with --train_data_dir \(a subset's num_repeats is its"):
+        T.parse_args(["--config", str(tmp_path / "dataset.toml")])  # (it was "unknown keys: datasets")
+    with pytest.raises(T.UserError, match=r"'--timestep_bias_portion=0.5' \(use --min_timestep / --max_timestep"):
+        T.parse_args(["--dataset", "x", "--timestep_bias_portion=0.5"])
     with pytest.raises(T.UserError, match="--resolution -64 must be a positive multiple of 8"):
         T.validate(T.parse_args(["--dataset", "x", "--resolution", "-64"]))
 
