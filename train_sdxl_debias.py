@@ -2281,8 +2281,11 @@ def find_captions(source, files, images, extension=None):
     kohya = kohya_folders(source, images, lambda path: bool(caption_files(captions, path)))
     if kohya:
         say = logger.warning if any(n > 1 for n, _ in kohya.values()) else logger.info  # repeats change the mix
-        say("kohya DreamBooth folders: %s", "; ".join(
-            f"{name!r} x{n} (images without a caption: {words!r})" for name, (n, words) in sorted(kohya.items())))
+        bare = collections.Counter(os.path.relpath(p, source).split(os.sep)[0] for p in images
+                                   if not caption_files(captions, p))
+        say("kohya DreamBooth folders, each image counted N times an epoch: %s", "; ".join(
+            f"{name!r} x{n}" + (f" ({bare[name]} image(s) without a caption file captioned {words!r})" if bare[name]
+                                else "") for name, (n, words) in sorted(kohya.items())))
         loose = [path for path in images if os.sep not in os.path.relpath(path, source)]
         if loose:
             logger.warning("%d uncaptioned image(s) beside kohya's DreamBooth folders are left out, as kohya does: %s",
@@ -4334,6 +4337,9 @@ def train(args):
         logger.warning("a LoRA at --learning_rate %g barely moves: that is a full fine-tune's rate (add --finetune "
                        "full, which diffusers' train_text_to_image_sdxl.py trains); LoRAs train at about 1e-4",
                        args.learning_rate)
+    if args.finetune == "lora" and args.use_dora:
+        logger.info("--use_dora: only pytorch_lora_weights.safetensors (diffusers) is written; kohya's LoRA format, "
+                    "which A1111/Forge and ComfyUI read, has no DoRA")
     logger.info("training %s of %s with %s loss (%s) on %s: %s, %d epochs, %d steps, effective batch "
                 "%d (%d per device × %d processes × %d accumulation)", what, args.pretrained_model_name_or_path,
                 args.loss_weighting, m.noise_scheduler.config.prediction_type, source, plan.describe(), num_epochs,

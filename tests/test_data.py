@@ -765,7 +765,8 @@ def test_kohya_dreambooth_folders_repeat_and_caption_by_folder_name(tmp_path, ca
         count[os.path.relpath(path, data), text] = count.get((os.path.relpath(path, data), text), 0) + 1
     assert count == {("10_sks dog/0.jpg", "sks dog on a beach"): 10, ("10_sks dog/1.jpg", "sks dog"): 10,
                      ("1_dog/IMG_0.JPG", "a dog, photo 0"): 1, ("1_dog/IMG_1.JPG", "a dog, photo 1"): 1}
-    assert "'10_sks dog' x10" in caplog.text and "not images this trainer reads (.HEIC)" in caplog.text
+    assert "'10_sks dog' x10 (1 image(s) without a caption file captioned 'sks dog'); '1_dog' x1" in caplog.text
+    assert "not images this trainer reads (.HEIC)" in caplog.text
     # A warning, not an info line: numbered folders of another origin (12_street/) would train 12x as often.
     assert {r.levelname for r in caplog.records if "kohya DreamBooth folders" in r.getMessage()} == {"WARNING"}
     plan_table, plan, _ = T.plan_data(T.parse_args(["--train_data_dir", str(data), "--resolution", "32"]), table,

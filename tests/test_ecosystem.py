@@ -181,6 +181,7 @@ def test_a_dora_run_saves_a_diffusers_file_that_loads_and_resumes(tiny_model, sh
     run_trainer(*argv, "--max_train_steps", "2")
     proc = run_trainer(*argv, "--max_train_steps", "3", "--resume_from_checkpoint", "latest")
     assert "resumed from" in proc.stderr and not os.path.exists(os.path.join(out, "dora.safetensors"))
+    assert "--use_dora: only pytorch_lora_weights.safetensors (diffusers) is written" in proc.stderr
     assert "DoRA has no kohya-format equivalent" in open(os.path.join(out, "README.md")).read()
     pipe = StableDiffusionXLPipeline.from_pretrained(tiny_model)
     base = generate(pipe)
