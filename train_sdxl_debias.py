@@ -530,6 +530,9 @@ def check_values(args):
     """Numbers out of range: each ends here in one line, not in a crash after the models load."""
     if args.resolution <= 0 or args.resolution % 8:
         raise UserError(f"--resolution {args.resolution} must be a positive multiple of 8 (the VAE downsamples by 8)")
+    if args.resolution < 64:  # an 8x8 latent, which the UNet halves twice; a GroupNorm crash below that
+        raise UserError(f"--resolution {args.resolution} is below 64 px, too small for the UNet (SDXL trains at "
+                        "512 to 1024)")
     if args.max_timestep is not None and not 0 <= args.min_timestep < args.max_timestep:
         raise UserError("--min_timestep must be >= 0 and below --max_timestep")
     if not 0 < args.ema_decay < 1:

@@ -12,7 +12,7 @@ export HF_DATASETS_CACHE=${HF_DATASETS_CACHE:-$OUT/hf-datasets-cache}
 [ -f "$OUT/shapes/train/metadata.jsonl" ] || python scripts/make_shapes_dataset.py "$OUT/shapes"
 
 start=$(date +%s)
-accelerate launch --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no \
+accelerate launch -q --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no \
   train_sdxl_debias.py \
   --pretrained_model_name_or_path "$OUT/tiny-sdxl" \
   --dataset "$OUT/shapes" \

@@ -8,7 +8,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 DATASET=${DATASET:-lambdalabs/naruto-blip-captions}
 OUT=${OUT:-sdxl-debias-full}
-accelerate launch train_sdxl_debias.py \
+accelerate launch -q train_sdxl_debias.py \
   --pretrained_model_name_or_path stabilityai/stable-diffusion-xl-base-1.0 \
   --pretrained_vae_model_name_or_path madebyollin/sdxl-vae-fp16-fix \
   --dataset "$DATASET" \

@@ -304,6 +304,8 @@ def test_config_files_as_people_write_them(tmp_path):
         T.parse_args(["--dataset", "x", "--timestep_bias_portion=0.5"])
     with pytest.raises(T.UserError, match="--resolution -64 must be a positive multiple of 8"):
         T.validate(T.parse_args(["--dataset", "x", "--resolution", "-64"]))
+    with pytest.raises(T.UserError, match="--resolution 16 is below 64 px"):  # (a GroupNorm traceback)
+        T.validate(T.parse_args(["--dataset", "x", "--resolution", "16"]))
 
 
 def test_an_error_about_a_flag_from_the_config_file_says_so(tmp_path, capsys):
