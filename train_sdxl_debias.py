@@ -4048,9 +4048,8 @@ def setup(args):
     if accelerator.mixed_precision == "fp16" and accelerator.device.type == "cpu":
         raise UserError("fp16 mixed precision needs a GPU (CPU autocast has no fp16 convolutions): "
                         "use --mixed_precision bf16 or no on the CPU")
-    if accelerator.distributed_type == DistributedType.DEEPSPEED and args.gradient_accumulation_steps > 1:
-        raise UserError("with DeepSpeed, set gradient_accumulation_steps in its config and leave "
-                        "--gradient_accumulation_steps at 1 (it would divide the loss twice)")
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        check_deepspeed_accumulation(args, accelerator.state.deepspeed_plugin.deepspeed_config)
     logging.getLogger("accelerate").setLevel(logging.WARNING)  # its per-file "saved ..." lines drown ours
     set_seed(args.seed)
     if args.allow_tf32 and torch.cuda.is_available():
@@ -4067,6 +4066,17 @@ def setup(args):
 
 
 _LOCK = None  # the open lock file of lock_output_dir, held until the process ends
+
+
+def check_deepspeed_accumulation(args, config):
+    """DeepSpeed accumulates inside its engine, by its config's count, and accelerate ends an accumulation only
+    inside `accelerator.accumulate`, which this loop does not use (it counts micro-batches itself, for exact
+    resumes): with a count above 1 on either side, steps, the LR schedule and the loss scale would go wrong."""
+    value = config.get("gradient_accumulation_steps", "auto")
+    if args.gradient_accumulation_steps > 1 or value not in ("auto", 1):
+        raise UserError(f"gradient accumulation is not supported with DeepSpeed yet (--gradient_accumulation_steps "
+                        f"{args.gradient_accumulation_steps}, the DeepSpeed config's gradient_accumulation_steps "
+                        f"{value}): set both to 1 and raise --train_batch_size, or use DDP or FSDP")
 
 
 def lock_output_dir(output_dir):

@@ -529,6 +529,21 @@ def test_a_foreign_checkpoint_folder_is_moved_aside_not_deleted(tiny_model, shap
     assert (out / "checkpoint-2" / "trainer_state.json").exists()
 
 
+def test_deepspeed_runs_without_accumulation_rather_than_stepping_wrongly():
+    """accelerate steps DeepSpeed's engine at every backward outside `accelerator.accumulate`: a count above 1 in
+    the DeepSpeed config silently trained at 1/N of the loss, one optimizer step per micro-batch."""
+    import train_sdxl_debias as T
+    args = T.parse_args(["--dataset", "x"])
+    for value in ("auto", 1):
+        T.check_deepspeed_accumulation(args, {"gradient_accumulation_steps": value})
+    T.check_deepspeed_accumulation(args, {})
+    with pytest.raises(T.UserError, match="the DeepSpeed config's gradient_accumulation_steps 4\\): set both to 1"):
+        T.check_deepspeed_accumulation(args, {"gradient_accumulation_steps": 4})
+    args = T.parse_args(["--dataset", "x", "--gradient_accumulation_steps", "2"])
+    with pytest.raises(T.UserError, match="not supported with DeepSpeed yet \\(--gradient_accumulation_steps 2"):
+        T.check_deepspeed_accumulation(args, {"gradient_accumulation_steps": "auto"})
+
+
 def test_a_checkpoint_named_bare_is_output_dirs_even_beside_one_in_the_working_folder(tiny_model, shapes, tmp_path,
                                                                                        monkeypatch):
     """diffusers' scripts take `--resume_from_checkpoint checkpoint-N` from output_dir: a folder of that name in
