@@ -996,8 +996,8 @@ def prepare_models(args, tokenizers, text_encoders, vae, unet, noise_scheduler, 
         unet.requires_grad_(True)
     if args.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
-        for te in text_encoders if args.train_text_encoder else []:
-            te.gradient_checkpointing_enable()
+        for te in text_encoders if args.train_text_encoder else []:  # (transformers 5.x renamed it; 4.x has the old)
+            (getattr(te, "activation_checkpointing_enable", None) or te.gradient_checkpointing_enable)()
     if args.channels_last:  # after LoRA, so conv LoRA weights are channels-last too
         unet.to(memory_format=torch.channels_last)
     if args.compile:
@@ -3458,7 +3458,9 @@ def load_trained(args, folder, unet, text_encoders=(), ema=None):
 
         unet.load_state_dict(UNet2DConditionModel.from_pretrained(folder, subfolder="unet").state_dict())
         if ema is not None:
-            loaded = EMAModel.from_pretrained(os.path.join(folder, "unet_ema"), model_cls=UNet2DConditionModel)
+            with warnings.catch_warnings():  # diffusers' own EMAModel.from_pretrained passes a path to from_config
+                warnings.filterwarnings("ignore", "It is deprecated to pass a pretrained model name", FutureWarning)
+                loaded = EMAModel.from_pretrained(os.path.join(folder, "unet_ema"), model_cls=UNet2DConditionModel)
             ema.load_state_dict(loaded.state_dict())
             ema.to(next(unet.parameters()).device)
 

@@ -330,10 +330,19 @@ def test_ema_weights_are_validated_and_saved_in_one_dtype_from_an_fp16_variant(t
     base = str(tmp_path / "base")  # a base model with fp16-variant files, as stabilityai's repos have
     StableDiffusionXLPipeline.from_pretrained(tiny_model).to(torch.float16).save_pretrained(base, variant="fp16")
     out = str(tmp_path / "ema")
-    run_trainer("--pretrained_model_name_or_path", base, "--variant", "fp16", "--dataset", shapes, "--output_dir",
-                out, "--resolution", "64", "--train_batch_size", "2", "--finetune", "full", "--use_ema",
-                "--ema_decay", "0.5", "--max_train_steps", "3", "--checkpointing_steps", "3", "--learning_rate",
-                "1e-3", "--optimizer", "adafactor", "--save_single_file")
+    argv = ["--pretrained_model_name_or_path", base, "--variant", "fp16", "--dataset", shapes, "--resolution", "64",
+            "--train_batch_size", "2", "--finetune", "full", "--use_ema", "--ema_decay", "0.5", "--max_train_steps",
+            "3", "--checkpointing_steps", "2", "--learning_rate", "1e-3", "--optimizer", "adafactor",
+            "--save_single_file"]
+    run_trainer(*argv, "--output_dir", out)
+    resumed = str(tmp_path / "resumed")  # from step 2: the same UNet and EMA, and no library warnings on the way
+    shutil.copytree(os.path.join(out, "checkpoint-2"), os.path.join(resumed, "checkpoint-2"))
+    proc = run_trainer(*argv, "--output_dir", resumed, "--resume_from_checkpoint", "latest")
+    assert "resumed from" in proc.stderr and "FutureWarning" not in proc.stderr
+    for part in ("unet", "unet_ema"):
+        a, b = (UNet2DConditionModel.from_pretrained(os.path.join(run, "checkpoint-3"), subfolder=part).state_dict()
+                for run in (out, resumed))
+        assert all(torch.equal(a[k], b[k]) for k in a), part
     dtypes = set()  # the saved pipeline is fp32 throughout, like the trained UNet (not fp16 encoders beside it)
     for part in ("unet", "vae", "text_encoder", "text_encoder_2"):
         for name in os.listdir(os.path.join(out, part)):

@@ -5,6 +5,7 @@ import logging
 import os
 import re
 import shutil
+import warnings
 
 import numpy as np
 import pytest
@@ -87,13 +88,18 @@ def test_a_lora_run_trains_only_its_adapters_and_a_full_one_only_the_unet(tiny_m
 
     import train_sdxl_debias as T
 
-    for argv, unet_trains, te_trains in ((["--train_text_encoder"], "lora", "lora"),
+    for argv, unet_trains, te_trains in ((["--train_text_encoder", "--gradient_checkpointing"], "lora", "lora"),
                                          (["--finetune", "full"], "all", None)):
         pipe = StableDiffusionXLPipeline.from_pretrained(tiny_model)
         args = T.parse_args(["--dataset", "x", *argv])
-        m = T.prepare_models(args, [pipe.tokenizer, pipe.tokenizer_2], [pipe.text_encoder, pipe.text_encoder_2],
-                             pipe.vae, pipe.unet, DDPMScheduler.from_config(pipe.scheduler.config), "cpu",
-                             torch.float32)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", FutureWarning)  # (transformers 5 renamed gradient_checkpointing_enable)
+            m = T.prepare_models(args, [pipe.tokenizer, pipe.tokenizer_2], [pipe.text_encoder, pipe.text_encoder_2],
+                                 pipe.vae, pipe.unet, DDPMScheduler.from_config(pipe.scheduler.config), "cpu",
+                                 torch.float32)
+        if args.gradient_checkpointing:
+            assert m.unet.is_gradient_checkpointing and all(getattr(te, "is_activation_checkpointing", None) or
+                                                            te.is_gradient_checkpointing for te in m.text_encoders)
         for model, trains in ((m.unet, unet_trains), (m.text_encoders[0], te_trains), (m.text_encoders[1], te_trains),
                               (m.vae, None)):
             names = [n for n, p in model.named_parameters() if p.requires_grad]
