@@ -3845,7 +3845,7 @@ def card_settings(args, processes):
     keys += ("rank", "lora_alpha", "lora_target_modules") * (args.finetune == "lora")
     settings = {k: getattr(args, k) for k in keys}
     if args.scale_lr:
-        scale = args.train_batch_size * args.gradient_accumulation_steps * processes
+        scale = lr_scale(args, processes)
         settings["learning_rate"] = f"{args.learning_rate:g} × {scale} (--scale_lr) = {args.learning_rate * scale:g}"
     return settings
 
@@ -4305,9 +4305,13 @@ def lr_schedule(args, optimizer, max_steps):
                          num_cycles=args.lr_num_cycles, power=args.lr_power)
 
 
+def lr_scale(args, processes):
+    """--scale_lr's factor: the samples one optimizer step takes (1 without the flag)."""
+    return args.train_batch_size * args.gradient_accumulation_steps * processes if args.scale_lr else 1
+
+
 def make_optimization(args, m, accelerator, max_steps):
-    scale = args.train_batch_size * args.gradient_accumulation_steps * accelerator.num_processes if args.scale_lr else 1
-    groups = param_groups(args, m, scale)
+    groups = param_groups(args, m, lr_scale(args, accelerator.num_processes))
     params = [p for g in groups for p in g["params"]]
     optimizer = build_optimizer(args, groups, accelerator.device)
     # Not passed to accelerator.prepare: a prepared scheduler steps once per process, which shortens warmup and
