@@ -46,7 +46,8 @@ try:  # Ctrl-C while torch loads (seconds on a cold disk): nothing has started, 
 
     import loss as debias_loss
 except KeyboardInterrupt:
-    print("\ninterrupted while loading torch: nothing had started", file=sys.stderr)
+    if os.environ.get("RANK", "0") == "0":  # once per job (torchrun passes the Ctrl-C to every process)
+        print("\ninterrupted while loading torch: nothing had started", file=sys.stderr)
     sys.exit(128 + signal.SIGINT)
 
 logger = logging.getLogger("train_sdxl_debias")
@@ -4515,11 +4516,16 @@ def push_to_hub(args, repo_id):
 
 
 interrupted_by = signal.SIGINT
+ending = False  # main() is saying how the run ended
 
 
-def on_sigterm(signum, frame):
-    """A scheduler's (SLURM, Kubernetes) or torchrun's stop request ends the run like Ctrl-C does."""
+def on_stop(signum, frame):
+    """Ctrl-C, or a scheduler's (SLURM, Kubernetes) or torchrun's stop request: the run ends as on Ctrl-C. Once
+    it is ending, later requests are ignored: torchrun signals every process again while they wind down, and
+    each would print a traceback under the one line already said."""
     global interrupted_by
+    if ending:
+        return
     interrupted_by = signum
     raise KeyboardInterrupt
 
@@ -4543,52 +4549,64 @@ def resume_hint(args):
 
 
 def main(argv=None):
-    args = None
+    global ending
+    args, ending = None, False
     try:
         args = parse_args(argv)
         validate(args)
         train(args)
-    except UserError as e:
-        print(f"error: {e}{config_origin(str(e), args)}", file=sys.stderr)
+    except BaseException as e:
+        ending = True
+        return report(e, args)
+    return 0
+
+
+def report(e, args):
+    """How a run that raised `e` ends: one line and an exit code for what a user can act on; anything else is
+    raised again, with its traceback."""
+    first = os.environ.get("RANK", "0") == "0"  # what every process of a job finds alike is said once, by rank 0
+    if isinstance(e, UserError):
+        if first:
+            print(f"error: {e}{config_origin(str(e), args)}", file=sys.stderr)
         forget_output_dir(args)
         return 3 if isinstance(e, TrainingStopped) else 2
-    except KeyboardInterrupt:  # Ctrl-C: checkpoints are complete or absent, so `latest` picks up from the last
-        if os.environ.get("RANK", "0") == "0":  # once per job, not once per process
+    if isinstance(e, KeyboardInterrupt):  # Ctrl-C: checkpoints are complete or absent: `latest` goes on from the last
+        if first:
             print(f"\ninterrupted{resume_hint(args)}", file=sys.stderr)
+        forget_output_dir(args)  # (stopped while starting: no folder holding only its lock is left)
         return 128 + interrupted_by
-    except torch.cuda.OutOfMemoryError as e:  # the settings don't fit the card: say which ones shrink the step
+    if isinstance(e, torch.cuda.OutOfMemoryError):  # the settings don't fit the card: say which ones shrink the step
         print(f"error: out of GPU memory ({first_line(e).split('. GPU')[0]}): {smaller_step(args)}; checkpoints "
               "are complete or absent: rerun with --resume_from_checkpoint latest", file=sys.stderr)
         return 2
-    except PermissionError as e:
-        folder = next((d for d in (args.output_dir, args.data_cache_dir) if inside(e.filename, d)), None) if args \
-            else None
-        if folder is None:
-            raise
+    folder = args and isinstance(e, PermissionError) and next(
+        (d for d in (args.output_dir, args.data_cache_dir) if inside(e.filename, d)), None)
+    if folder:
         print(f"error: cannot access {e.filename} ({e.strerror}): give this user read and write access to {folder}; "
               "checkpoints are complete or absent: then rerun with --resume_from_checkpoint latest", file=sys.stderr)
         return 2
-    except Exception as e:
-        if "DataLoader worker" in str(e) and "/torch_" in str(e):  # a worker's shared memory file: /dev/shm full
+    if not isinstance(e, Exception):  # SystemExit (--help), GeneratorExit
+        raise
+    if "DataLoader worker" in str(e) and "/torch_" in str(e):  # a worker's shared memory file: /dev/shm full
+        what = (f"a data loader process ran out of shared memory ({first_line(e)})", "raise /dev/shm "
+                "(Docker: --shm-size 8g) or lower --dataloader_num_workers; then rerun")
+    elif disk_full(e):
+        what = f"the disk is full or read-only ({first_line(e)})", "make room and rerun"
+    elif re.search(r"DataLoader worker \(pids?\b.*(is killed by signal|exited unexpectedly)", str(e)):
+        what = (f"a data loader process ended ({first_line(e)})", "if memory ran out, lower "
+                "--dataloader_num_workers (or --train_batch_size); then rerun")
+        if "Bus error" in str(e):  # torch's own words: workers out of shared memory
             what = (f"a data loader process ran out of shared memory ({first_line(e)})", "raise /dev/shm "
                     "(Docker: --shm-size 8g) or lower --dataloader_num_workers; then rerun")
-        elif disk_full(e):
-            what = f"the disk is full or read-only ({first_line(e)})", "make room and rerun"
-        elif re.search(r"DataLoader worker \(pids?\b.*(is killed by signal|exited unexpectedly)", str(e)):
-            what = (f"a data loader process ended ({first_line(e)})", "if memory ran out, lower "
-                    "--dataloader_num_workers (or --train_batch_size); then rerun")
-            if "Bus error" in str(e):  # torch's own words: workers out of shared memory
-                what = (f"a data loader process ran out of shared memory ({first_line(e)})", "raise /dev/shm "
-                        "(Docker: --shm-size 8g) or lower --dataloader_num_workers; then rerun")
-        elif re.search(r"gloo.*(Connection reset by peer|Connection closed by peer)|NCCL.*remote process exited",
-                       str(e)):  # (torchrun prints which process failed, and its error, too)
-            what = f"another process of this run stopped ({first_line(e)})", "see its error above; then rerun"
-        else:
-            raise
-        print(f"error: {what[0]}; checkpoints are complete or absent: {what[1]} with --resume_from_checkpoint "
-              "latest", file=sys.stderr)
-        return 2
-    return 0
+    elif re.search(r"gloo.*(Connection reset by peer|Connection closed by peer)|NCCL.*remote process exited",
+                   str(e)):  # (torchrun prints which process failed, and its error, too)
+        what = (f"another process of this run stopped ({first_line(e)})", "its error, above, says why; if it was "
+                "killed (out of memory, say), rerun")
+    else:
+        raise
+    print(f"error: {what[0]}; checkpoints are complete or absent: {what[1]} with --resume_from_checkpoint "
+          "latest", file=sys.stderr)
+    return 2
 
 
 def smaller_step(args):
@@ -4616,5 +4634,6 @@ def disk_full(e):
 
 
 if __name__ == "__main__":
-    signal.signal(signal.SIGTERM, on_sigterm)
+    signal.signal(signal.SIGTERM, on_stop)
+    signal.signal(signal.SIGINT, on_stop)
     sys.exit(main())

@@ -117,6 +117,28 @@ def test_ctrl_c_while_torch_loads_is_one_line(tmp_path):
     assert run.stderr.strip() == "interrupted while loading torch: nothing had started"
 
 
+STOP_WHILE_ENDING = """
+import os, signal, sys
+sys.path.insert(0, {root!r})
+import train_sdxl_debias as T
+signal.signal(signal.SIGTERM, T.on_stop)
+T.forget_output_dir = lambda args: os.kill(os.getpid(), signal.SIGTERM)  # right after the error line
+sys.exit(T.main(["--dataset", "x", "--use_8bit_adam"]))
+"""
+
+
+def test_a_stop_request_while_the_run_ends_adds_no_traceback(tmp_path):
+    """torchrun signals every process again when one has failed, while the others are printing their error or
+    exiting: that second request used to raise inside the error's handler and print a traceback under it."""
+    run = subprocess.run([sys.executable, "-c", STOP_WHILE_ENDING.format(root=ROOT)], capture_output=True,
+                         text=True, timeout=120, cwd=tmp_path)
+    assert run.returncode == 2 and run.stderr.strip().startswith("error: unrecognized argument: '--use_8bit_adam'")
+    assert "\n" not in run.stderr.strip(), run.stderr[-2000:]
+    rank1 = subprocess.run([sys.executable, "-c", STOP_WHILE_ENDING.format(root=ROOT)], capture_output=True,
+                           text=True, timeout=120, cwd=tmp_path, env={**os.environ, "RANK": "1"})
+    assert rank1.returncode == 2 and rank1.stderr == ""  # rank 0 says it, once for the job
+
+
 @pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
 def test_ctrl_c_or_a_stop_request_ends_in_one_line_and_latest_continues(tiny_model, shapes, tmp_path, sig):
     """Ctrl-C in a terminal sends SIGINT to the whole process group (loader workers included); a scheduler
