@@ -4036,7 +4036,8 @@ class MetricsLog:
 def setup(args):
     """Accelerator, logging, seeds. Multi-GPU via `accelerate launch`; several CPU processes via torchrun."""
     from accelerate import Accelerator
-    from accelerate.utils import DistributedDataParallelKwargs, DistributedType, ProjectConfiguration, set_seed
+    from accelerate.utils import (DistributedDataParallelKwargs, DistributedType, ProjectConfiguration,
+                                  broadcast_object_list, set_seed)
 
     trackers = resolve_trackers(args)
     # Text encoder 1 contributes its penultimate layer only, so its last layer's LoRA gets no gradient: DDP must
@@ -4048,6 +4049,11 @@ def setup(args):
                                             logging_dir=os.path.join(args.output_dir, args.logging_dir)))
     logging.basicConfig(format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S",
                         level=logging.INFO if accelerator.is_main_process else logging.WARNING)
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched != accelerator.num_processes:  # each would train alone, all into one output_dir
+        raise UserError(f"launched as {launched} processes, but they did not join one group (each runs alone on "
+                        f"{accelerator.device.type}): on a machine without GPUs set ACCELERATE_USE_CPU=1 for torchrun, "
+                        "or use accelerate launch --cpu")
     if accelerator.mixed_precision == "fp16" and accelerator.device.type == "cpu":
         raise UserError("fp16 mixed precision needs a GPU (CPU autocast has no fp16 convolutions): "
                         "use --mixed_precision bf16 or no on the CPU")
@@ -4059,12 +4065,20 @@ def setup(args):
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     prefer_sdpa_backend(args.sdpa_backend)
+    refused = None
     if accelerator.is_main_process:
         args.made_output_dir = outermost_missing(args.output_dir)  # (removed again if the start fails: main)
         os.makedirs(args.output_dir, exist_ok=True)
-        lock_output_dir(args.output_dir)  # before tidying: another live run's half-written checkpoint is its own
-        tidy_output_dir(args.output_dir)
-    accelerator.wait_for_everyone()
+        try:  # before tidying: another live run's half-written checkpoint is its own
+            lock_output_dir(args.output_dir)
+        except UserError as e:
+            refused = str(e)
+        else:
+            tidy_output_dir(args.output_dir)
+    # Every process stops on the main one's refusal, alike, rather than on a peer that left without a word.
+    refused = broadcast_object_list([refused])[0] if accelerator.num_processes > 1 else refused
+    if refused:
+        raise UserError(refused)
     return accelerator
 
 

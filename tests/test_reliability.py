@@ -263,12 +263,34 @@ def test_nonfinite_guard_skips_the_update_and_counts_it(optimizer_name, use_ema,
         guard.settle()
 
 
-def torchrun(*argv):
-    env = dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1")
+def torchrun(*argv, check=True, env=None):
+    env = dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1") if env is None else env
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                            TRAINER, *argv], capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert proc.returncode == 0 or not check, proc.stderr[-4000:]
     return proc
+
+
+def test_two_processes_refused_at_the_start_say_why_once(tiny_model, shapes, tmp_path):
+    """A refusal only the main process can find (the output folder is locked by a live run) stops every
+    process alike, in one line (the other used to add 'another process of this run stopped ... rerun'); and
+    processes that never joined one group (torchrun on a CPU without ACCELERATE_USE_CPU) are refused, not left
+    to train one copy each, into one folder."""
+    import fcntl
+    out = tmp_path / "busy"
+    out.mkdir()
+    with open(out / ".lock", "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        proc = torchrun(*args_for(tiny_model, shapes, str(out)), check=False)
+    said = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert proc.returncode != 0 and len(said) == 1 and "another run is training in" in said[0], proc.stderr[-3000:]
+    alone = torchrun(*args_for(tiny_model, shapes, str(tmp_path / "alone")), check=False,
+                     env={k: v for k, v in os.environ.items() if k != "ACCELERATE_USE_CPU"})
+    said = [line for line in alone.stderr.splitlines() if line.startswith("error:")]
+    assert alone.returncode != 0 and said == [
+        "error: launched as 2 processes, but they did not join one group (each runs alone on cpu): on a machine "
+        "without GPUs set ACCELERATE_USE_CPU=1 for torchrun, or use accelerate launch --cpu"], alone.stderr[-3000:]
+    assert not os.path.exists(tmp_path / "alone")
 
 
 def lora(out):
