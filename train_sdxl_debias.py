@@ -4048,7 +4048,7 @@ def setup(args):
         project_config=ProjectConfiguration(project_dir=args.output_dir,
                                             logging_dir=os.path.join(args.output_dir, args.logging_dir)))
     logging.basicConfig(format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S",
-                        level=logging.INFO if accelerator.is_main_process else logging.WARNING)
+                        level=logging.INFO if accelerator.is_main_process else logging.ERROR)  # (said once)
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     if launched != accelerator.num_processes:  # each would train alone, all into one output_dir
         raise UserError(f"launched as {launched} processes, but they did not join one group (each runs alone on "
@@ -4416,7 +4416,7 @@ def train(args):
                     break
             if global_step >= max_steps:
                 break
-    report.finish()
+    report.finish(accelerator)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         save_final(accelerator, args, m)
@@ -4474,10 +4474,13 @@ class DataReport:
             raise UserError(f"every image failed to load ({len(self.skipped)} files, e.g. {min(self.skipped)}): "
                             "check that they open in an image viewer, or re-export them")
 
-    def finish(self):
-        if self.skipped:
-            logger.warning("skipped %d unreadable image(s) in all: %s", len(self.skipped),
-                           ", ".join(sorted(self.skipped)[:50]))
+    def finish(self, accelerator):
+        """Every process's skipped files, said once by the main one (each decoded its own share)."""
+        from accelerate.utils import gather_object
+
+        skipped = set().union(*gather_object([self.skipped])) if accelerator.num_processes > 1 else self.skipped
+        if skipped and accelerator.is_main_process:
+            logger.warning("skipped %d unreadable image(s) in all: %s", len(skipped), ", ".join(sorted(skipped)[:50]))
 
 
 def after_step(accelerator, args, m, metrics, nonfinite, progress, global_step, max_steps, epoch, lr, grad_norm,

@@ -271,6 +271,21 @@ def torchrun(*argv, check=True, env=None):
     return proc
 
 
+def test_two_processes_name_every_skipped_file_once(tiny_model, tmp_path):
+    """Each process decodes its own share of the images: the closing list gathers every process's skipped files
+    (it listed each one's own, once per process), and the job-wide warnings of the header scan come once."""
+    from test_data import make_messy_folder
+    folder = make_messy_folder(str(tmp_path / "messy"))
+    proc = torchrun("--pretrained_model_name_or_path", tiny_model, "--dataset", folder, "--caption_column", "captions",
+                    "--output_dir", str(tmp_path / "out"), "--resolution", "64", "--num_train_epochs", "1",
+                    "--report_to", "none", "--dataloader_num_workers", "0", "--seed", "1")
+    closing = [line for line in proc.stderr.splitlines() if "unreadable image(s) in all" in line]
+    truncated = os.path.join(folder, "truncated.jpg")  # decoded by process 1 at this seed: its warning is not shown
+    assert "skipping unreadable image " + truncated not in proc.stderr, proc.stderr[-3000:]
+    assert len(closing) == 1 and closing[0].endswith("in all: " + truncated), proc.stderr[-3000:]  # yet listed
+    assert sum("corrupt.png" in line for line in proc.stderr.splitlines()) == 1  # the scan's, by the main process
+
+
 def test_two_processes_refused_at_the_start_say_why_once(tiny_model, shapes, tmp_path):
     """A refusal only the main process can find (the output folder is locked by a live run) stops every
     process alike, in one line (the other used to add 'another process of this run stopped ... rerun'); and
