@@ -980,10 +980,10 @@ def prepare_models(args, tokenizers, text_encoders, vae, unet, noise_scheduler, 
         logger.info("starting from the LoRA of %s: rank %d, alpha %g, %d UNet and %d text-encoder layers",
                     args.network_weights, args.rank, args.lora_alpha, len(start[0]) // 2,
                     (len(start[1]) + len(start[2])) // 2)
-    for te, targets in zip(text_encoders, te_targets):
+    for i, (te, targets) in enumerate(zip(text_encoders, te_targets)):
         place(te, device, weight_dtype)
         if args.train_text_encoder:
-            add_lora(te, args, targets or TEXT_ENCODER_LORA_TARGETS, half)
+            add_lora(te, args, targets or text_encoder_lora_targets(te, pooled=i == len(text_encoders) - 1), half)
     if vae is not None:  # SDXL's own VAE overflows in fp16: fp32 unless its config says it is safe (the fp16-fix's)
         place(vae, device, torch.float32 if vae.config.get("force_upcast", True) else weight_dtype)
     if args.finetune == "lora":
@@ -1029,6 +1029,15 @@ def place(module, device, dtype):
 
 
 TEXT_ENCODER_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
+
+
+def text_encoder_lora_targets(te, pooled):
+    """TEXT_ENCODER_LORA_TARGETS in the layers whose output SDXL uses: up to the penultimate one, and the last
+    one too in the encoder whose pooled output it takes (encode_prompt). A LoRA on text encoder 1's last layer
+    never trains (its B stays 0) and makes DDP search every step for the gradients it never gets."""
+    last = f"encoder.layers.{te.config.num_hidden_layers - 1}."
+    return [n for n, _ in te.named_modules()
+            if n.rsplit(".", 1)[-1] in TEXT_ENCODER_LORA_TARGETS and (pooled or last not in n)]
 # Only inits that leave the base weights alone: pissa/olora rewrite W, so an exported LoRA would not apply to
 # the original model.
 INIT_LORA_WEIGHTS = {"gaussian": "gaussian", "default": True, "orthogonal": "orthogonal"}
@@ -4040,9 +4049,9 @@ def setup(args):
                                   broadcast_object_list, set_seed)
 
     trackers = resolve_trackers(args)
-    # Text encoder 1 contributes its penultimate layer only, so its last layer's LoRA gets no gradient: DDP must
-    # be told, or it waits for those gradients forever.
-    ddp = DistributedDataParallelKwargs(find_unused_parameters=args.train_text_encoder)
+    # Text encoder 1 contributes its penultimate layer only: a LoRA of --network_weights on its last layer gets no
+    # gradient, which DDP must be told, or it waits for it forever (a new LoRA leaves that layer out).
+    ddp = DistributedDataParallelKwargs(find_unused_parameters=args.train_text_encoder and bool(args.network_weights))
     accelerator = Accelerator(
         mixed_precision=args.mixed_precision, log_with=trackers or None, kwargs_handlers=[ddp],
         project_config=ProjectConfiguration(project_dir=args.output_dir,

@@ -96,7 +96,10 @@ def test_a_run_starts_from_a_lora_file_of_either_format(te_lora_run, tiny_model,
         args = T.parse_args(["--dataset", shapes, "--network_weights", source, "--train_text_encoder"])
         states, te_targets = T.read_lora_file(args, *models[:1], models[1:])
         assert (args.rank, args.lora_alpha, args.lora_target_modules) == (4, alpha, "to_k,to_out.0,to_q,to_v")
-        assert te_targets == [["k_proj", "out_proj", "q_proj", "v_proj"]] * 2, source
+        projections = ["k_proj", "out_proj", "q_proj", "v_proj"]  # text encoder 1's on all layers but its unused last
+        first = [f"encoder.layers.{i}.self_attn.{p}" for i in range(models[1].config.num_hidden_layers - 1)
+                 for p in projections]
+        assert [[t.removeprefix("text_model.") for t in te_targets[0]], te_targets[1]] == [first, projections], source
         for prefix, state, model in zip(("unet.", "text_encoder.", "text_encoder_2."), states, models):
             want = {k[len(prefix):]: v for k, v in saved.items() if k.startswith(prefix)}
             if T.flattened_clip(model):

@@ -97,6 +97,10 @@ def test_a_lora_run_trains_only_its_adapters_and_a_full_one_only_the_unet(tiny_m
             m = T.prepare_models(args, [pipe.tokenizer, pipe.tokenizer_2], [pipe.text_encoder, pipe.text_encoder_2],
                                  pipe.vae, pipe.unet, DDPMScheduler.from_config(pipe.scheduler.config), "cpu",
                                  torch.float32)
+        if args.train_text_encoder:  # text encoder 1's last layer feeds nothing SDXL uses: no LoRA there
+            last = [f"layers.{te.config.num_hidden_layers - 1}." for te in m.text_encoders]
+            assert not any(last[0] in n and ".lora_" in n for n, _ in m.text_encoders[0].named_parameters())
+            assert any(last[1] in n and ".lora_" in n for n, _ in m.text_encoders[1].named_parameters())
         if args.gradient_checkpointing:
             assert m.unet.is_gradient_checkpointing and all(getattr(te, "is_activation_checkpointing", None) or
                                                             te.is_gradient_checkpointing for te in m.text_encoders)
