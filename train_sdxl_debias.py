@@ -51,6 +51,7 @@ except KeyboardInterrupt:
     sys.exit(128 + signal.SIGINT)
 
 logger = logging.getLogger("train_sdxl_debias")
+EVERY_PROCESS = {"every_process": True}  # a warning about what only this process sees (others say theirs once)
 
 
 class UserError(Exception):
@@ -297,7 +298,8 @@ RANK_FROM_LAUNCHER = "launch with accelerate launch or torchrun, which pass the 
 KOHYA_DATASET_CONFIG = ("kohya's dataset config is not read: pass the images' folder with --train_data_dir (a "
                         "subset's num_repeats is its folder's N_ prefix, as in kohya's DreamBooth folders) and set "
                         "resolution, batch size and caption options with this trainer's flags")
-TEXT_CACHED = "the default: caption embeddings are cached unless --train_text_encoder or --no_text_cache; drop it"
+TEXT_CACHED = ("the default: caption embeddings are cached unless --train_text_encoder, --shuffle_caption or "
+               "--no_text_cache; drop it")
 FULL_HALF = "not supported: trained weights stay fp32 under --mixed_precision (for memory: --optimizer adamw8bit)"
 BUCKETS = "--aspect_ratio_bucketing uses SDXL's ~1 MP bucket shapes scaled to --resolution; not adjustable"
 FOREIGN_FLAGS = {
@@ -975,7 +977,9 @@ def prepare_models(args, tokenizers, text_encoders, vae, unet, noise_scheduler, 
         m.requires_grad_(False)
     half = weight_dtype != torch.float32  # frozen weights in fp16/bf16, the forward under autocast
     start, te_targets = [], [None, None]
-    if args.network_weights:  # before any adapter is added: it reads the layers' plain names
+    if args.train_text_encoder and (checkpoint := checkpoint_to_resume(args)):
+        te_targets = checkpoint_text_targets(checkpoint, unet, text_encoders)  # (an older trainer's layers too)
+    elif args.network_weights:  # before any adapter is added: it reads the layers' plain names
         start, te_targets = read_lora_file(args, unet, text_encoders)
         logger.info("starting from the LoRA of %s: rank %d, alpha %g, %d UNet and %d text-encoder layers",
                     args.network_weights, args.rank, args.lora_alpha, len(start[0]) // 2,
@@ -1034,10 +1038,15 @@ TEXT_ENCODER_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
 def text_encoder_lora_targets(te, pooled):
     """TEXT_ENCODER_LORA_TARGETS in the layers whose output SDXL uses: up to the penultimate one, and the last
     one too in the encoder whose pooled output it takes (encode_prompt). A LoRA on text encoder 1's last layer
-    never trains (its B stays 0) and makes DDP search every step for the gradients it never gets."""
-    last = f"encoder.layers.{te.config.num_hidden_layers - 1}."
-    return [n for n, _ in te.named_modules()
-            if n.rsplit(".", 1)[-1] in TEXT_ENCODER_LORA_TARGETS and (pooled or last not in n)]
+    never trains (its B stays 0) and makes DDP search every step for the gradients it never gets. Names without
+    transformers 4's `text_model.`, so that the file's metadata matches the model under either version."""
+    return [n.removeprefix("text_model.") for n in (n for n, _ in te.named_modules())
+            if n.rsplit(".", 1)[-1] in TEXT_ENCODER_LORA_TARGETS and (pooled or unused_layer(te) not in n)]
+
+
+def unused_layer(te):
+    """The name part of a text encoder's last layer, whose hidden states SDXL does not use."""
+    return f"encoder.layers.{te.config.num_hidden_layers - 1}."
 # Only inits that leave the base weights alone: pissa/olora rewrite W, so an exported LoRA would not apply to
 # the original model.
 INIT_LORA_WEIGHTS = {"gaussian": "gaussian", "default": True, "orthogonal": "orthogonal"}
@@ -1159,6 +1168,23 @@ def read_lora_file(args, unet, text_encoders):
     return states, [lora_targets(te, n) if n else None for te, n in zip(text_encoders, names[1:])]
 
 
+def checkpoint_text_targets(checkpoint, unet, text_encoders):
+    """The text encoders' LoRA targets of a checkpoint's LoRA file, so that a resumed run has its layers:
+    checkpoints of this trainer before 2026-11-27 also have text encoder 1's last layer."""
+    from safetensors import safe_open
+
+    path = os.path.join(checkpoint, "pytorch_lora_weights.safetensors")
+    if not os.path.exists(path):
+        return [None, None]  # (named by resume() as damaged)
+    layer_names, names = lora_layer_names((unet, *text_encoders)), [set(), set(), set()]
+    with safe_open(path, "pt") as f:
+        for key in f.keys():
+            stem = next((key[:-len(end)] for end, _ in LORA_KEY_ENDS if key.endswith(end)), None)
+            if stem in layer_names:
+                names[layer_names[stem][0]].add(layer_names[stem][1])
+    return [lora_targets(te, sorted(n)) if n else None for te, n in zip(text_encoders, names[1:])]
+
+
 def lora_layer_names(models):
     """Every name a LoRA file may give a layer of (unet, text_encoder, text_encoder_2) -> (model index, module
     name): kohya's `lora_unet_<path with _>` in SGM's layout or diffusers', `lora_te1_…`, `lora_te2_…`, and
@@ -1243,7 +1269,7 @@ def lora_targets(model, names):
         targets = sorted({short(n, parent) for n in names})
         if picked_layers(model, targets) == set(names):
             return targets
-    return sorted(names)
+    return sorted(n.removeprefix("text_model.") for n in names)  # (see text_encoder_lora_targets)
 
 
 def compile_blocks(unet, mode="default", backend="inductor", scope="blocks"):
@@ -2517,7 +2543,8 @@ def decode_image(value, cover=None, row=None):
         img.load()
         return img, size
     except Exception as e:  # unreadable, truncated, or gone since the scan
-        logger.warning("skipping unreadable image %s: %s", describe_image(value, row), first_line(e))
+        logger.warning("skipping unreadable image %s: %s", describe_image(value, row), first_line(e),
+                       extra=EVERY_PROCESS)
         return None
 
 
@@ -3567,15 +3594,20 @@ def remove_checkpoint(output_dir, step, path):
     shutil.rmtree(gone)
 
 
+def checkpoint_to_resume(args):
+    """The checkpoint folder --resume_from_checkpoint names (`latest`: the newest complete one), or None."""
+    if args.resume_from_checkpoint != "latest":
+        return args.resume_from_checkpoint
+    found = list_checkpoints(args.output_dir)
+    return found[-1][1] if found else None
+
+
 def resume(accelerator, args, optimizer, lr_scheduler):
     """Load the checkpoint named by --resume_from_checkpoint; returns the global step it was saved at."""
-    path = args.resume_from_checkpoint
-    if path == "latest":
-        found = list_checkpoints(args.output_dir)
-        if not found:
-            logger.info("no checkpoint in %s: starting a new run", args.output_dir)
-            return 0
-        path = found[-1][1]
+    path = checkpoint_to_resume(args)
+    if path is None:
+        logger.info("no checkpoint in %s: starting a new run", args.output_dir)
+        return 0
     if not os.path.exists(os.path.join(path, STATE_FILE)):
         raise UserError(f"{path} is not a complete checkpoint of this trainer (no {STATE_FILE})")
     state = read_state(path)
@@ -3631,7 +3663,7 @@ def check_random_state(path, rank):
         load(os.path.join(path, f"random_states_{rank}.pkl"))
     except Exception as e:
         logger.warning("cannot restore the random state of %s (%s): the run goes on, but its dropout draws differ "
-                       "from an uninterrupted run's", path, first_line(e))
+                       "from an uninterrupted run's", path, first_line(e), extra=EVERY_PROCESS)
 
 
 def restore_schedule(lr_scheduler, state):
@@ -4049,15 +4081,15 @@ def setup(args):
                                   broadcast_object_list, set_seed)
 
     trackers = resolve_trackers(args)
-    # Text encoder 1 contributes its penultimate layer only: a LoRA of --network_weights on its last layer gets no
-    # gradient, which DDP must be told, or it waits for it forever (a new LoRA leaves that layer out).
-    ddp = DistributedDataParallelKwargs(find_unused_parameters=args.train_text_encoder and bool(args.network_weights))
+    ddp = DistributedDataParallelKwargs()  # (find_unused_parameters: make_optimization, once the LoRA is known)
     accelerator = Accelerator(
         mixed_precision=args.mixed_precision, log_with=trackers or None, kwargs_handlers=[ddp],
         project_config=ProjectConfiguration(project_dir=args.output_dir,
                                             logging_dir=os.path.join(args.output_dir, args.logging_dir)))
     logging.basicConfig(format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S",
-                        level=logging.INFO if accelerator.is_main_process else logging.ERROR)  # (said once)
+                        level=logging.INFO if accelerator.is_main_process else logging.WARNING)
+    if not accelerator.is_main_process:  # job-wide warnings once; a process's own (its share of the images) too
+        logger.addFilter(lambda record: record.levelno >= logging.ERROR or getattr(record, "every_process", False))
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     if launched != accelerator.num_processes:  # each would train alone, all into one output_dir
         raise UserError(f"launched as {launched} processes, but they did not join one group (each runs alone on "
@@ -4341,6 +4373,11 @@ def make_optimization(args, m, accelerator, max_steps):
     # Not passed to accelerator.prepare: a prepared scheduler steps once per process, which shortens warmup and
     # decay with more GPUs. Here it steps once per optimizer step, whatever the process count or accumulation.
     lr_scheduler = lr_schedule(args, optimizer, max_steps)
+    if args.train_text_encoder and accelerator.ddp_handler is not None:
+        # Text encoder 1 contributes its penultimate layer only: a LoRA on its last layer (from --network_weights
+        # or an older checkpoint) gets no gradient, which DDP must be told, or it waits for it forever.
+        accelerator.ddp_handler.find_unused_parameters = any(
+            p.requires_grad and unused_layer(m.text_encoders[0]) in n for n, p in m.text_encoders[0].named_parameters())
     if args.train_text_encoder:
         m.unet, *m.text_encoders, optimizer = accelerator.prepare(m.unet, *m.text_encoders, optimizer)
     else:
@@ -4590,7 +4627,9 @@ def main(argv=None):
 def report(e, args):
     """How a run that raised `e` ends: one line and an exit code for what a user can act on; anything else is
     raised again, with its traceback."""
-    first = os.environ.get("RANK", "0") == "0"  # what every process of a job finds alike is said once, by rank 0
+    # What every process finds alike is said once per machine, by its first process (so a path missing on one
+    # machine of several is still named).
+    first = os.environ.get("LOCAL_RANK", "0") == "0"
     if isinstance(e, UserError):
         if first:
             print(f"error: {e}{config_origin(str(e), args)}", file=sys.stderr)
@@ -4661,5 +4700,10 @@ def disk_full(e):
 
 if __name__ == "__main__":
     signal.signal(signal.SIGTERM, on_stop)
-    signal.signal(signal.SIGINT, on_stop)
-    sys.exit(main())
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # (not where a shell set Ctrl-C to be ignored)
+        signal.signal(signal.SIGINT, on_stop)
+    code = main()
+    for stop in (signal.SIGINT, signal.SIGTERM):  # a stop request while Python exits: ends it, without a traceback
+        if signal.getsignal(stop) is on_stop:
+            signal.signal(stop, signal.SIG_DFL)
+    sys.exit(code)

@@ -5,6 +5,8 @@ import logging
 import os
 import re
 import shutil
+import subprocess
+import sys
 import warnings
 
 import numpy as np
@@ -12,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import run_trainer
+from conftest import ROOT, run_trainer
 
 COMMON = ["--resolution", "64", "--train_batch_size", "2", "--logging_steps", "1", "--seed", "3"]
 
@@ -537,6 +539,29 @@ def test_a_foreign_checkpoint_folder_is_moved_aside_not_deleted(tiny_model, shap
     proc = run_trainer(*base_args(tiny_model, shapes, str(out), "--max_train_steps", "2", "--checkpointing_steps", "2"))
     assert (out / "checkpoint-2.orig1" / "notes.txt").read_text() == "mine" and "moved to" in proc.stderr
     assert (out / "checkpoint-2" / "trainer_state.json").exists()
+
+
+OLDER_TRAINER = """
+import sys
+sys.path.insert(0, {root!r})
+import train_sdxl_debias as T
+T.text_encoder_lora_targets = lambda te, pooled: list(T.TEXT_ENCODER_LORA_TARGETS)  # every layer, as before
+sys.exit(T.main(sys.argv[1:]))
+"""
+
+
+def test_a_text_encoder_checkpoint_of_an_older_trainer_resumes(tiny_model, shapes, tmp_path):
+    """Before 2026-11-27 text encoder 1's last layer had a LoRA too: a run resumed from such a checkpoint takes
+    its layers (it was refused, as if the flags differed)."""
+    out = str(tmp_path / "old")
+    argv = base_args(tiny_model, shapes, out, "--train_text_encoder", "--checkpointing_steps", "2")
+    old = subprocess.run([sys.executable, "-c", OLDER_TRAINER.format(root=ROOT), *argv, "--max_train_steps", "2"],
+                         capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert old.returncode == 0, old.stderr[-3000:]
+    layers = lambda: {k.split(".self_attn")[0] for k in lora_state(out) if k.startswith("text_encoder.")}
+    before = layers()
+    proc = run_trainer(*argv, "--max_train_steps", "3", "--resume_from_checkpoint", "latest")
+    assert "resumed from" in proc.stderr and layers() == before and len(before) == 3  # all 3 of the tiny encoder
 
 
 def test_deepspeed_runs_without_accumulation_rather_than_stepping_wrongly():
