@@ -46,7 +46,7 @@ try:  # Ctrl-C while torch loads (seconds on a cold disk): nothing has started, 
 
     import loss as debias_loss
 except KeyboardInterrupt:
-    if os.environ.get("RANK", "0") == "0":  # once per job (torchrun passes the Ctrl-C to every process)
+    if os.environ.get("LOCAL_RANK", "0") == "0":  # once (torchrun passes the Ctrl-C to every process)
         print("\ninterrupted while loading torch: nothing had started", file=sys.stderr)
     sys.exit(128 + signal.SIGINT)
 
@@ -977,13 +977,13 @@ def prepare_models(args, tokenizers, text_encoders, vae, unet, noise_scheduler, 
         m.requires_grad_(False)
     half = weight_dtype != torch.float32  # frozen weights in fp16/bf16, the forward under autocast
     start, te_targets = [], [None, None]
-    if args.train_text_encoder and (checkpoint := checkpoint_to_resume(args)):
-        te_targets = checkpoint_text_targets(checkpoint, unet, text_encoders)  # (an older trainer's layers too)
-    elif args.network_weights:  # before any adapter is added: it reads the layers' plain names
+    if args.network_weights:  # before any adapter is added: it reads the layers' plain names
         start, te_targets = read_lora_file(args, unet, text_encoders)
         logger.info("starting from the LoRA of %s: rank %d, alpha %g, %d UNet and %d text-encoder layers",
                     args.network_weights, args.rank, args.lora_alpha, len(start[0]) // 2,
                     (len(start[1]) + len(start[2])) // 2)
+    if args.train_text_encoder and (checkpoint := checkpoint_to_resume(args)):
+        te_targets = checkpoint_text_targets(checkpoint, unet, text_encoders)  # (an older trainer's layers too)
     for i, (te, targets) in enumerate(zip(text_encoders, te_targets)):
         place(te, device, weight_dtype)
         if args.train_text_encoder:
@@ -1040,13 +1040,15 @@ def text_encoder_lora_targets(te, pooled):
     one too in the encoder whose pooled output it takes (encode_prompt). A LoRA on text encoder 1's last layer
     never trains (its B stays 0) and makes DDP search every step for the gradients it never gets. Names without
     transformers 4's `text_model.`, so that the file's metadata matches the model under either version."""
-    return [n.removeprefix("text_model.") for n in (n for n, _ in te.named_modules())
+    return [n.removeprefix("text_model.") for n, _ in te.named_modules()
             if n.rsplit(".", 1)[-1] in TEXT_ENCODER_LORA_TARGETS and (pooled or unused_layer(te) not in n)]
 
 
 def unused_layer(te):
-    """The name part of a text encoder's last layer, whose hidden states SDXL does not use."""
+    """The name part of a text encoder's last layer (text encoder 1's feeds nothing SDXL uses)."""
     return f"encoder.layers.{te.config.num_hidden_layers - 1}."
+
+
 # Only inits that leave the base weights alone: pissa/olora rewrite W, so an exported LoRA would not apply to
 # the original model.
 INIT_LORA_WEIGHTS = {"gaussian": "gaussian", "default": True, "orthogonal": "orthogonal"}
