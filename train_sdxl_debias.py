@@ -4332,8 +4332,18 @@ def leave_stop_requests_to_the_trainer(worker_id):
     end the run with "DataLoader worker is killed by signal" instead of the trainer's clean stop. The trainer
     stops them itself (workers_stopped), and they exit on their own if it dies."""
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    sys.excepthook = quiet_hang_ups
     if _LOCK is not None:  # the output_dir lock goes with the trainer, not with workers that outlive it a moment
         _LOCK.close()
+
+
+def quiet_hang_ups(kind, value, traceback):
+    """A worker's thread that hands batches' shared memory to the trainer reports, through sys.excepthook, the
+    trainer hanging up in mid-transfer, which is how stopping the workers at the end of a run looks to it (a
+    traceback under the run's last line). Nothing is lost then; other errors are printed as usual."""
+    from multiprocessing import AuthenticationError
+    if not issubclass(kind, (EOFError, OSError, AuthenticationError)):
+        sys.__excepthook__(kind, value, traceback)
 
 
 @contextmanager
