@@ -4714,8 +4714,10 @@ if __name__ == "__main__":
     signal.signal(signal.SIGTERM, on_stop)
     if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # (not where a shell set Ctrl-C to be ignored)
         signal.signal(signal.SIGINT, on_stop)
-    code = main()
-    for stop in (signal.SIGINT, signal.SIGTERM):  # a stop request while Python exits: ends it, without a traceback
-        if signal.getsignal(stop) is on_stop:
-            signal.signal(stop, signal.SIG_DFL)
+    try:
+        code = main()
+    finally:  # a stop request while Python exits (after a bug's traceback too): ends it, without one of its own
+        for stop in (signal.SIGINT, signal.SIGTERM):
+            if signal.getsignal(stop) is on_stop:
+                signal.signal(stop, signal.SIG_DFL)
     sys.exit(code)
