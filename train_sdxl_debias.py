@@ -1139,7 +1139,7 @@ def read_lora_file(args, unet, text_encoders):
         metadata = f.metadata() or {}
     layers, alphas = {}, {}
     for key, value in tensors.items():
-        stem, part = next(((key[:-len(e)], p) for e, p in LORA_KEY_ENDS if key.endswith(e)), (None, None))
+        stem, part = split_lora_key(key)
         if stem not in layer_names:
             raise UserError(f"{flag}: {key} is no LoRA layer of this SDXL's (LyCORIS, DoRA, or a LoRA of another "
                             "model?): only plain LoRA files of SDXL are read")
@@ -1181,7 +1181,7 @@ def checkpoint_text_targets(checkpoint, unet, text_encoders):
     layer_names, names = lora_layer_names((unet, *text_encoders)), [set(), set(), set()]
     with safe_open(path, "pt") as f:
         for key in f.keys():
-            stem = next((key[:-len(end)] for end, _ in LORA_KEY_ENDS if key.endswith(end)), None)
+            stem, _ = split_lora_key(key)
             if stem in layer_names:
                 names[layer_names[stem][0]].add(layer_names[stem][1])
     return [lora_targets(te, sorted(n)) if n else None for te, n in zip(text_encoders, names[1:])]
@@ -1246,6 +1246,11 @@ LORA_KEY_ENDS = ((".lora_down.weight", "lora_A"), (".lora_up.weight", "lora_B"),
 # Layer names as target lists give them (diffusers' and kohya's defaults, the resnets', CLIP's).
 KNOWN_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2", "conv1",
                  "conv2", "conv_shortcut", "time_emb_proj", "q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")
+
+
+def split_lora_key(key):
+    """A LoRA file's key as (its layer's name in the file, lora_A / lora_B / alpha), or (None, None)."""
+    return next(((key[:-len(end)], part) for end, part in LORA_KEY_ENDS if key.endswith(end)), (None, None))
 
 
 def lora_capable(model):
