@@ -4494,6 +4494,9 @@ def train(args):
             repo_id = create_hub_repo(args)
             write_model_card(args, m, source, plan.describe(), run, repo_id)  # its usage code loads from the Hub now
             push_to_hub(args, repo_id)
+    # Every process leaves the group together, as diffusers' scripts do: process 1 tearing its end down while the
+    # main one still saved aborted once in CI ("terminate called without an active exception", gloo).
+    accelerator.wait_for_everyone()
     accelerator.end_training()
 
 
