@@ -24,6 +24,8 @@ Batches are synthetic. `--with_encoders` chooses what each step encodes, i.e. wh
 Comma lists (`--finetune lora,full --batch_size 1,4 --gradient_checkpointing off,on`) run the cross product.
 Each configuration prints one JSON line: its settings and
   ms_per_step     median of the --steps timed optimizer steps (CUDA events on a GPU, perf_counter on the CPU)
+  ms_steps        each timed step, in order: a slow first step (graphs recorded late) reads differently from a
+                  slow step every N (a sync, the allocator); ms_per_step_wall_mean is their wall-clock mean
   img_per_s       batch size x accumulation / ms_per_step (`--gradient_accumulation_steps N`, passed through to the
                   trainer, makes a step N micro-batches, as the trainer does)
   peak_mem_gib    torch.cuda.max_memory_allocated on a GPU (weights, optimizer state, activations); on the CPU
@@ -512,6 +514,7 @@ def run_config(cfg, opts):
         trainable_params_m=sum(p.numel() for p in trainer.params) / 1e6,
         unet_params_m=sum(p.numel() for p in m.unet.parameters()) / 1e6,
         ms_per_step=ms, ms_per_step_min=min(per_step), ms_per_step_wall_mean=wall_ms,
+        ms_steps=[round(t, 1) for t in per_step],
         img_per_s=cfg["batch_size"] * accum / (ms / 1e3), peak_mem_gib=peak_gib, mem_kind=mem_kind,
         model_mem_gib=model_gib, tflop_per_step=tflop, tflop_per_s=achieved, accumulation=accum,
         mfu=achieved / opts.peak_tflops if opts.peak_tflops else None, warmup_s=warmup_s, setup_s=setup_s,

@@ -48,6 +48,7 @@ def test_every_configuration_prints_a_complete_json_line(cli_run):
         assert r["device"] == "cpu" and r["mfu"] is None and r["mem_kind"].startswith("process_")
         assert (r["size"], r["batch_size"], r["resolution"], r["precision"], r["steps"]) == ("tiny", 1, 64, "fp32", 5)
         assert r["gradient_checkpointing"] is False and r["compile"] is False and r["channels_last"] is False
+        assert len(r["ms_steps"]) == 5 and min(r["ms_steps"]) == pytest.approx(r["ms_per_step_min"], abs=0.1)
         assert r["host_syncs_per_step"] is None  # counted with CUDA's sync debug mode only
         assert r["cudnn_benchmark"] is False and "device_busy" not in r  # kernel time / step time: CUDA only
         prof = r["profile"]  # --profile 1: where the CPU step's time went, by aten op

@@ -654,7 +654,7 @@ def test_max_grad_norm_zero_means_no_clipping(tiny_model, shapes, tmp_path):
         torch.testing.assert_close(weights["0"][key], value, rtol=0, atol=0)
 
 
-def test_gradient_checkpointing_under_compile_recomputes_inside_the_graphs_with_every_scope(tmp_path):
+def test_gradient_checkpointing_under_compile_recomputes_inside_the_graphs_with_every_scope(tmp_path, caplog):
     """CUDA graphs (reduce-overhead) fail when checkpointing, called from outside a compiled region, runs that
     region again in the backward pass to recompute it (an H100 run with diffusers' own checkpointing and
     --compile_scope blocks ended in "graph recording observed an input tensor deallocate", pytorch issue 154306).
@@ -721,6 +721,14 @@ def test_gradient_checkpointing_under_compile_recomputes_inside_the_graphs_with_
                          unet, DDPMScheduler(), "cpu", torch.float32)
     compiled = [n for n, mod in m.unet.named_modules() if getattr(mod, "_compiled_call_impl", None)]
     assert len(compiled) == len([*unet.down_blocks, unet.mid_block, *unet.up_blocks]), compiled
+    for scope, warned in (("transformers", False), ("blocks", True)):  # only the first has run on a GPU
+        with caplog.at_level("WARNING", logger=T.logger.name):
+            caplog.clear()
+            T.prepare_models(T.parse_args(["--dataset", "x", "--compile", "--compile_mode", "reduce-overhead",
+                                           "--gradient_checkpointing", "--compile_scope", scope]), [], [], None,
+                             UNet2DConditionModel(**make_tiny_sdxl.tiny_unet_config()), DDPMScheduler(), "cpu",
+                             torch.float32)
+        assert ("has run on a GPU with --compile_scope transformers only" in caplog.text) == warned, caplog.text
 
     data = ["--train_data_dir", str(tmp_path), "--output_dir", str(tmp_path / "out")]
     for scope in ("blocks", "transformers", "stages"):  # CUDA graphs with checkpointing: any scope
