@@ -26,6 +26,8 @@ Each configuration prints one JSON line: its settings and
   ms_per_step     median of the --steps timed optimizer steps (CUDA events on a GPU, perf_counter on the CPU)
   ms_steps        each timed step, in order: a slow first step (graphs recorded late) reads differently from a
                   slow step every N (a sync, the allocator); ms_per_step_wall_mean is their wall-clock mean
+  gc_ms_steps     the host's garbage-collection pauses in each of those steps (a full collection after a
+                  compile can take a second)
   img_per_s       batch size x accumulation / ms_per_step (`--gradient_accumulation_steps N`, passed through to the
                   trainer, makes a step N micro-batches, as the trainer does)
   peak_mem_gib    torch.cuda.max_memory_allocated on a GPU (weights, optimizer state, activations); on the CPU
@@ -349,26 +351,53 @@ def sync(device):
         torch.cuda.synchronize(device)
 
 
+class GcPauses:
+    """Milliseconds Python's garbage collector paused the host, per step. Compiling leaves hundreds of thousands
+    of objects behind (775 k after compiling the tiny UNet), and one full collection of them then takes 0.3-1 s
+    on this project's CPU: a stall the GPU sees once its queue runs dry."""
+
+    def __init__(self):
+        self.current, self.started = 0.0, None
+
+    def __call__(self, phase, info):
+        if phase == "start":
+            self.started = time.perf_counter()
+        elif self.started is not None:
+            self.current += (time.perf_counter() - self.started) * 1e3
+
+    def take(self):
+        ms, self.current = self.current, 0.0
+        return ms
+
+
 def time_steps(trainer, first, n, device):
-    """Per-step milliseconds of steps first..first+n-1, and the wall-clock mean over all of them. CUDA events
-    time each step on the GPU without a host sync in between (the trainer doesn't sync either)."""
+    """Per-step milliseconds of steps first..first+n-1, the wall-clock mean over all of them, and each step's
+    garbage-collection pauses. CUDA events time each step on the GPU without a host sync in between (the trainer
+    doesn't sync either)."""
+    pauses, gc_ms = GcPauses(), []
+    gc.callbacks.append(pauses)
     sync(device)
     start = time.perf_counter()
-    if device.type == "cuda":
-        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(n)]
-        for k, (begin, end) in enumerate(events):
-            begin.record()
-            trainer.step(first + k)
-            end.record()
-        sync(device)
-        per_step = [begin.elapsed_time(end) for begin, end in events]
-    else:
-        per_step = []
-        for k in range(n):
-            t = time.perf_counter()
-            trainer.step(first + k)
-            per_step.append((time.perf_counter() - t) * 1e3)
-    return per_step, (time.perf_counter() - start) * 1e3 / n
+    try:
+        if device.type == "cuda":
+            events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(n)]
+            for k, (begin, end) in enumerate(events):
+                begin.record()
+                trainer.step(first + k)
+                end.record()
+                gc_ms.append(pauses.take())
+            sync(device)
+            per_step = [begin.elapsed_time(end) for begin, end in events]
+        else:
+            per_step = []
+            for k in range(n):
+                t = time.perf_counter()
+                trainer.step(first + k)
+                per_step.append((time.perf_counter() - t) * 1e3)
+                gc_ms.append(pauses.take())
+    finally:
+        gc.callbacks.remove(pauses)
+    return per_step, (time.perf_counter() - start) * 1e3 / n, gc_ms
 
 
 SYNC_STEPS = 10  # steps run in CUDA's sync debug mode after the timed ones
@@ -493,7 +522,7 @@ def run_config(cfg, opts):
         trainer.step(k)
     sync(device)
     warmup_s = time.perf_counter() - t0
-    per_step, wall_ms = time_steps(trainer, opts.warmup, opts.steps, device)
+    per_step, wall_ms, gc_ms = time_steps(trainer, opts.warmup, opts.steps, device)
     trainer.finish()
     peak_gib = peak_memory(device, mem_kind)
     syncs, sync_sites = count_host_syncs(trainer, opts.warmup + opts.steps, SYNC_STEPS, device)
@@ -514,7 +543,7 @@ def run_config(cfg, opts):
         trainable_params_m=sum(p.numel() for p in trainer.params) / 1e6,
         unet_params_m=sum(p.numel() for p in m.unet.parameters()) / 1e6,
         ms_per_step=ms, ms_per_step_min=min(per_step), ms_per_step_wall_mean=wall_ms,
-        ms_steps=[round(t, 1) for t in per_step],
+        ms_steps=[round(t, 1) for t in per_step], gc_ms_steps=[round(t, 1) for t in gc_ms],
         img_per_s=cfg["batch_size"] * accum / (ms / 1e3), peak_mem_gib=peak_gib, mem_kind=mem_kind,
         model_mem_gib=model_gib, tflop_per_step=tflop, tflop_per_s=achieved, accumulation=accum,
         mfu=achieved / opts.peak_tflops if opts.peak_tflops else None, warmup_s=warmup_s, setup_s=setup_s,

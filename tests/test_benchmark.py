@@ -49,6 +49,7 @@ def test_every_configuration_prints_a_complete_json_line(cli_run):
         assert (r["size"], r["batch_size"], r["resolution"], r["precision"], r["steps"]) == ("tiny", 1, 64, "fp32", 5)
         assert r["gradient_checkpointing"] is False and r["compile"] is False and r["channels_last"] is False
         assert len(r["ms_steps"]) == 5 and min(r["ms_steps"]) == pytest.approx(r["ms_per_step_min"], abs=0.1)
+        assert len(r["gc_ms_steps"]) == 5 and all(0 <= g <= t for g, t in zip(r["gc_ms_steps"], r["ms_steps"]))
         assert r["host_syncs_per_step"] is None  # counted with CUDA's sync debug mode only
         assert r["cudnn_benchmark"] is False and "device_busy" not in r  # kernel time / step time: CUDA only
         prof = r["profile"]  # --profile 1: where the CPU step's time went, by aten op
@@ -69,6 +70,24 @@ def test_out_file_gets_the_same_lines_and_a_table_comes_last(cli_run):
     assert json_rows(out.read_text()) == json_rows(proc.stdout)
     tail = proc.stdout.strip().splitlines()[-5:]
     assert any("ms/step" in line for line in tail) and not tail[-1].startswith("{")
+
+
+def test_garbage_collection_pauses_are_counted_per_step():
+    """A full collection during a timed step shows in that step's gc_ms_steps and nowhere else."""
+    import gc
+
+    import benchmark
+
+    class Trainer:
+        def step(self, k):
+            if k == 1:
+                junk = [[i] for i in range(300_000)]  # something for the collector to walk
+                gc.collect()
+                del junk
+
+    _, _, gc_ms = benchmark.time_steps(Trainer(), 0, 3, torch.device("cpu"))
+    assert gc_ms[1] > 1 and gc_ms[0] < 1 and gc_ms[2] < 1, gc_ms  # (a young-generation pass: ~0.01 ms)
+    assert not any(isinstance(cb, benchmark.GcPauses) for cb in gc.callbacks)
 
 
 def test_comma_lists_make_the_cross_product():
