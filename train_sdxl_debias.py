@@ -3300,10 +3300,19 @@ def flattened_clip(model):
     return type(model).__name__ == "CLIPTextModel" and not hasattr(model, "text_model")
 
 
+# What a LoRA file's metadata keeps of peft's config: what the loaded adapter computes with, in fields every
+# peft since 0.9 knows. diffusers' loader passes the metadata to LoraConfig(**...) as it is, so a field newer than
+# the reader's peft (peft 0.21 writes a dozen) makes the file unloadable there ("LoraConfig class could not be
+# instantiated", peft 0.17). Initialisation, task type and version fields matter only to training.
+ADAPTER_FIELDS = ("r", "lora_alpha", "target_modules", "lora_dropout", "bias", "use_rslora", "use_dora",
+                  "fan_in_fan_out", "rank_pattern", "alpha_pattern")
+
+
 def adapter_config(model):
     """peft's config of the trained adapter, as a LoRA file's metadata records it, with dropout off: that is a
     training setting, and diffusers' loader would keep it on while generating (noisy, unrepeatable images)."""
-    return {**model.peft_config["default"].to_dict(), "lora_dropout": 0.0}
+    config = model.peft_config["default"].to_dict()
+    return {**{k: config[k] for k in ADAPTER_FIELDS if k in config}, "lora_dropout": 0.0}
 
 
 def export_trained(args, folder, unet, text_encoders=(), ema=None, step=None, prediction_type=None):

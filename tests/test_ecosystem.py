@@ -68,6 +68,15 @@ def test_both_lora_formats_load_and_give_the_same_image(te_lora_run, tiny_model)
     assert (meta["modelspec.architecture"], meta["modelspec.prediction_type"]) == ("stable-diffusion-xl-v1-base/lora",
                                                                                   "epsilon")
 
+    # diffusers hands this metadata to LoraConfig(**...) as it is: a field an older peft lacks (peft 0.21 writes
+    # a dozen that 0.17 refuses) would make the file unloadable there. Every field kept is one peft 0.9 has.
+    with safe_open(os.path.join(out, "pytorch_lora_weights.safetensors"), "pt") as f:
+        adapters = json.loads(f.metadata()["lora_adapter_metadata"])
+    assert {k.split(".", 1)[1] for k in adapters} <= {"r", "lora_alpha", "target_modules", "lora_dropout", "bias",
+                                                      "use_rslora", "use_dora", "fan_in_fan_out", "rank_pattern",
+                                                      "alpha_pattern"}, adapters
+    assert (adapters["unet.r"], adapters["unet.lora_alpha"], adapters["text_encoder_2.lora_dropout"]) == (4, 2, 0)
+
     pipe = StableDiffusionXLPipeline.from_pretrained(tiny_model)
     base = generate(pipe)
     pipe.load_lora_weights(out, weight_name="pytorch_lora_weights.safetensors")
