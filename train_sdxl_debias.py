@@ -3844,7 +3844,14 @@ def write_model_card(args, m, source, data, run, repo_id=None):
     prediction = m.noise_scheduler.config.prediction_type
     config = f", config={args.single_file_config!r}" if args.single_file_config else ""
     load_base = (f"from_single_file({base!r}{config}, " if os.path.isfile(base) else f"from_pretrained({base!r}, ")
-    usage = (f'pipe = StableDiffusionXLPipeline.{load_base}torch_dtype=torch.float16).to("cuda")\n'
+    vae = args.pretrained_vae_model_name_or_path  # trained and validated with it; a full output folder holds it
+    load_vae = ""
+    if lora and vae:
+        vae_config = (args.single_file_config or SDXL_BASE) if os.path.isfile(base) else base  # as load_vae() reads it
+        load_vae = ("vae = AutoencoderKL." + (f"from_single_file({vae!r}, config={vae_config!r}, subfolder='vae', "
+                    if os.path.isfile(vae) else f"from_pretrained({vae!r}, ") + "torch_dtype=torch.float16)\n")
+        load_base += "vae=vae, "
+    usage = (f'{load_vae}pipe = StableDiffusionXLPipeline.{load_base}torch_dtype=torch.float16).to("cuda")\n'
              f'pipe.load_lora_weights({where!r}, weight_name="pytorch_lora_weights.safetensors")' if lora else
              f'pipe = StableDiffusionXLPipeline.from_pretrained({where!r}, '
              'torch_dtype=torch.float16).to("cuda")')
@@ -3877,8 +3884,9 @@ def write_model_card(args, m, source, data, run, repo_id=None):
         + (", weights normalised to mean 1" if args.normalize_loss_weights else "") + ".", "",
         "| setting | value |", "|---|---|",
         *[f"| {k} | {v} |" for k, v in {**run, **card_settings(args, run["processes"])}.items()],
-        "", "## Use it", "", "```python", "import torch", "from diffusers import StableDiffusionXLPipeline",
-        usage, f'image = pipe({prompt!r}).images[0]', "```", ""]
+        *(["", f"VAE used for training: `{vae}`."] if vae else []),
+        "", "## Use it", "", "```python", "import torch",
+        f"from diffusers import {'AutoencoderKL, ' if load_vae else ''}StableDiffusionXLPipeline", usage, f'image = pipe({prompt!r}).images[0]', "```", ""]
     if lora and not args.use_dora:
         lines += [f"`{kohya_name(args.output_dir)}` is the same LoRA in kohya's format (kohya's sd-scripts, "
                   "A1111/Forge, ComfyUI).", ""]
@@ -3891,8 +3899,9 @@ def write_model_card(args, m, source, data, run, repo_id=None):
         lines += [f"Sample it as `{prediction}`: in ComfyUI with a ModelSamplingDiscrete node set to "
                   f"`{ {'sample': 'x0'}.get(prediction, prediction)}`; the WebUIs use the base checkpoint's setting.", ""]
     if samples:
-        lines += ["## Validation images", "", f"Prompts: {' | '.join(args.validation_prompt)}; first grid: the base "
-                  "model before training.", ""] + [f"![{s}](samples/{s})" for s in samples] + [""]
+        start = f"the LoRA of `{args.network_weights}`" if args.network_weights else "the base model"
+        lines += ["## Validation images", "", f"Prompts: {' | '.join(args.validation_prompt)}; first grid: {start} "
+                  "before training.", ""] + [f"![{s}](samples/{s})" for s in samples] + [""]
     with open(os.path.join(args.output_dir, "README.md"), "w") as f:
         f.write("\n".join(lines))
 
@@ -3901,8 +3910,8 @@ def card_settings(args, processes):
     """The flags a reader needs to repeat the run, as trained: the learning rate --scale_lr gave, LoRA's shape."""
     keys = ("resolution", "train_batch_size", "gradient_accumulation_steps", "learning_rate", "lr_scheduler",
             "aspect_ratio_bucketing", "train_text_encoder", "use_ema", "noise_offset", "seed")
-    keys += ("rank", "lora_alpha", "lora_target_modules") * (args.finetune == "lora")
-    settings = {k: getattr(args, k) for k in keys}
+    keys += ("rank", "lora_alpha", "lora_target_modules", "network_weights") * (args.finetune == "lora")
+    settings = {k: getattr(args, k) for k in keys if k != "network_weights" or args.network_weights}
     if args.scale_lr:
         scale = lr_scale(args, processes)
         settings["learning_rate"] = f"{args.learning_rate:g} × {scale} (--scale_lr) = {args.learning_rate * scale:g}"

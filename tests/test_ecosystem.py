@@ -2,6 +2,7 @@
 grids, text-encoder LoRA, EMA, optimizers, timestep range and --config."""
 import json
 import os
+import re
 import shutil
 
 import diffusers
@@ -137,8 +138,12 @@ def test_a_run_starts_from_a_lora_file_of_either_format(te_lora_run, tiny_model,
     again = str(tmp_path / "again")
     proc = run_trainer("--pretrained_model_name_or_path", tiny_model, "--dataset", shapes, "--output_dir", again,
                        "--resolution", "64", "--train_batch_size", "2", "--max_train_steps", "1", "--learning_rate",
-                       "0", "--train_text_encoder", "--network_weights", os.path.join(out, "my-lora.safetensors"))
+                       "0", "--train_text_encoder", "--network_weights", os.path.join(out, "my-lora.safetensors"),
+                       "--validation_prompt", "a red circle", "--validation_inference_steps", "2")
     assert "starting from the LoRA of" in proc.stderr and "rank 4, alpha 2" in proc.stderr
+    card = open(os.path.join(again, "README.md")).read()  # its step-0 grid shows that LoRA, not the base model
+    start = os.path.join(out, "my-lora.safetensors")
+    assert f"first grid: the LoRA of `{start}` before training" in card and f"| network_weights | {start} |" in card
     resaved = load_file(os.path.join(again, "pytorch_lora_weights.safetensors"))
     assert resaved.keys() == saved.keys() and all(torch.equal(resaved[k], v) for k, v in saved.items())
     for extra, needle in ((["--rank", "8", "--train_text_encoder"], "--rank 8: --network_weights"),
@@ -411,6 +416,13 @@ def test_a_checkpoint_file_trains_the_same_lora_as_its_diffusers_folder(tiny_mod
     assert any(v.abs().sum() > 0 for k, v in trained["file"].items() if "lora_B" in k)  # it did train
     card = open(os.path.join(tmp_path, "file", "README.md")).read()
     assert f"from_single_file({os.path.join(model_files, 'tiny.safetensors')!r}, config={tiny_model!r}" in card
+    # The card of the run with its own VAE names it and loads it (the usage code run here, on the CPU).
+    card = open(os.path.join(tmp_path, "vae_file", "README.md")).read()
+    assert f"VAE used for training: `{os.path.join(model_files, 'vae.safetensors')}`" in card
+    usage = re.search(r"```python\n(.*?)```", card, re.S).group(1)
+    namespace = {}
+    exec(usage.replace("torch.float16", "torch.float32").replace('.to("cuda")', "").split("image = ")[0], namespace)
+    assert namespace["pipe"].vae is namespace["vae"] and namespace["pipe"].get_list_adapters()
     # The configs and tokenizers shape what the file's encoders output: another config, other cache entries.
     other = str(tmp_path / "other-config")
     shutil.copytree(tiny_model, other)
