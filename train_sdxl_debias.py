@@ -3886,7 +3886,8 @@ def write_model_card(args, m, source, data, run, repo_id=None):
         *[f"| {k} | {v} |" for k, v in {**run, **card_settings(args, run["processes"])}.items()],
         *(["", f"VAE used for training: `{vae}`."] if vae else []),
         "", "## Use it", "", "```python", "import torch",
-        f"from diffusers import {'AutoencoderKL, ' if load_vae else ''}StableDiffusionXLPipeline", usage, f'image = pipe({prompt!r}).images[0]', "```", ""]
+        f"from diffusers import {'AutoencoderKL, ' if load_vae else ''}StableDiffusionXLPipeline", usage,
+        f'image = pipe({prompt!r}).images[0]', "```", ""]
     if lora and not args.use_dora:
         lines += [f"`{kohya_name(args.output_dir)}` is the same LoRA in kohya's format (kohya's sd-scripts, "
                   "A1111/Forge, ComfyUI).", ""]
@@ -4434,6 +4435,7 @@ def train(args):
     if args.cache_latents or caches_text(args):
         build_caches(args, m, table, plan, accelerator)
     loader = make_loader(args, table, plan, sampler, accelerator)
+    DataReport().check_batch(collate([loader.dataset[(0, 0)]]))  # every image unreadable: said before a removal
     world, rank, accum = accelerator.num_processes, accelerator.process_index, args.gradient_accumulation_steps
     steps_per_epoch = len(sampler) // accum
     max_steps = args.max_train_steps or args.num_train_epochs * steps_per_epoch

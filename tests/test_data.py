@@ -427,13 +427,19 @@ def test_a_bucket_of_bad_files_decodes_each_once(tmp_path, monkeypatch):
 
 
 def test_every_image_unreadable_is_a_clear_error(tiny_model, tmp_path):
-    """Files that are not images fail the header scan; truncated JPEGs pass it and fail only when decoded, in the
-    first batch: the error comes before that step counts."""
+    """Files that are not images fail the header scan; truncated JPEGs pass it and fail only when decoded: the
+    error comes before a step counts, and before --overwrite_output_dir removes the previous run's results."""
     buf = io.BytesIO()
     Image.fromarray(np.random.RandomState(0).randint(0, 255, (64, 64, 3), dtype=np.uint8)).save(buf, "JPEG")
+    previous = ["pytorch_lora_weights.safetensors", "README.md", "metrics.jsonl", "checkpoint-3/trainer_state.json"]
+    for name in previous:
+        os.makedirs(os.path.dirname(tmp_path / "out" / name), exist_ok=True)
+        (tmp_path / "out" / name).write_text("{}")
+    truncated = buf.getvalue()[: len(buf.getvalue()) // 2]
     for kind, content, extra, message in (("garbage", b"garbage", [], "none of the 3 images could be read"),
-                                          ("truncated", buf.getvalue()[: len(buf.getvalue()) // 2],
-                                           ["--aspect_ratio_bucketing"], "every image failed to load")):
+                                          ("truncated", truncated, ["--aspect_ratio_bucketing"],
+                                           "every image failed to load"),
+                                          ("truncated", truncated, ["--cache_latents"], "every image failed to load")):
         folder = str(tmp_path / kind)
         for i in range(3):
             os.makedirs(folder, exist_ok=True)
@@ -443,13 +449,14 @@ def test_every_image_unreadable_is_a_clear_error(tiny_model, tmp_path):
                 f.write("a caption")
         proc = run_trainer("--pretrained_model_name_or_path", tiny_model, "--train_data_dir", folder,
                            "--output_dir", str(tmp_path / "out"), "--resolution", "64", "--checkpointing_steps",
-                           "1", *extra, check=False)
+                           "1", "--overwrite_output_dir", *extra, check=False)
         assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
         assert proc.stderr.strip().splitlines()[-1].startswith("error: " + message)
         assert "0.jpg" in proc.stderr.strip().splitlines()[-1]
-        # No step was counted: no checkpoint that a rerun with mended images would resume as "finished".
-        assert not os.path.exists(tmp_path / "out") or not any(n.startswith("checkpoint-")
-                                                               for n in os.listdir(tmp_path / "out"))
+        # No step was counted (no checkpoint that a rerun with mended images would resume as "finished"), and
+        # the previous run's results are all still there.
+        assert sorted(n for n in os.listdir(tmp_path / "out") if n.startswith("checkpoint-")) == ["checkpoint-3"]
+        assert all((tmp_path / "out" / name).read_text() == "{}" for name in previous), kind
 
 
 def test_cache_gives_the_same_loss_and_is_reused(tiny_model, shapes, tmp_path):
