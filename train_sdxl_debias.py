@@ -1513,6 +1513,15 @@ def load_table(args):
         import pyarrow.compute as pc  # floats: "3" trains, as typed, not "3.0" (arrow's cast; images untouched)
         texts = pc.cast(table.with_format("arrow")["text"], "string")
         table = replace_column(table, "text", texts, datasets.Value("string"), "captions as text")
+    if getattr(table.features["text"], "dtype", "") in ("binary", "large_binary"):  # WebDataset's .caption members:
+        import pyarrow as pa  # datasets decodes .txt as text, other extensions not
+        import pyarrow.compute as pc
+        try:
+            texts = pc.cast(table.with_format("arrow")["text"], "string")
+        except pa.ArrowInvalid:
+            raise UserError(f"caption column {caption_col!r} of dataset {source!r} holds bytes that are not UTF-8 "
+                            "text: pass --caption_column naming a text column, or save the captions as UTF-8") from None
+        table = replace_column(table, "text", texts, datasets.Value("string"), "captions decoded")
     if len(table) == 0:
         raise UserError(f"dataset {source!r} has no rows")
     table = table.add_column("row", np.arange(len(table)))  # the dataset's row, for messages after subsets
@@ -1720,12 +1729,16 @@ def check_captions(table, source, column):
     if getattr(inner, "dtype", None) == "bool":
         raise UserError(f"caption column {column!r} of dataset {source!r} holds true/false values, not text: pass "
                         "--caption_column naming a text column")
-    if isinstance(kind, dict) or isinstance(inner, dict) or getattr(inner, "dtype", "string") in ("binary",
-                                                                                               "large_binary"):
-        example = next((c for c in table.select(range(min(len(table), 8)))["text"] if c), None)
+    captions = list(table["text"])
+    # (A JSON column of text in some rows and records in others is datasets 5's Json feature: by value.)
+    record = next((c for c in captions if isinstance(c, dict) or isinstance(c, (list, tuple)) and
+                   any(isinstance(x, dict) for x in c)), None)
+    if record is not None or isinstance(kind, dict) or isinstance(inner, dict) or \
+            getattr(inner, "dtype", "string") in ("binary", "large_binary"):
+        example = record if record is not None else next((c for c in captions[:8] if c), None)
         raise UserError(f"caption column {column!r} of dataset {source!r} holds records, not text (e.g. "
                         f"{str(example)[:80]!r}): pass --caption_column naming a text column, or flatten it into one")
-    empty = [i for i, c in enumerate(table["text"]) if blank(c)]
+    empty = [i for i, c in enumerate(captions) if blank(c)]
     if len(empty) == len(table):
         raise UserError(f"every caption in column {column!r} of dataset {source!r} is empty: check --caption_column "
                         "and the captions")

@@ -946,6 +946,11 @@ def test_captions_missing_in_metadata_are_counted_and_all_missing_is_an_error(tm
                                                          + "\n" for i in range(4)))
         with pytest.raises(T.UserError, match="caption column 'text' .* holds records, not text .*'a cat'"):
             T.load_table(T.parse_args(["--dataset", str(tmp_path)]))
+        # In some rows only, beside text: datasets 5 reads the column as Json, and each row keeps its type.
+        rows = [{"image": f"{i}.png", "text": "a dog" if i else records} for i in range(4)]
+        (tmp_path / "mixed.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        with pytest.raises(T.UserError, match="caption column 'text' .* holds records, not text .*'a cat'"):
+            T.load_table(T.parse_args(["--dataset", str(tmp_path / "mixed.jsonl")]))
 
 
 def test_a_metadata_csv_from_a_spreadsheet_loads_or_says_what_to_fix(tmp_path, caplog):
@@ -1165,6 +1170,16 @@ def test_more_dataset_shapes_load_or_say_what_they_are(tmp_path, caplog):
             tar.addfile(info, io.BytesIO(payload))
     assert list(load(tmp_path / "wds")["text"]) == ["a shard's caption"]
     assert list(load(tmp_path / "wds" / "shard-000000.tar")["text"]) == ["a shard's caption"]
+    (tmp_path / "wds-caption").mkdir()  # .caption members: bytes to datasets (it decodes .txt only), read as text
+    for name, caption in (("utf8", "ein Quadrat, gr\u00fcn".encode()), ("latin1", "gr\u00fcn".encode("latin-1"))):
+        with tarfile.open(tmp_path / "wds-caption" / f"{name}.tar", "w") as tar:
+            for member, payload in (("000.png", png.getvalue()), ("000.caption", caption)):
+                info = tarfile.TarInfo(member)
+                info.size = len(payload)
+                tar.addfile(info, io.BytesIO(payload))
+    assert list(load(tmp_path / "wds-caption" / "utf8.tar")["text"]) == ["ein Quadrat, gr\u00fcn"]
+    with pytest.raises(T.UserError, match="caption column 'caption' .* holds bytes that are not UTF-8 text"):
+        load(tmp_path / "wds-caption" / "latin1.tar")
     os.rename(tmp_path / "wds" / "shard-000000.tar", tmp_path / "wds" / "00000.tar")  # img2dataset's layout: the
     datasets.Dataset.from_dict({"url": ["http://x/0.png"], "caption": ["from the web"], "key": ["000"],  # parquet
                                 "status": ["success"]}).to_parquet(str(tmp_path / "wds" / "00000.parquet"))  # lists
