@@ -417,8 +417,8 @@ def read_config(path, parser):
 def config_value(action, value, path):
     """A config file's value, checked as argparse checks the command line (defaults bypass its checks)."""
     name = f"--config {path!r}: {action.option_strings[0]}"
-    if value is None:  # `learning_rate:` left empty in YAML, or null in JSON (our train_config.json): the default
-        return action.default
+    if value is None or value == "":  # `learning_rate:` left empty in YAML, null in JSON (our train_config.json),
+        return action.default  # "" in TOML, which has no null (the kohya_ss GUI writes "" for a field left blank)
     if action.nargs == 0:  # store_true / store_const flags: a YAML/JSON boolean
         if not isinstance(value, bool):
             raise UserError(f"{name} must be true or false, not {value!r}")

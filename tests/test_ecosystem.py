@@ -309,6 +309,10 @@ def test_config_files_as_people_write_them(tmp_path):
                                        'learning_rate = 2e-4\ndataset = "x"\n')
     args = T.parse_args(["--config", str(tmp_path / "run.toml")])
     assert (args.pretrained_model_name_or_path, args.rank, args.learning_rate) == ("m", 8, 2e-4)
+    (tmp_path / "blank.toml").write_text('dataset = "x"\ncaption_extension = ""\nmixed_precision = ""\n'
+                                         'seed = ""\nvariant = ""\n')  # TOML has no null: "" is a field left blank
+    args = T.parse_args(["--config", str(tmp_path / "blank.toml")])
+    assert (args.caption_extension, args.mixed_precision, args.seed, args.variant) == (None, None, 0, None)
     (tmp_path / "kohya.toml").write_text("[training_arguments]\nnetwork_dim = 8\nflip_aug = true\n")
     with pytest.raises(T.UserError, match=r"unknown keys: network_dim \(use --rank\), flip_aug \(use --random_flip"):
         T.parse_args(["--config", str(tmp_path / "kohya.toml")])
