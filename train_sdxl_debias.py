@@ -1489,7 +1489,8 @@ def load_table(args):
         caption_col = pick_column(table.column_names, args.caption_column, CAPTION_COLUMNS, "caption")
     except UserError as e:  # images beside a captions.csv that datasets does not know to read as metadata
         tables = [f for f in (list_files(source) if os.path.isdir(source) else [])  # (not metadata.*: read)
-                  if os.path.splitext(f)[1].lower() in (".csv", ".jsonl") and os.path.basename(f) not in METADATA_FILES]
+                  if os.path.splitext(f)[1].lower() in (".csv", ".jsonl", ".parquet")
+                  and os.path.basename(f) not in METADATA_FILES]
         if not tables or args.caption_column:
             raise
         raise UserError(f"{e}. If {tables[0]!r} holds the captions: pass it as --dataset (its image paths relative "
@@ -1801,13 +1802,17 @@ def load_folder(source, args):
             raise UserError(f"dataset folder {source!r}: datasets cannot read a downloaded dataset in a folder "
                             "whose path has [ ] or * in it: rename the folder")
         named = split_named_files(source, files) if config is None else {}
+        here = os.path.abspath(source)  # (datasets takes "." for no path: "dataset_name should be specified")
         if named.get(None) and "train" not in named and len(named) > 1:  # datasets would train on the val file
             train, rest = named.pop(None), sorted(f for fs in named.values() for f in fs)
             logger.warning("dataset %s: training on %s; %s held out (the name says a split)", source,
                            ", ".join(train), ", ".join(rest))
-            return guarded_load(source, datasets.load_dataset, source, cache_dir=cache_dir,
+            return guarded_load(source, datasets.load_dataset, here, cache_dir=cache_dir,
                                 data_files={"train": [glob.escape(f) for f in train]})
-        return guarded_load(source, datasets.load_dataset, source, config, cache_dir=cache_dir)
+        if train := named.get("train") or named.get(None):  # what datasets would read, named, so that it does not
+            return guarded_load(source, datasets.load_dataset, here, cache_dir=cache_dir,  # also read an output
+                                data_files={"train": [glob.escape(f) for f in train]})  # folder inside this one
+        return guarded_load(source, datasets.load_dataset, here, config, cache_dir=cache_dir)
     if not images:
         archives = [f for f in files if f.lower().endswith((".zip", ".tar.gz", ".tgz", ".7z", ".rar"))]
         raise UserError(f"dataset folder {source!r} has no images (looked for {', '.join(IMAGE_EXTS)}) and no data "
@@ -1866,6 +1871,9 @@ def split_named_files(source, files):
     if others and named and not unsplit and "train" not in named:  # datasets would train on the val file alone
         raise UserError(f"dataset {source!r}: {others[0]!r} says no split and {next(iter(named.values()))[0]!r} a "
                         "held-out one, in another format: pass the file to train on as --dataset")
+    if others and not named and not any(os.path.splitext(f)[1].lower() in IMAGE_EXTS for f in files):
+        common = collections.Counter(map(kind, others)).most_common(1)[0][0]  # (datasets: the commonest format)
+        return {None: [f for f in others if kind(f) == common]}
     return {**named, None: unsplit} if unsplit else named
 
 

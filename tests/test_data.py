@@ -1029,6 +1029,11 @@ def test_a_metadata_csv_from_a_spreadsheet_loads_or_says_what_to_fix(tmp_path, c
         Image.new("RGB", (32, 32)).save(tmp_path / name)
     with pytest.raises(T.UserError, match="If '.*captions.csv' holds the captions: pass it as --dataset"):
         T.load_table(T.parse_args(["--dataset", str(tmp_path)]))
+    datasets.Dataset.from_csv(str(tmp_path / "captions.csv")).to_parquet(str(tmp_path / "captions.parquet"))
+    os.remove(tmp_path / "captions.csv")
+    with pytest.raises(T.UserError, match="If '.*captions.parquet' holds the captions: pass it as --dataset"):
+        T.load_table(T.parse_args(["--dataset", str(tmp_path)]))
+    assert T.load_table(T.parse_args(["--dataset", str(tmp_path / "captions.parquet")]))[0]["text"] == ["un café crème"]
 
 
 def test_caption_encodings_hidden_files_and_odd_names(tmp_path, caplog):
@@ -1072,6 +1077,18 @@ def test_relative_paths_in_a_data_folder_and_images_stored_in_rows(tmp_path, cap
     monkeypatch.chdir(tmp_path)
     table, _ = T.load_table(T.parse_args(["--dataset", str(folder)]))
     assert table[0]["image"]["bytes"] is None and T.decode_image(table[0]["image"])[1] == (40, 32)
+    # An earlier run's output folder inside it (its train_config.json is JSON, which datasets would read as a
+    # second data file), and the folder given as "." from inside it.
+    flat = tmp_path / "flat"
+    (flat / "out").mkdir(parents=True)
+    png = io.BytesIO()
+    Image.new("RGB", (40, 32), "blue").save(png, format="PNG")
+    datasets.Dataset.from_dict({"image": [png.getvalue()], "text": ["blue"]}).to_parquet(str(flat / "colors.parquet"))
+    (flat / "out" / "train_config.json").write_text(json.dumps({"pretrained_model_name_or_path": "x", "rank": 4}))
+    monkeypatch.chdir(flat)
+    for source in (str(flat), ".", "./"):
+        table, _ = T.load_table(T.parse_args(["--dataset", source, "--output_dir", str(tmp_path / "elsewhere")]))
+        assert table["text"] == ["blue"] and T.decode_image(table[0]["image"])[1] == (40, 32), source
     monkeypatch.chdir(tmp_path)  # a save_to_disk folder whose paths are relative to where it was made
     (tmp_path / "imgs").mkdir()
     Image.new("RGB", (24, 32)).save(tmp_path / "imgs" / "a.png")
