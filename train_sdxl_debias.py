@@ -808,6 +808,12 @@ def check_base_folder(folder):
     if os.path.isfile(os.path.join(folder, "model_index.json")):
         check_pipeline_class(folder, flag)
     elif not os.path.isfile(os.path.join(folder, "unet", "config.json")):
+        parent = os.path.dirname(os.path.normpath(os.path.abspath(folder)))
+        if os.path.isfile(os.path.join(folder, "config.json")) and (
+                os.path.isfile(os.path.join(parent, "model_index.json")) or
+                os.path.isfile(os.path.join(parent, "unet", "config.json"))):  # its weights file is refused too
+            raise UserError(f"{flag} {folder!r} is one part of a diffusers pipeline: pass the pipeline folder "
+                            f"{parent!r}")
         files = sorted(f for f in os.listdir(folder) if f.lower().endswith(SINGLE_FILE_EXTS))
         raise UserError(f"{flag} {folder!r} is not a diffusers pipeline folder (no model_index.json, no unet/)" +
                         (f": to train from the checkpoint file in it, pass {flag} {os.path.join(folder, files[0])!r}"

@@ -258,6 +258,8 @@ USER_ERRORS = {
                   "'/nonexistent/model' does not exist"),
     "model_is_the_data_folder": (["--dataset", "{shapes}", "--pretrained_model_name_or_path", "{shapes}"],
                                  "is not a diffusers pipeline folder (no model_index.json, no unet/)"),
+    "model_is_a_pipeline_part": (["--dataset", "{shapes}", "--pretrained_model_name_or_path", "{tiny_model}/unet/"],
+                                 "is one part of a diffusers pipeline: pass the pipeline folder"),
     "model_is_an_sd15_folder": (["--dataset", "{shapes}", "--pretrained_model_name_or_path", "{files}/sd15-pipeline"],
                                 "is a StableDiffusionPipeline folder; pass an SDXL one"),
     "model_is_a_folder_of_checkpoint_files": (["--dataset", "{shapes}", "--pretrained_model_name_or_path", "{files}"],
