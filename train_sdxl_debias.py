@@ -1494,13 +1494,14 @@ def load_table(args):
     try:
         caption_col = pick_column(table.column_names, args.caption_column, CAPTION_COLUMNS, "caption")
     except UserError as e:  # images beside a captions.csv that datasets does not know to read as metadata
-        tables = [f for f in (list_files(source) if os.path.isdir(source) else [])  # (not metadata.*: read)
-                  if os.path.splitext(f)[1].lower() in (".csv", ".jsonl", ".parquet")
-                  and os.path.basename(f) not in METADATA_FILES]
-        if not tables or args.caption_column:
+        files = list_files(source) if os.path.isdir(source) else []
+        tables = [f for f in files if os.path.splitext(f)[1].lower() in (".csv", ".jsonl", ".parquet")
+                  and os.path.basename(f) not in METADATA_FILES]  # (metadata.* are read)
+        if not tables or args.caption_column or not any(os.path.splitext(f)[1].lower() in IMAGE_EXTS for f in files):
             raise
         raise UserError(f"{e}. If {tables[0]!r} holds the captions: pass it as --dataset (its image paths relative "
-                        "to it), or rename it metadata.csv/.jsonl with a file_name column") from None
+                        f"to it), or rename it metadata{os.path.splitext(tables[0])[1].lower()} with a file_name "
+                        "column") from None
     if image_col == caption_col:
         raise UserError(f"--image_column and --caption_column are both {image_col!r}: name two different columns "
                         f"(the dataset has: {', '.join(table.column_names)})")
@@ -1815,9 +1816,11 @@ def load_folder(source, args):
                            ", ".join(train), ", ".join(rest))
             return guarded_load(source, datasets.load_dataset, here, cache_dir=cache_dir,
                                 data_files={"train": [glob.escape(f) for f in train]})
-        if train := named.get("train") or named.get(None):  # what datasets would read, named, so that it does not
-            return guarded_load(source, datasets.load_dataset, here, cache_dir=cache_dir,  # also read an output
-                                data_files={"train": [glob.escape(f) for f in train]})  # folder inside this one
+        if config is None and not readme_configs(source) and (outputs := output_folders(source, output_dir)):
+            # datasets would read their files as data: train_config.json even as the "train" split, by its name
+            raise UserError(f"dataset folder {source!r} holds an output folder of this trainer, {outputs[0]!r}, "
+                            "whose files datasets would read as data: move it out of the dataset folder (and keep "
+                            "--output_dir outside it)")
         return guarded_load(source, datasets.load_dataset, here, config, cache_dir=cache_dir)
     if not images:
         archives = [f for f in files if f.lower().endswith((".zip", ".tar.gz", ".tgz", ".7z", ".rar"))]
@@ -1853,15 +1856,27 @@ SPLIT_WORD = re.compile(r"(?:^|[-._ 0-9/])(train|training|validation|valid|val|d
                         r"(?:[-._ 0-9/]|$)")
 
 
+def readme_configs(source):
+    """Whether a downloaded dataset's README defines its configurations (datasets then reads the files they name)."""
+    with suppress(OSError):
+        with open(os.path.join(source, "README.md"), encoding="utf-8", errors="replace") as f:
+            return "configs:" in f.read().split("\n---", 1)[0]
+    return False
+
+
+def output_folders(source, output_dir):
+    """This run's output folder, if inside `source`, and earlier runs' (with their train_config.json) below it."""
+    found = [output_dir] if output_dir and inside(output_dir, source) else []
+    return found + [root for root, _, names in os.walk(source) if "train_config.json" in names and
+                    os.path.realpath(root) != os.path.realpath(source)]
+
+
 def split_named_files(source, files):
     """A downloaded dataset's data files by the split their path names, as datasets reads it (None: no split
     word), when its README defines no configs (then datasets follows those). Only files of the split files'
     format count, never datasets' own dataset_info(s).json or config.json; one of another format is refused."""
-    readme = os.path.join(source, "README.md")
-    with suppress(OSError):
-        with open(readme, encoding="utf-8", errors="replace") as f:
-            if "configs:" in f.read().split("\n---", 1)[0]:
-                return {}
+    if readme_configs(source):
+        return {}
     from datasets.data_files import FILES_TO_IGNORE  # (config.json, dataset_infos.json, …: datasets' own)
 
     not_data = {*FILES_TO_IGNORE, "state.json"}
@@ -1877,9 +1892,6 @@ def split_named_files(source, files):
     if others and named and not unsplit and "train" not in named:  # datasets would train on the val file alone
         raise UserError(f"dataset {source!r}: {others[0]!r} says no split and {next(iter(named.values()))[0]!r} a "
                         "held-out one, in another format: pass the file to train on as --dataset")
-    if others and not named and not any(os.path.splitext(f)[1].lower() in IMAGE_EXTS for f in files):
-        common = collections.Counter(map(kind, others)).most_common(1)[0][0]  # (datasets: the commonest format)
-        return {None: [f for f in others if kind(f) == common]}
     return {**named, None: unsplit} if unsplit else named
 
 

@@ -1087,8 +1087,23 @@ def test_relative_paths_in_a_data_folder_and_images_stored_in_rows(tmp_path, cap
     (flat / "out" / "train_config.json").write_text(json.dumps({"pretrained_model_name_or_path": "x", "rank": 4}))
     monkeypatch.chdir(flat)
     for source in (str(flat), ".", "./"):
+        with pytest.raises(T.UserError, match="holds an output folder of this trainer, '.*out', whose files "
+                                              "datasets would read as data: move it out"):
+            T.load_table(T.parse_args(["--dataset", source, "--output_dir", str(tmp_path / "elsewhere")]))
+    shutil.move(flat / "out", tmp_path / "out")
+    for source in (str(flat), ".", "./"):
         table, _ = T.load_table(T.parse_args(["--dataset", source, "--output_dir", str(tmp_path / "elsewhere")]))
         assert table["text"] == ["blue"] and T.decode_image(table[0]["image"])[1] == (40, 32), source
+    with pytest.raises(T.UserError, match="holds an output folder of this trainer"):  # this run's, before it writes
+        T.load_table(T.parse_args(["--dataset", ".", "--output_dir", "out"]))
+    # A Hub download's shards with a caption column of another name: told to name it, not to train on one shard.
+    (tmp_path / "hub" / "data").mkdir(parents=True)
+    for n in range(2):
+        datasets.Dataset.from_dict({"image": [png.getvalue()], "long_description": ["blue"]}).to_parquet(
+            str(tmp_path / "hub" / "data" / f"train-0000{n}-of-00002.parquet"))
+    with pytest.raises(T.UserError, match="no caption column found among: image, long_description; name it with "
+                                          "--caption_column$"):
+        T.load_table(T.parse_args(["--dataset", str(tmp_path / "hub")]))
     monkeypatch.chdir(tmp_path)  # a save_to_disk folder whose paths are relative to where it was made
     (tmp_path / "imgs").mkdir()
     Image.new("RGB", (24, 32)).save(tmp_path / "imgs" / "a.png")
