@@ -481,7 +481,8 @@ def check_places(args):
     if args.dataset and args.train_data_dir:
         raise UserError("pass either --dataset or --train_data_dir, not both")
     if args.train_data_dir and not os.path.isdir(args.train_data_dir):
-        raise UserError(f"--train_data_dir {args.train_data_dir!r} is not a folder")
+        raise UserError(f"--train_data_dir {args.train_data_dir!r} is not a folder" + (
+            ": pass a data file as --dataset" if os.path.isfile(args.train_data_dir) else ""))
     data = args.train_data_dir or args.dataset
     if os.path.isdir(data) and os.path.realpath(data) == os.path.realpath(args.output_dir):
         raise UserError(f"--output_dir {args.output_dir!r} is the dataset folder: pass another, beside it (the "

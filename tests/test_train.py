@@ -249,6 +249,8 @@ def test_txt_caption_folder_trains(tiny_model, tmp_path):
 USER_ERRORS = {
     "no_data": ([], "no training data"),
     "missing_dir": (["--train_data_dir", "/nonexistent/images"], "/nonexistent/images"),
+    "data_file_as_a_folder": (["--train_data_dir", "{shapes}/train/metadata.jsonl"],
+                              "metadata.jsonl' is not a folder: pass a data file as --dataset"),
     "unknown_hub_dataset": (["--dataset", "nobody-xyz/no-such-dataset"], "nobody-xyz/no-such-dataset"),
     "missing_column": (["--dataset", "{shapes}", "--caption_column", "prompt"], "its columns are: image, text"),
     "full_with_rank": (["--dataset", "{shapes}", "--finetune", "full", "--rank", "8"], "--rank"),
