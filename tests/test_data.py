@@ -1077,8 +1077,8 @@ def test_relative_paths_in_a_data_folder_and_images_stored_in_rows(tmp_path, cap
     monkeypatch.chdir(tmp_path)
     table, _ = T.load_table(T.parse_args(["--dataset", str(folder)]))
     assert table[0]["image"]["bytes"] is None and T.decode_image(table[0]["image"])[1] == (40, 32)
-    # An earlier run's output folder inside it (its train_config.json is JSON, which datasets would read as a
-    # second data file), and the folder given as "." from inside it.
+    # An earlier run's output folder inside a folder of data files: datasets would read its train_config.json as
+    # data (as the "train" split, by its name), so it is refused until moved out. The folder given as "." too.
     flat = tmp_path / "flat"
     (flat / "out").mkdir(parents=True)
     png = io.BytesIO()
