@@ -3106,19 +3106,23 @@ def build_text_cache(args, m, table, cache, namespace, accelerator, chunk=64):
 def build_latent_cache(args, m, table, plan, cache, accelerator):
     """VAE-encode every (image, flip) variant a run can draw, split over ranks, in same-size batches."""
     flips = (False, True) if args.random_flip else (False,)
-    jobs, keys = [], set()  # one job per cache entry: kohya's repeats list an image several times
+    jobs, keys = [], {}  # one job per cache entry: kohya's repeats list an image several times
     for i in range(len(table)):
         for f in flips:
             key = latent_key(plan.latent_ns, plan.idents[i], plan.targets[i], f, args)
-            if key not in cache and key not in keys:
+            if key not in keys:
+                keys[key] = len(jobs)
                 jobs.append((i, f))
-                keys.add(key)
     mine = jobs[accelerator.process_index::accelerator.num_processes]
     by_size = {}  # positions in `mine`, grouped by target size so each VAE call gets one shape
     for n, (i, _) in enumerate(mine):
         by_size.setdefault(plan.targets[i], []).append(n)
     batches = [ns[k:k + args.cache_batch_size] for ns in by_size.values()
                for k in range(0, len(ns), args.cache_batch_size)]
+    # Batches are cut from every entry, cached or not, and those already cached skipped: a build killed part way
+    # resumes with the batches it would have had (a VAE batch of another size rounds differently), on any rank.
+    mine_keys = list(keys)[accelerator.process_index::accelerator.num_processes]
+    batches = [b for b in batches if not all(mine_keys[n] in cache for n in b)]
     workers = loader_workers(args, accelerator)
     loader = torch.utils.data.DataLoader(LatentJobs(table, args, plan, mine), batch_sampler=batches,
                                          num_workers=workers, persistent_workers=workers > 0, collate_fn=list,
@@ -3128,13 +3132,15 @@ def build_latent_cache(args, m, table, plan, cache, accelerator):
     with torch.no_grad(), workers_stopped(loader):
         for batch in tqdm(loader, desc="caching latents", disable=not accelerator.is_local_main_process):
             batch = [s for s in batch if s is not None]
-            written += len(batch)
             if not batch:
                 continue
             pixels = torch.stack([s["pixel_values"] for s in batch]).to(accelerator.device)
             latents = encode_latents(m.vae, pixels, m.weight_dtype)
-            cache.write({s["key"]: {"latents": lat, "time_ids": s["time_ids"]} for s, lat in zip(batch, latents)},
-                        f"r{accelerator.process_index}")
+            new = {s["key"]: {"latents": lat, "time_ids": s["time_ids"]} for s, lat in zip(batch, latents)
+                   if s["key"] not in cache}  # (a batch partly cached by another run is encoded whole)
+            written += len(new)
+            if new:
+                cache.write(new, f"r{accelerator.process_index}")
     return int(accelerator.reduce(torch.tensor([written], device=accelerator.device), "sum").item())
 
 

@@ -18,6 +18,7 @@ import pytest
 import torch
 from PIL import Image, ImageCms, PngImagePlugin, TiffImagePlugin
 from packaging.version import Version
+from safetensors import safe_open
 
 import train_sdxl_debias as T
 from conftest import ROOT, run_trainer
@@ -480,6 +481,38 @@ def test_cache_gives_the_same_loss_and_is_reused(tiny_model, shapes, tmp_path):
     changed = run_trainer(*common, "--output_dir", str(tmp_path / "changed"), "--cache_latents",
                           "--aspect_ratio_bucketing")
     assert "0 new text entries" in changed.stderr and "0 new latent entries" not in changed.stderr
+
+
+def test_a_latent_cache_build_cut_short_resumes_with_the_batches_it_would_have_had(shapes, tmp_path, monkeypatch):
+    """A VAE batch of another size rounds differently, so a build killed part way (here: its last shard lost) must
+    encode the batches an uninterrupted build would have, on every rank, not the leftovers dealt out anew."""
+    import types
+
+    args = T.parse_args(["--dataset", shapes, "--resolution", "64", "--cache_latents", "--random_flip",
+                         "--cache_batch_size", "3", "--dataloader_num_workers", "0"])
+    table, plan, _ = T.plan_data(args, T.load_table(args)[0], show_progress=False)
+    plan.latent_ns = "ns"
+    monkeypatch.setattr(T, "encode_latents", lambda vae, pixels, dtype: torch.zeros(len(pixels), 4, 8, 8))
+    m = types.SimpleNamespace(vae=None, weight_dtype=torch.float32)
+    ranks = [types.SimpleNamespace(process_index=rank, num_processes=2, is_local_main_process=True,
+                                   device=torch.device("cpu"), reduce=lambda t, op: t) for rank in (0, 1)]
+    folder = tmp_path / "cache"  # (one folder for both processes, as in a run)
+    for rank in ranks:
+        T.build_latent_cache(args, m, table, plan, T.TensorCache(str(folder), "latents"), rank)
+    lost = {}
+    for rank in (0, 1):  # each process's last shard (shards are named latents-r<rank>-<pid>-<time>)
+        shards = sorted(folder.glob(f"latents-r{rank}-*.safetensors"))
+        assert len(shards) > 2
+        with safe_open(str(shards[-1]), "pt") as f:
+            lost[rank] = sorted(f.keys())
+        os.remove(shards[-1])
+    before = set(folder.iterdir())
+    for rank in ranks:
+        n = T.build_latent_cache(args, m, table, plan, T.TensorCache(str(folder), "latents"), rank)
+        again = sorted(set(folder.glob(f"latents-r{rank.process_index}-*.safetensors")) - before)
+        with safe_open(str(again[0]), "pt") as f:
+            assert len(again) == 1 and sorted(f.keys()) == lost[rank.process_index] and \
+                n == len(lost[rank.process_index]) // 2
 
 
 def test_loader_workers_default_to_spare_cpus_and_none_for_cached_latents(monkeypatch):
