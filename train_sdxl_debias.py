@@ -4481,7 +4481,8 @@ def train(args):
     if args.cache_latents or caches_text(args):
         build_caches(args, m, table, plan, accelerator)
     loader = make_loader(args, table, plan, sampler, accelerator)
-    DataReport().check_batch(collate([loader.dataset[(0, 0)]]))  # every image unreadable: said before a removal
+    report = DataReport()  # (the files this first sample skips are in its closing count too)
+    report.check_batch(collate([loader.dataset[(0, 0)]]))  # every image unreadable: said before a removal
     world, rank, accum = accelerator.num_processes, accelerator.process_index, args.gradient_accumulation_steps
     steps_per_epoch = len(sampler) // accum
     max_steps = args.max_train_steps or args.num_train_epochs * steps_per_epoch
@@ -4516,7 +4517,7 @@ def train(args):
     first_epoch = num_epochs if global_step >= max_steps else global_step // steps_per_epoch  # already done
     # Closed however the run ends: the bar (so an error is the last line) and the loader's workers.
     with bar as progress, workers_stopped(loader):
-        report, nonfinite = DataReport(), NonFiniteGuard(args, accelerator, optimizer)
+        nonfinite = NonFiniteGuard(args, accelerator, optimizer)
         if grid_missing(args, global_step, max_steps) and accelerator.is_main_process:
             run_validation(accelerator, args, m, global_step, accelerator.trackers)
         for model in trained:

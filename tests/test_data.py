@@ -460,6 +460,25 @@ def test_every_image_unreadable_is_a_clear_error(tiny_model, tmp_path):
         assert all((tmp_path / "out" / name).read_text() == "{}" for name in previous), kind
 
 
+def test_a_broken_first_image_is_named_once_and_counted_at_the_end(tiny_model, tmp_path):
+    """The start draws one sample (to stop before removing anything if no image decodes): when that sample's file
+    is broken, it is said once and counted in the closing summary, as any other."""
+    buf = io.BytesIO()
+    Image.fromarray(np.random.RandomState(0).randint(0, 255, (64, 64, 3), dtype=np.uint8)).save(buf, "JPEG")
+    for i in range(4):
+        (tmp_path / "data").mkdir(exist_ok=True)
+        (tmp_path / "data" / f"{i}.jpg").write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2] if i == 0 else
+                                                    buf.getvalue())
+        (tmp_path / "data" / f"{i}.txt").write_text("a caption")
+    proc = run_trainer("--pretrained_model_name_or_path", tiny_model, "--train_data_dir", str(tmp_path / "data"),
+                       "--output_dir", str(tmp_path / "out"), "--resolution", "64", "--max_train_steps", "2",
+                       "--dataloader_num_workers", "0")
+    broken = str(tmp_path / "data" / "0.jpg")
+    assert proc.stderr.count("skipping unreadable image " + broken) == 1, proc.stderr[-3000:]
+    assert any(line.endswith("unreadable image(s) in all: " + broken) for line in proc.stderr.splitlines()), \
+        proc.stderr[-3000:]
+
+
 def test_cache_gives_the_same_loss_and_is_reused(tiny_model, shapes, tmp_path):
     common = ["--pretrained_model_name_or_path", tiny_model, "--dataset", shapes, "--resolution", "64",
               "--train_batch_size", "2", "--max_train_steps", "3", "--logging_steps", "1", "--center_crop",
