@@ -565,6 +565,7 @@ def check_values(args):
                            ("lr_warmup_steps", lambda v: v >= 0, "0 or more"),
                            ("lr_num_cycles", lambda v: v >= 1, "at least 1"),
                            ("lr_power", lambda v: v > 0, "above 0"),
+                           ("rank", lambda v: v >= 1, "at least 1"),  # (before the alpha it defaults)
                            ("lora_alpha", lambda v: v > 0, "above 0"),
                            ("lora_dropout", lambda v: 0 <= v < 1, "at least 0 and below 1"),
                            ("seed", lambda v: 0 <= v < 2**32, f"between 0 and {2**32 - 1}")):
@@ -575,8 +576,6 @@ def check_values(args):
         if not targets:
             raise UserError("--lora_target_modules is empty; e.g. to_q,to_k,to_v,to_out.0")
         args.lora_target_modules = ",".join(targets)
-    if args.rank is not None and args.rank < 1:
-        raise UserError("--rank must be at least 1")
     if args.snr_gamma <= 0:
         raise UserError("--snr_gamma must be positive")
 

@@ -273,6 +273,7 @@ USER_ERRORS = {
     "beta_of_one": (["--dataset", "{shapes}", "--adam_beta2", "1"], "--adam_beta2 1.0 must be at least 0 and below 1"),
     "random_seed_as_in_webuis": (["--dataset", "{shapes}", "--seed", "-1"], "--seed -1 must be between 0 and"),
     "zero_lora_alpha": (["--dataset", "{shapes}", "--lora_alpha", "0"], "--lora_alpha 0.0 must be above 0"),
+    "zero_rank": (["--dataset", "{shapes}", "--rank", "0"], "--rank 0 must be at least 1"),  # (not its alpha's)
     "negative_clipping_norm": (["--dataset", "{shapes}", "--max_grad_norm", "-1"], "(0: no clipping)"),
     "no_denoising_steps": (["--dataset", "{shapes}", "--validation_inference_steps", "0"],
                            "--validation_inference_steps must be at least 1"),
