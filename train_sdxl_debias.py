@@ -3105,14 +3105,12 @@ def build_text_cache(args, m, table, cache, namespace, accelerator, chunk=64):
 def build_latent_cache(args, m, table, plan, cache, accelerator):
     """VAE-encode every (image, flip) variant a run can draw, split over ranks, in same-size batches."""
     flips = (False, True) if args.random_flip else (False,)
-    jobs, keys = [], {}  # one job per cache entry: kohya's repeats list an image several times
+    entries = {}  # cache key -> (row, flip), one job per entry: kohya's repeats list an image several times
     for i in range(len(table)):
         for f in flips:
-            key = latent_key(plan.latent_ns, plan.idents[i], plan.targets[i], f, args)
-            if key not in keys:
-                keys[key] = len(jobs)
-                jobs.append((i, f))
-    mine = jobs[accelerator.process_index::accelerator.num_processes]
+            entries.setdefault(latent_key(plan.latent_ns, plan.idents[i], plan.targets[i], f, args), (i, f))
+    rank, world = accelerator.process_index, accelerator.num_processes
+    mine, mine_keys = list(entries.values())[rank::world], list(entries)[rank::world]
     by_size = {}  # positions in `mine`, grouped by target size so each VAE call gets one shape
     for n, (i, _) in enumerate(mine):
         by_size.setdefault(plan.targets[i], []).append(n)
@@ -3120,7 +3118,6 @@ def build_latent_cache(args, m, table, plan, cache, accelerator):
                for k in range(0, len(ns), args.cache_batch_size)]
     # Batches are cut from every entry, cached or not, and those already cached skipped: a build killed part way
     # resumes with the batches it would have had (a VAE batch of another size rounds differently), on any rank.
-    mine_keys = list(keys)[accelerator.process_index::accelerator.num_processes]
     batches = [b for b in batches if not all(mine_keys[n] in cache for n in b)]
     workers = loader_workers(args, accelerator)
     loader = torch.utils.data.DataLoader(LatentJobs(table, args, plan, mine), batch_sampler=batches,
@@ -3139,7 +3136,7 @@ def build_latent_cache(args, m, table, plan, cache, accelerator):
                    if s["key"] not in cache}  # (a batch partly cached by another run is encoded whole)
             written += len(new)
             if new:
-                cache.write(new, f"r{accelerator.process_index}")
+                cache.write(new, f"r{rank}")
     return int(accelerator.reduce(torch.tensor([written], device=accelerator.device), "sum").item())
 
 
