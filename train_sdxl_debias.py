@@ -4315,6 +4315,8 @@ def claim_output_dir(args, accelerator, global_step):
             json.dump({**{k: v for k, v in vars(args).items() if k not in NOT_SAVED},
                        "mixed_precision": accelerator.mixed_precision}, f, indent=2)  # also when the launcher set it
     accelerator.wait_for_everyone()
+    global claimed
+    claimed = True
 
 
 PIPELINE_FOLDERS = ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler")
@@ -4664,6 +4666,7 @@ def push_to_hub(args, repo_id):
 
 interrupted_by = signal.SIGINT
 ending = False  # main() is saying how the run ended
+claimed = False  # claim_output_dir has run: --overwrite_output_dir has removed the previous run's results
 
 
 def on_stop(signum, frame):
@@ -4688,6 +4691,8 @@ def config_origin(message, args):
 
 def resume_hint(args):
     """What an interrupted run can be continued from: its latest checkpoint, the one it resumed from, or none."""
+    if args is not None and args.overwrite_output_dir and not claimed:  # (its checkpoints are the previous run's)
+        return " before it began, the previous run's results untouched: rerun the same command to start afresh"
     if args is not None and list_checkpoints(args.output_dir):
         return ": rerun with --resume_from_checkpoint latest to continue"
     if args is not None and args.resume_from_checkpoint not in (None, "latest"):
@@ -4696,8 +4701,8 @@ def resume_hint(args):
 
 
 def main(argv=None):
-    global ending
-    args, ending = None, False
+    global ending, claimed
+    args, ending, claimed = None, False, False
     try:
         args = parse_args(argv)
         validate(args)

@@ -98,6 +98,11 @@ def test_an_interruption_before_the_first_checkpoint_says_nothing_can_be_resumed
     (out / "checkpoint-2" / T.STATE_FILE).write_text('{"global_step": 2, "lr_scheduler": {}}')
     assert T.main(args_for(tiny_model, shapes, str(out), "--resume_from_checkpoint", "latest")) == 128 + signal.SIGINT
     assert capsys.readouterr().err.strip() == "interrupted: rerun with --resume_from_checkpoint latest to continue"
+    # A new run over it (--overwrite_output_dir) stopped while starting: those checkpoints are the previous run's,
+    # which `latest` would continue; the same command starts afresh.
+    assert T.main(args_for(tiny_model, shapes, str(out), "--overwrite_output_dir")) == 128 + signal.SIGINT
+    assert capsys.readouterr().err.strip() == ("interrupted before it began, the previous run's results untouched: "
+                                               "rerun the same command to start afresh")
     # Resumed from a checkpoint elsewhere and stopped before a new one: the same command continues.
     again = tmp_path / "again"
     assert T.main(args_for(tiny_model, shapes, str(again), "--resume_from_checkpoint",
