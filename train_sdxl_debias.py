@@ -902,7 +902,7 @@ def load_vae(args, **kw):
     path, base = args.pretrained_vae_model_name_or_path, args.pretrained_model_name_or_path
     if not os.path.isfile(path):
         return load_part(AutoencoderKL, args, "", path=path, own_repo=True, **kw)
-    config = (args.single_file_config or SDXL_BASE) if os.path.isfile(base) else base
+    config = vae_file_config(args)
     try:
         with quiet_diffusers():
             return AutoencoderKL.from_single_file(path, config=config, subfolder="vae", cache_dir=args.cache_dir, **kw)
@@ -914,6 +914,12 @@ def load_vae(args, **kw):
             hint = ": pass --single_file_config with a diffusers SDXL folder (offline: a folder, or a cached Hub id)"
         raise UserError(f"cannot load the VAE file {path!r} with the VAE config of {config!r} ({first_line(e)})"
                         f"{hint}") from None
+
+
+def vae_file_config(args):
+    """The diffusers config a VAE file is read with: the base model's, or SDXL's when the base is a file too."""
+    base = args.pretrained_model_name_or_path
+    return (args.single_file_config or SDXL_BASE) if os.path.isfile(base) else base
 
 
 def single_file_hint(e, config):
@@ -1047,8 +1053,9 @@ def text_encoder_lora_targets(te, pooled):
     one too in the encoder whose pooled output it takes (encode_prompt). A LoRA on text encoder 1's last layer
     never trains (its B stays 0) and makes DDP search every step for the gradients it never gets. Names without
     transformers 4's `text_model.`, so that the file's metadata matches the model under either version."""
+    last = unused_layer(te)
     return [n.removeprefix("text_model.") for n, _ in te.named_modules()
-            if n.rsplit(".", 1)[-1] in TEXT_ENCODER_LORA_TARGETS and (pooled or unused_layer(te) not in n)]
+            if n.rsplit(".", 1)[-1] in TEXT_ENCODER_LORA_TARGETS and (pooled or last not in n)]
 
 
 def unused_layer(te):
@@ -1766,7 +1773,8 @@ def load_folder(source, args):
     if any(os.path.exists(os.path.join(source, f)) for f in ("state.json", "dataset_dict.json")):
         unused_flags(args, "a folder saved with save_to_disk", "dataset_config_name", "caption_extension")
         return guarded_load(source, datasets.load_from_disk, source)
-    files = list_files(source, exclude=output_dir)
+    outputs = [output_dir] if output_dir and inside(output_dir, source) else []  # (this run's, if not made yet)
+    files = list_files(source, exclude=output_dir, outputs=outputs)  # (+ earlier runs')
     metadata = any(os.path.basename(f) in METADATA_FILES for f in files)
     images = [f for f in files if os.path.splitext(f)[1].lower() in IMAGE_EXTS]
     # Data files make a dataset; a lone .json or .tar beside images is more likely an info file or a backup.
@@ -1816,7 +1824,7 @@ def load_folder(source, args):
                            ", ".join(train), ", ".join(rest))
             return guarded_load(source, datasets.load_dataset, here, cache_dir=cache_dir,
                                 data_files={"train": [glob.escape(f) for f in train]})
-        if config is None and not readme_configs(source) and (outputs := output_folders(source, output_dir)):
+        if config is None and not readme_configs(source) and outputs:
             # datasets would read their files as data: train_config.json even as the "train" split, by its name
             raise UserError(f"dataset folder {source!r} holds an output folder of this trainer, {outputs[0]!r}, "
                             "whose files datasets would read as data: move it out of the dataset folder (and keep "
@@ -1862,13 +1870,6 @@ def readme_configs(source):
         with open(os.path.join(source, "README.md"), encoding="utf-8", errors="replace") as f:
             return "configs:" in f.read().split("\n---", 1)[0]
     return False
-
-
-def output_folders(source, output_dir):
-    """This run's output folder, if inside `source`, and earlier runs' (with their train_config.json) below it."""
-    found = [output_dir] if output_dir and inside(output_dir, source) else []
-    return found + [root for root, _, names in os.walk(source) if "train_config.json" in names and
-                    os.path.realpath(root) != os.path.realpath(source)]
 
 
 def split_named_files(source, files):
@@ -2200,11 +2201,11 @@ def lfs_pointer(path):
 CAPTION_EXTS = (".txt", ".caption")
 
 
-def list_files(folder, exclude=None):
+def list_files(folder, exclude=None, outputs=None):
     """Every file below `folder`, in a stable order, symlinked subfolders followed once (loops cut), leaving out
     `exclude` (our output folder, which may sit inside the dataset and holds sample images), an earlier run's
-    output folder (it holds train_config.json), and hidden files and folders (.ipynb_checkpoints copies, macOS'
-    ._ resource forks and __MACOSX, as datasets' imagefolder does)."""
+    output folder (it holds train_config.json; appended to `outputs` when given), and hidden files and folders
+    (.ipynb_checkpoints copies, macOS' ._ resource forks and __MACOSX, as datasets' imagefolder does)."""
     files, misnamed, special, seen, skip = [], [], [], set(), os.path.realpath(exclude) if exclude else None
     hidden = lambda n: n.startswith((".", "__MACOSX"))
 
@@ -2218,6 +2219,8 @@ def list_files(folder, exclude=None):
             continue
         if "train_config.json" in names and root != folder:  # an earlier run's outputs: loss plot, sample grids
             logger.warning("skipping %s: an output folder of this trainer (train_config.json), not data", root)
+            if outputs is not None:
+                outputs.append(root)
             dirs[:] = []
             continue
         seen.add(real)
@@ -3889,8 +3892,8 @@ def write_model_card(args, m, source, data, run, repo_id=None):
     vae = args.pretrained_vae_model_name_or_path  # trained and validated with it; a full output folder holds it
     load_vae = ""
     if lora and vae:
-        vae_config = (args.single_file_config or SDXL_BASE) if os.path.isfile(base) else base  # as load_vae() reads it
-        load_vae = ("vae = AutoencoderKL." + (f"from_single_file({vae!r}, config={vae_config!r}, subfolder='vae', "
+        load_vae = ("vae = AutoencoderKL." + (f"from_single_file({vae!r}, config={vae_file_config(args)!r}, "
+                    "subfolder='vae', "
                     if os.path.isfile(vae) else f"from_pretrained({vae!r}, ") + "torch_dtype=torch.float16)\n")
         load_base += "vae=vae, "
     usage = (f'{load_vae}pipe = StableDiffusionXLPipeline.{load_base}torch_dtype=torch.float16).to("cuda")\n'
@@ -4296,6 +4299,7 @@ def claim_output_dir(args, accelerator, global_step):
     --overwrite_output_dir removes the previous run's checkpoints and results; a run from step 0 the metrics of
     one killed before its first checkpoint (it would log the same steps again) and earlier validation grids; the
     run's config is written."""
+    global claimed
     if accelerator.is_main_process:
         if args.overwrite_output_dir and global_step:  # (a requeued job's script or a --config may pass both)
             logger.warning("--overwrite_output_dir is ignored: the run continues from step %d of "
@@ -4315,7 +4319,6 @@ def claim_output_dir(args, accelerator, global_step):
             json.dump({**{k: v for k, v in vars(args).items() if k not in NOT_SAVED},
                        "mixed_precision": accelerator.mixed_precision}, f, indent=2)  # also when the launcher set it
     accelerator.wait_for_everyone()
-    global claimed
     claimed = True
 
 
