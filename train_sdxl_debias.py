@@ -16,6 +16,7 @@ import collections
 import csv
 import errno
 import functools
+import gc
 import glob
 import hashlib
 import inspect
@@ -4491,6 +4492,7 @@ def train(args):
     params, optimizer, lr_scheduler = make_optimization(args, m, accelerator, max_steps)
     torch.manual_seed(derive_seed(args.seed, "dropout", rank))  # distinct dropout per rank; restored on resume
     global_step = resume(accelerator, args, optimizer, lr_scheduler) if args.resume_from_checkpoint else 0
+    first_step = global_step
     if global_step > max_steps:
         raise UserError(f"the checkpoint is at step {global_step}, past this run's {max_steps} steps: raise "
                         "--max_train_steps (or --num_train_epochs) to train on, or resume an earlier checkpoint")
@@ -4542,6 +4544,7 @@ def train(args):
                                                nonfinite, global_step)
                 global_step += 1
                 progress.update(1)
+                freeze_heap(global_step - first_step)
                 after_step(accelerator, args, m, metrics, nonfinite, progress, global_step, max_steps, epoch, lr,
                            grad_norm, lr_scheduler)
                 if global_step >= max_steps:
@@ -4593,6 +4596,21 @@ def update_weights(accelerator, args, m, params, optimizer, lr_scheduler, metric
     lr_scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     return lr, grad_norm
+
+
+HEAP_FREEZE_STEPS = 3  # torch.compile compiles in a run's first step; CUDA graphs record in its second and third
+
+
+def freeze_heap(steps_run):
+    """After each of a run's first HEAP_FREEZE_STEPS steps: one garbage collection, then every object still alive
+    is left out of later ones (gc.freeze). Loading the models and compiling them leave ~600 k long-lived objects
+    (609 k with the tiny UNet compiled), and Python's full collection walks them all whenever enough new objects
+    have survived since the last one: 0.4-0.5 s on this project's CPU, a pause the GPU waits out with an empty
+    queue. Frozen, a full collection takes 0.04 ms. Objects freed by reference counting (almost all a step makes)
+    are freed as before."""
+    if steps_run <= HEAP_FREEZE_STEPS:
+        gc.collect()
+        gc.freeze()
 
 
 class DataReport:
@@ -4713,6 +4731,8 @@ def main(argv=None):
     except BaseException as e:
         ending = True
         return report(e, args)
+    finally:
+        gc.unfreeze()  # (freeze_heap's objects: a second run in this process may collect the first's)
     return 0
 
 

@@ -28,6 +28,8 @@ Each configuration prints one JSON line: its settings and
                   slow step every N (a sync, the allocator); ms_per_step_wall_mean is their wall-clock mean
   gc_ms_steps     the host's garbage-collection pauses in each of those steps (a full collection after a
                   compile can take a second)
+  gc_full_ms      one full collection run after the timed steps: the pause a step takes whenever Python decides
+                  on one (the trainer's freeze_heap keeps the models' and compiler's objects out of it)
   img_per_s       batch size x accumulation / ms_per_step (`--gradient_accumulation_steps N`, passed through to the
                   trainer, makes a step N micro-batches, as the trainer does)
   peak_mem_gib    torch.cuda.max_memory_allocated on a GPU (weights, optimizer state, activations); on the CPU
@@ -300,8 +302,9 @@ class Trainer:
     """T.train()'s inner loop for one configuration, from the trainer's own pieces: an Accelerator of this
     precision, T.make_optimization (parameter groups, optimizer, lr schedule, accelerator.prepare, which also
     puts the trained models' forward under autocast), then per step T.training_step, accelerator.backward,
-    MetricsLog.add and T.update_weights (clip, the non-finite guard, optimizer and EMA step, schedule, zero_grad).
-    Left out: the data loader (the batch is already in pinned host memory), log rows, checkpoints."""
+    MetricsLog.add and T.update_weights (clip, the non-finite guard, optimizer and EMA step, schedule, zero_grad),
+    and T.freeze_heap after the first steps. Left out: the data loader (the batch is already in pinned host
+    memory), log rows, checkpoints."""
 
     def __init__(self, m, args, batch, device):
         from accelerate import Accelerator
@@ -315,6 +318,7 @@ class Trainer:
         self.metrics = T.MetricsLog(os.devnull, m.noise_scheduler.config.num_train_timesteps)
         self.guard = T.NonFiniteGuard(args, self.accelerator, self.optimizer)
         self.generator = torch.Generator(device)
+        self.steps_run = 0
 
     def forward_backward(self, step, micro=0):
         accum = self.args.gradient_accumulation_steps
@@ -330,6 +334,8 @@ class Trainer:
             self.metrics.add(self.forward_backward(step, micro))
         T.update_weights(self.accelerator, self.args, self.m, self.params, self.optimizer, self.lr_scheduler,
                          self.metrics, self.guard, step)
+        self.steps_run += 1
+        T.freeze_heap(self.steps_run)
 
     def finish(self):
         """The last step's non-finite verdict, which the trainer reads before its next log row."""
@@ -398,6 +404,12 @@ def time_steps(trainer, first, n, device):
     finally:
         gc.callbacks.remove(pauses)
     return per_step, (time.perf_counter() - start) * 1e3 / n, gc_ms
+
+
+def full_collection_ms():
+    t = time.perf_counter()
+    gc.collect()
+    return (time.perf_counter() - t) * 1e3
 
 
 SYNC_STEPS = 10  # steps run in CUDA's sync debug mode after the timed ones
@@ -523,6 +535,7 @@ def run_config(cfg, opts):
     sync(device)
     warmup_s = time.perf_counter() - t0
     per_step, wall_ms, gc_ms = time_steps(trainer, opts.warmup, opts.steps, device)
+    gc_full_ms = full_collection_ms()
     trainer.finish()
     peak_gib = peak_memory(device, mem_kind)
     syncs, sync_sites = count_host_syncs(trainer, opts.warmup + opts.steps, SYNC_STEPS, device)
@@ -543,7 +556,7 @@ def run_config(cfg, opts):
         trainable_params_m=sum(p.numel() for p in trainer.params) / 1e6,
         unet_params_m=sum(p.numel() for p in m.unet.parameters()) / 1e6,
         ms_per_step=ms, ms_per_step_min=min(per_step), ms_per_step_wall_mean=wall_ms,
-        ms_steps=[round(t, 1) for t in per_step], gc_ms_steps=[round(t, 1) for t in gc_ms],
+        ms_steps=[round(t, 1) for t in per_step], gc_ms_steps=[round(t, 1) for t in gc_ms], gc_full_ms=gc_full_ms,
         img_per_s=cfg["batch_size"] * accum / (ms / 1e3), peak_mem_gib=peak_gib, mem_kind=mem_kind,
         model_mem_gib=model_gib, tflop_per_step=tflop, tflop_per_s=achieved, accumulation=accum,
         mfu=achieved / opts.peak_tflops if opts.peak_tflops else None, warmup_s=warmup_s, setup_s=setup_s,
@@ -569,6 +582,7 @@ def device_name(device):
 def free_memory(device, compiled):
     if compiled:
         torch._dynamo.reset()  # compiled graphs hold on to their modules
+    gc.unfreeze()  # (T.freeze_heap's: a model in a reference cycle would otherwise outlive its configuration)
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()

@@ -50,6 +50,7 @@ def test_every_configuration_prints_a_complete_json_line(cli_run):
         assert r["gradient_checkpointing"] is False and r["compile"] is False and r["channels_last"] is False
         assert len(r["ms_steps"]) == 5 and min(r["ms_steps"]) == pytest.approx(r["ms_per_step_min"], abs=0.1)
         assert len(r["gc_ms_steps"]) == 5 and all(0 <= g <= t for g, t in zip(r["gc_ms_steps"], r["ms_steps"]))
+        assert math.isfinite(r["gc_full_ms"]) and r["gc_full_ms"] >= 0
         assert r["host_syncs_per_step"] is None  # counted with CUDA's sync debug mode only
         assert r["cudnn_benchmark"] is False and "device_busy" not in r  # kernel time / step time: CUDA only
         prof = r["profile"]  # --profile 1: where the CPU step's time went, by aten op
@@ -88,6 +89,27 @@ def test_garbage_collection_pauses_are_counted_per_step():
     _, _, gc_ms = benchmark.time_steps(Trainer(), 0, 3, torch.device("cpu"))
     assert gc_ms[1] > 1 and gc_ms[0] < 1 and gc_ms[2] < 1, gc_ms  # (a young-generation pass: ~0.01 ms)
     assert not any(isinstance(cb, benchmark.GcPauses) for cb in gc.callbacks)
+
+
+def test_the_first_steps_leave_the_models_objects_out_of_later_collections():
+    """After a run's first steps (compiling, CUDA graph recording), what is alive is frozen, so a later full
+    collection does not walk the models' and compiler's objects; objects made later are collected as usual, and
+    main() unfreezes when the run ends."""
+    import gc
+
+    model = torch.nn.Sequential(*[torch.nn.Linear(1, 1) for _ in range(2000)])  # ~a model's worth of objects
+    try:
+        T.freeze_heap(1)
+        assert gc.get_freeze_count() > 2000
+        tracked = {id(o) for o in gc.get_objects()}
+        assert not any(id(layer) in tracked for layer in model)
+        later = torch.nn.Linear(1, 1)
+        T.freeze_heap(T.HEAP_FREEZE_STEPS + 1)  # past the first steps: nothing more is frozen
+        assert any(o is later for o in gc.get_objects())
+        assert T.main(["--dataset"]) == 2  # (a flag without its value: one line, exit 2)
+        assert gc.get_freeze_count() == 0 and any(o is model[0] for o in gc.get_objects())
+    finally:
+        gc.unfreeze()
 
 
 def test_comma_lists_make_the_cross_product():
