@@ -2034,8 +2034,16 @@ def check_metadata_file(path, metadata=True):
     kind = os.path.splitext(path)[1].lower()
     if kind not in (".csv", ".jsonl"):
         return
-    with open(path, "rb") as f:
-        head = f.read(4096)
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4096)
+    except OSError as e:
+        if os.path.islink(path) and not os.path.exists(path):
+            raise UserError(f"{path} is a link to {os.readlink(path)}, which does not exist: replace it with the file"
+                            ) from None
+        raise UserError(f"cannot read {path}: {e.strerror}; fix its permissions") from None
+    if head.startswith(LFS_POINTER):
+        raise UserError(f"{path} is a Git LFS pointer, not the data: run `git lfs pull` in the dataset's repository")
     if head.startswith(UTF16_BOMS):
         raise UserError(f"{path} is UTF-16: save it as UTF-8 (in PowerShell: Out-File -Encoding utf8)")
     first = head.split(b"\n", 1)[0]

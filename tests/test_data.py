@@ -1005,6 +1005,9 @@ def test_captions_missing_in_metadata_are_counted_and_all_missing_is_an_error(tm
             T.load_table(T.parse_args(["--dataset", str(tmp_path / "mixed.jsonl")]))
 
 
+LFS_POINTER = "version https://git-lfs.github.com/spec/v1\noid sha256:4d7a2146\nsize 12345\n"
+
+
 def test_a_metadata_csv_from_a_spreadsheet_loads_or_says_what_to_fix(tmp_path, caplog):
     """Excel's plain "CSV" is Windows-1252, its CSV is semicolon-separated where the decimal mark is a comma, and
     PowerShell writes UTF-16: one line each that says how to save it. A header typed with spaces after the commas
@@ -1055,11 +1058,22 @@ def test_a_metadata_csv_from_a_spreadsheet_loads_or_says_what_to_fix(tmp_path, c
             ("metadata.jsonl", '{"file_name": "a.png", "text": "x"}\n{"file_name": "a.png", "te\n',
              "line 2 is not valid JSON"),
             ("metadata.jsonl", '{"file_name": "a.png", "text": "x"}\n{"file_name": "a.png", "text": 7}\n',
-             "'text' holds text on line 1 and numbers on line 2: write numbers meant as text in quotes")):
+             "'text' holds text on line 1 and numbers on line 2: write numbers meant as text in quotes"),
+            ("metadata.csv", LFS_POINTER, "metadata.csv is a Git LFS pointer, not the data: run `git lfs pull`"),
+            ("metadata.jsonl", LFS_POINTER, "metadata.jsonl is a Git LFS pointer, not the data")):
         (tmp_path / name).write_text(text, encoding="utf-8")
         with pytest.raises(T.UserError, match=re.escape(needle)):
             T.load_table(T.parse_args(["--dataset", str(tmp_path)]))
         os.remove(tmp_path / name)
+    # A metadata file that is a link to nothing (a folder copied without its target) is named, not a traceback.
+    os.symlink(tmp_path / "gone" / "metadata.jsonl", tmp_path / "metadata.jsonl")
+    with pytest.raises(T.UserError, match="metadata.jsonl is a link to .*gone.*, which does not exist: replace it"):
+        T.load_table(T.parse_args(["--dataset", str(tmp_path)]))
+    os.remove(tmp_path / "metadata.jsonl")
+    (tmp_path / "data.jsonl").write_text(LFS_POINTER)  # a data file passed itself: the same checks
+    with pytest.raises(T.UserError, match="data.jsonl is a Git LFS pointer"):
+        T.load_table(T.parse_args(["--dataset", str(tmp_path / "data.jsonl")]))
+    os.remove(tmp_path / "data.jsonl")
     (tmp_path / "data.csv").write_text("image;text\na.png;x\n")  # a data file passed itself: the same checks
     with pytest.raises(T.UserError, match="separates its fields with semicolons"):
         T.load_table(T.parse_args(["--dataset", str(tmp_path / "data.csv")]))
