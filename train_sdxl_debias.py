@@ -2327,14 +2327,16 @@ def caption_index(files, extension=None):
 
 
 def caption_files(captions, image):
-    """An image's caption files: IMG_1.txt for IMG_1.JPG, or IMG_1.JPG.txt as some taggers name them; .txt before
-    .caption. One named exactly as the image wins over those that match only with case ignored: cat.png and
-    Cat.png, each with its own caption, do not share one."""
+    """An image's caption files, the one it uses first: IMG_1.JPG.txt as some taggers name them (it names this
+    image alone, where IMG_1.txt may be shared with an IMG_1.png), then IMG_1.txt; .txt before .caption. One named
+    exactly as the image wins over those that match only with case ignored: cat.png and Cat.png, each with its own
+    caption, do not share one."""
     stem = os.path.splitext(image)[0]
     found = captions.get(name_key(stem), []) + captions.get(name_key(image), [])
     names = {unicodedata.normalize("NFC", stem), unicodedata.normalize("NFC", image)}
     exact = [f for f in found if unicodedata.normalize("NFC", os.path.splitext(f)[0]) in names]
-    return sorted(exact or found, key=lambda f: os.path.splitext(f)[1].lower() != ".txt")
+    return sorted(exact or found, key=lambda f: (name_key(os.path.splitext(f)[0]) != name_key(image),
+                                                 os.path.splitext(f)[1].lower() != ".txt"))
 
 
 def kohya_near_miss(source, images, captions):
@@ -2401,8 +2403,9 @@ def find_captions(source, files, images, extension=None):
         paths += [os.path.abspath(path)] * repeats
         texts += [text] * repeats
     if differing:  # a .txt of tags beside a .caption of sentences, say: which one trains is the user's choice
-        logger.warning("%d images have caption files that differ (e.g. %s): the first is used (.txt before .caption); "
-                       "pass --caption_extension to pick one kind", len(differing), " and ".join(differing[0]))
+        logger.warning("%d images have caption files that differ (e.g. %s): the first is used (IMG.jpg.txt before "
+                       "IMG.txt, .txt before .caption); pass --caption_extension to pick one kind", len(differing),
+                       " and ".join(differing[0]))
     shared = [(caption, names) for caption, names in users.items() if len(names) > 1]
     if shared:  # a.png converted to a.webp, the original kept: the same picture would train twice as often
         caption, names = shared[0]

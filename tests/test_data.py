@@ -788,6 +788,15 @@ def test_caption_extension_picks_one_kind_and_differing_caption_files_are_named(
 
     assert read() == {"a.png": "red, square", "b.png": "same", "c.png": "c tags"}
     assert "2 images have caption files that differ" in caplog.text and "a.txt and" in caplog.text
+    # d.png and d.jpg, each with its own full-name caption beside a d.txt: each reads its own, not the shared one.
+    Image.new("RGB", (32, 32), "red").save(folder / "d.png")
+    Image.new("RGB", (32, 32), "red").save(folder / "d.jpg")
+    for name, text in (("d.png.txt", "d png"), ("d.jpg.txt", "d jpg"), ("d.txt", "d shared")):
+        (folder / name).write_text(text, encoding="utf-8")
+    assert {k: v for k, v in read().items() if k.startswith("d.")} == {"d.png": "d png", "d.jpg": "d jpg"}
+    for name in ("d.png", "d.jpg", "d.png.txt", "d.jpg.txt", "d.txt"):
+        os.remove(folder / name)
+    caplog.clear()
     assert "captioned files" not in caplog.text  # c.png.txt is c.png's caption, not a file left out
     caplog.clear()
     assert read("--caption_extension", "caption") == {"a.png": "a red square", "b.png": "same", "c.png": "a c sentence"}
