@@ -2208,15 +2208,20 @@ def lfs_pointer(path):
 
 
 CAPTION_EXTS = (".txt", ".caption")
+# Synology's thumbnails (@eaDir/IMG_1.JPG/SYNOPHOTO_THUMB_XL.jpg: a copy of every photo, five sizes) and recycle
+# bins, QNAP's, Windows': images, but not the data.
+SYSTEM_FOLDERS = {"@eaDir", "#recycle", "#snapshot", "@Recycle", "@Recently-Snapshot", "$RECYCLE.BIN",
+                  "System Volume Information"}
 
 
 def list_files(folder, exclude=None, outputs=None):
     """Every file below `folder`, in a stable order, symlinked subfolders followed once (loops cut), leaving out
     `exclude` (our output folder, which may sit inside the dataset and holds sample images), an earlier run's
     output folder (it holds train_config.json; appended to `outputs` when given), and hidden files and folders
-    (.ipynb_checkpoints copies, macOS' ._ resource forks and __MACOSX, as datasets' imagefolder does)."""
+    (.ipynb_checkpoints copies, macOS' ._ resource forks and __MACOSX, as datasets' imagefolder does), and the
+    thumbnail and recycle folders NAS boxes and Windows put in shared folders (SYSTEM_FOLDERS)."""
     files, misnamed, special, seen, skip = [], [], [], set(), os.path.realpath(exclude) if exclude else None
-    hidden = lambda n: n.startswith((".", "__MACOSX"))
+    hidden = lambda n: n.startswith((".", "__MACOSX")) or n in SYSTEM_FOLDERS
 
     def unreadable(e):
         logger.warning("cannot read folder %s (%s): its images are not used", e.filename, e.strerror)

@@ -1115,7 +1115,9 @@ def test_caption_encodings_hidden_files_and_odd_names(tmp_path, caplog):
     folder = tmp_path / "kohya"
     (folder / ".ipynb_checkpoints").mkdir(parents=True)
     (folder / "__MACOSX").mkdir()
-    for name in ("latin", "notepad", "photo", ".ipynb_checkpoints/photo-checkpoint", "__MACOSX/._photo", "._photo"):
+    (folder / "@eaDir" / "photo.jfif").mkdir(parents=True)  # a Synology NAS's thumbnails of each photo
+    for name in ("latin", "notepad", "photo", ".ipynb_checkpoints/photo-checkpoint", "__MACOSX/._photo", "._photo",
+                 "@eaDir/photo.jfif/SYNOPHOTO_THUMB_M"):
         Image.new("RGB", (32, 32)).save(folder / f"{name}.png" if "photo" not in name else folder / f"{name}.jfif",
                                         format="PNG" if "photo" not in name else "JPEG")
         (folder / f"{name}.txt").write_text("a copy", encoding="utf-8")
