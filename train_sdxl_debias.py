@@ -1621,15 +1621,15 @@ def resolve_paths(table, source, encoded):
                           os.path.abspath(source))
 
 
-def relative_to(source):
+def relative_to(source, quiet=False):
     """A function that resolves an image path of local data: relative to the data file, or to the data folder,
     else to the folder of one of its data files (data/train.jsonl listing images/0.png under data/), else to the
     working directory (paths written from a project's root; said once). Spaces around a file name are dropped
     when only that file exists (trimmed), Windows' backslashes read as folders, file:// dropped. A path found
-    nowhere is named beside the data (then as unreadable), never looked for elsewhere."""
+    nowhere is named beside the data (then as unreadable), never looked for elsewhere. `quiet`: nothing said."""
     bases = [source] if os.path.isdir(source) else [os.path.dirname(os.path.abspath(source))]
     listed = not os.path.isdir(source)  # a folder's data files are looked for at the first path not beside it
-    said, said_windows = [], []
+    said, said_windows = [None] if quiet else [], [None] if quiet else []
 
     def more_bases():  # the folders of the data's files, once
         nonlocal listed
@@ -1642,6 +1642,8 @@ def relative_to(source):
         if not isinstance(value, str) or not value.strip():  # (an empty cell: drop_rows_without_image's)
             return value
         value = value[len("file://"):] if value.startswith("file://") else value
+        if os.sep == "/" and (inner := re.search(r"/([A-Za-z]:[\\/].*)$", value)) and not os.path.exists(value):
+            value = inner.group(1)  # an imagefolder's metadata: datasets joined the folder and C:\… into one path
         if os.sep == "/" and WINDOWS_ABSOLUTE.match(value):  # C:\Users\me\set\cat\1.png: another
             more_bases()  # the data files' folders first: the longest tail is looked for under every base
             parts = [p for p in re.split(r"[\\/]", value)[1:] if p]  # machine's path: its longest tail found
@@ -1672,15 +1674,18 @@ def relative_to(source):
     return resolve
 
 
-def trimmed(path):
+def trimmed(path, strip=True):
     """`path`; or, when only that exists, the file it meant: a spreadsheet cell with spaces around the name
-    ("a.png " in a metadata.csv: datasets joins the cell to the folder as it is), or the same name with its
-    accents composed otherwise (macOS writes "café" decomposed, most editors type it composed)."""
+    ("a.png " in a metadata.csv: datasets joins the cell to the folder as it is), or the same name, or a folder
+    above it, with accents composed otherwise (macOS writes "café" decomposed, most editors type it composed)."""
     if os.path.exists(path):
         return path
     head, name = os.path.split(path)
-    for form in (name.strip(), unicodedata.normalize("NFC", name.strip()), unicodedata.normalize("NFD", name.strip())):
-        if form != name and os.path.exists(os.path.join(head, form)):
+    if head and head != path and not os.path.isdir(head):
+        head = trimmed(head, strip=False)
+    stripped = name.strip() if strip else name
+    for form in (name, stripped, unicodedata.normalize("NFC", stripped), unicodedata.normalize("NFD", stripped)):
+        if os.path.exists(os.path.join(head, form)):
             return os.path.join(head, form)
     return path
 
@@ -1992,7 +1997,8 @@ def unnamed_images(table, images, source):
     columns = [c for c, f in table.features.items() if isinstance(f, datasets.Image)]  # conditioning images too
     if not columns:
         return
-    named = {c: [trimmed(p) for p in pc.struct_field(table.with_format("arrow")[c], "path").to_pylist() if p]
+    resolve = relative_to(source, quiet=True)  # as load_table will (a Windows path in file_name, say)
+    named = {c: [resolve(p) for p in pc.struct_field(table.with_format("arrow")[c], "path").to_pylist() if p]
              for c in columns}
     counts = collections.Counter(os.path.realpath(p) for p in named[columns[0]])  # the training images
     used = {os.path.realpath(p) for paths in named.values() for p in paths}

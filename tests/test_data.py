@@ -1255,6 +1255,19 @@ def test_image_paths_resolve_beside_the_data_never_silently_elsewhere(tmp_path, 
     resolve = T.relative_to(str(win))  # the folder given: its data file's folder is searched before a.png at the top
     assert [resolve(r["image"]) for r in rows[:2]] == table["image"][:2]
     assert "are Windows paths: read as the files under the data that end the same way" in caplog.text
+    # The same in an imagefolder's metadata.jsonl (datasets joins the folder and the file_name into one path), and a
+    # folder whose accents macOS wrote decomposed, named composed in the metadata.
+    folder = tmp_path / "imagefolder"
+    (folder / "sub").mkdir(parents=True)
+    (folder / unicodedata.normalize("NFD", "été")).mkdir()
+    for name in ("sub/a.png", unicodedata.normalize("NFD", "été") + "/b.png"):
+        Image.new("RGB", (16, 16)).save(folder / name)
+    rows = [{"file_name": "C:\\Users\\me\\imagefolder\\sub\\a.png", "text": "a"}, {"file_name": "été/b.png", "text": "b"}]
+    (folder / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    caplog.clear()
+    table, _ = T.load_table(T.parse_args(["--dataset", str(folder)]))
+    assert [T.read_size(v) for v in table["image"]] == [(16, 16)] * 2 and table["text"] == ["a", "b"]
+    assert "not named in its metadata" not in caplog.text
     (data / "two.jsonl").write_text(json.dumps({"image": "imgs/a.png", "text": "photo", "caption": "a long one"}))
     assert T.load_table(T.parse_args(["--dataset", str(data / "two.jsonl")]))[0]["text"] == ["photo"]
     assert "caption column 'text' is used; the dataset also has 'caption': pass --caption_column" in caplog.text
