@@ -1538,6 +1538,12 @@ def load_table(args):
             raise UserError(f"caption column {caption_col!r} of dataset {source!r} holds bytes that are not UTF-8 "
                             "text: pass --caption_column naming a text column, or save the captions as UTF-8") from None
         table = replace_column(table, "text", texts, datasets.Value("string"), "captions decoded")
+    if getattr(table.features["text"], "dtype", "") in ("string", "large_string"):
+        import pyarrow.compute as pc  # a Windows editor's byte-order mark in WebDataset .txt members: a caption
+        texts = table.with_format("arrow")["text"]  # file beside an image has it dropped when read; so here
+        if pc.any(pc.starts_with(texts, "\ufeff")).as_py():
+            table = replace_column(table, "text", pc.replace_substring_regex(texts, "^\ufeff", ""),
+                                   table.features["text"], "byte-order marks dropped")
     if len(table) == 0:
         raise UserError(f"dataset {source!r} has no rows")
     table = table.add_column("row", np.arange(len(table)))  # the dataset's row, for messages after subsets

@@ -1300,6 +1300,12 @@ def test_more_dataset_shapes_load_or_say_what_they_are(tmp_path, caplog):
                 info.size = len(payload)
                 tar.addfile(info, io.BytesIO(payload))
     assert list(load(tmp_path / "wds-caption" / "utf8.tar")["text"]) == ["ein Quadrat, gr\u00fcn"]
+    with tarfile.open(tmp_path / "wds-caption" / "bom.tar", "w") as tar:  # saved by a Windows editor: no mark trains
+        for member, payload in (("000.png", png.getvalue()), ("000.txt", "\ufeffa red square".encode())):
+            info = tarfile.TarInfo(member)
+            info.size = len(payload)
+            tar.addfile(info, io.BytesIO(payload))
+    assert list(load(tmp_path / "wds-caption" / "bom.tar")["text"]) == ["a red square"]
     with pytest.raises(T.UserError, match="caption column 'caption' .* holds bytes that are not UTF-8 text"):
         load(tmp_path / "wds-caption" / "latin1.tar")
     os.rename(tmp_path / "wds" / "shard-000000.tar", tmp_path / "wds" / "00000.tar")  # img2dataset's layout: the
