@@ -2278,12 +2278,14 @@ def utf8_name(name):
 
 def read_caption(path):
     """A caption file's text: UTF-8 (a byte-order mark dropped), UTF-16 with its mark (Notepad's "Unicode") or
-    without, or else Windows-1252 (older Western editors), said in a warning, rather than garbled silently."""
+    without, UTF-32 with its mark, or else Windows-1252 (older Western editors), said in a warning, rather than garbled silently."""
     try:
         with open(path, "rb") as f:
             data = f.read()
     except OSError as e:
         raise UserError(f"cannot read caption file {path!r}: {e.strerror}; fix its permissions or remove it") from None
+    if data.startswith((b"\xff\xfe\x00\x00", b"\x00\x00\xfe\xff")):  # UTF-32's marks (the first begins as UTF-16's)
+        return data.decode("utf-32").strip()
     if data.startswith(UTF16_BOMS):
         return data.decode("utf-16").strip()
     odd, even = data[1::2].count(0), data[0::2].count(0)

@@ -1,4 +1,5 @@
 """The data path: messy images, captions, bucketing, the sampler, and the disk cache."""
+import codecs
 import io
 import json
 import logging
@@ -1131,6 +1132,9 @@ def test_caption_encodings_hidden_files_and_odd_names(tmp_path, caplog):
     assert "not UTF-8; read as Windows-1252" in caplog.text and "not valid UTF-8" in caplog.text
     for codec in ("utf-16-le", "utf-16-be"):  # no byte-order mark: the zero bytes say which
         (folder / "notepad.txt").write_bytes("a naïve ninja".encode(codec))
+        assert T.read_caption(str(folder / "notepad.txt")) == "a naïve ninja"
+    for mark, codec in ((codecs.BOM_UTF32_LE, "utf-32-le"), (codecs.BOM_UTF32_BE, "utf-32-be")):  # LE's mark begins
+        (folder / "notepad.txt").write_bytes(mark + "a naïve ninja".encode(codec))  # as UTF-16's
         assert T.read_caption(str(folder / "notepad.txt")) == "a naïve ninja"
     for text in (b"a cat\x00\n", b"masterpiece, best quality\x00"):  # a stray NUL from a script: dropped
         (folder / "notepad.txt").write_bytes(text)
