@@ -3803,6 +3803,7 @@ def save_final(accelerator, args, m):
             m.ema.copy_to(unet.parameters())  # training is over: the averaged weights are the result
         pipe = build_pipeline(args, m, unet, for_saving=True)
         pipe.save_pretrained(tmp, safe_serialization=True)
+        portable_pipeline(tmp)
         if args.save_single_file:  # in the dtype of training (fp32 without mixed precision), as the UNet file was
             from safetensors.torch import save_file
             save_file(sdxl_checkpoint(pipe, m.weight_dtype), os.path.join(tmp, kohya_name(args.output_dir)),
@@ -3812,6 +3813,43 @@ def save_final(accelerator, args, m):
     os.replace(tmp, ready)  # complete: from here on, a killed run's successor finishes the move (tidy_output_dir)
     commit_export(args.output_dir, ready)
     logger.info("saved the %s to %s", "LoRA" if args.finetune == "lora" else "pipeline", args.output_dir)
+
+
+def portable_pipeline(folder):
+    """A saved pipeline as the Hub's SDXL folders hold it, which every reader reads. transformers 5 writes CLIP-L's
+    weights without their `text_model.` prefix unless it loaded them with one (from a single file it did not):
+    transformers 4 then re-initialises that encoder at random without an error, and ComfyUI does not recognise
+    it. And it writes each tokenizer as tokenizer.json alone: transformers 4's CLIPTokenizer, the class
+    model_index.json names, reads vocab.json and merges.txt."""
+    from safetensors.torch import load_file, save_file
+
+    encoder = os.path.join(folder, "text_encoder")
+    prefixed = lambda k: k if k.startswith("text_model.") else "text_model." + k
+    with open(os.path.join(encoder, "config.json")) as f:
+        clip_l = json.load(f).get("architectures") == ["CLIPTextModel"]  # (text_encoder_2 keeps its prefix)
+    for path in glob.glob(os.path.join(encoder, "*.safetensors")) if clip_l else ():
+        state = load_file(path)
+        if any(k != prefixed(k) for k in state):
+            save_file({prefixed(k): v for k, v in state.items()}, path, metadata={"format": "pt"})
+    for path in glob.glob(os.path.join(encoder, "*.safetensors.index.json")) if clip_l else ():  # sharded: the map
+        with open(path) as f:
+            index = json.load(f)
+        index["weight_map"] = {prefixed(k): v for k, v in index["weight_map"].items()}
+        with open(path, "w") as f:
+            json.dump(index, f, indent=2)
+    for name in ("tokenizer", "tokenizer_2"):
+        path = os.path.join(folder, name, "tokenizer.json")
+        if not os.path.exists(path) or os.path.exists(os.path.join(folder, name, "vocab.json")):
+            continue
+        with open(path, encoding="utf-8") as f:
+            model = json.load(f)["model"]
+        if model.get("type") != "BPE":
+            continue
+        with open(os.path.join(folder, name, "vocab.json"), "w", encoding="utf-8") as f:
+            json.dump(model["vocab"], f, ensure_ascii=False)
+        with open(os.path.join(folder, name, "merges.txt"), "w", encoding="utf-8") as f:  # (CLIP skips line 1)
+            f.write("#version: 0.2\n" + "".join((m if isinstance(m, str) else " ".join(m)) + "\n"
+                                                 for m in model["merges"]))
 
 
 def commit_export(output_dir, ready):

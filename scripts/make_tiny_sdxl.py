@@ -142,6 +142,10 @@ def main(argv=None):
     pipe.save_pretrained(args.out, safe_serialization=True)
     for sub in ("tokenizer", "tokenizer_2"):
         fix_tokenizer_config(os.path.join(args.out, sub))
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from train_sdxl_debias import portable_pipeline
+
+    portable_pipeline(args.out)  # laid out as the Hub's SDXL is (CLIP-L under text_model., vocab.json + merges.txt)
     n = sum(p.numel() for m in (pipe.unet, pipe.vae, pipe.text_encoder, pipe.text_encoder_2) for p in m.parameters())
     print(f"tiny SDXL ({n / 1e6:.2f} M parameters, vocab {len(pipe.tokenizer)}) written to {args.out}")
 

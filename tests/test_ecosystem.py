@@ -452,6 +452,28 @@ def test_a_v_prediction_checkpoint_file_trains_and_saves_as_v_with_zero_terminal
     assert scheduler.prediction_type == "v_prediction" and scheduler.rescale_betas_zero_snr
     with safe_open(os.path.join(out, "v-full.safetensors"), "pt") as f:
         assert {"v_pred", "ztsnr"} <= set(f.keys())  # and carried on to the single file written
+    assert_read_by_older_tools(out)
+
+
+def assert_read_by_older_tools(pipeline):
+    """A saved pipeline as the Hub's SDXL holds it: CLIP-L's weights under text_model. (transformers 4 silently
+    re-initialised an encoder saved without it; ComfyUI looks for text_model.encoder.layers.0.mlp.fc1.weight),
+    and vocab.json + merges.txt beside each tokenizer.json, which alone tokenize as the saved tokenizer does
+    (transformers 4's CLIPTokenizer reads only those)."""
+    from transformers import AutoTokenizer, CLIPTokenizer
+
+    with safe_open(os.path.join(pipeline, "text_encoder", "model.safetensors"), "pt") as f:
+        assert all(k.startswith("text_model.") for k in f.keys())
+        assert "text_model.encoder.layers.0.mlp.fc1.weight" in f.keys()
+    for name in ("tokenizer", "tokenizer_2"):
+        alone = os.path.join(os.path.dirname(pipeline), f"{name}-files-only")
+        os.makedirs(alone)
+        for file in ("vocab.json", "merges.txt"):
+            shutil.copy(os.path.join(pipeline, name, file), alone)
+        saved, slow = AutoTokenizer.from_pretrained(os.path.join(pipeline, name)), CLIPTokenizer(
+            os.path.join(alone, "vocab.json"), os.path.join(alone, "merges.txt"))
+        text = "a red square, photo of a sks dog; 2024!"
+        assert len(slow) == len(saved) > 100 and slow(text).input_ids == saved(text).input_ids
 
 
 def test_timestep_range_is_respected(tiny_model, shapes, tmp_path):
