@@ -1805,6 +1805,10 @@ def load_folder(source, args):
                            "captions come from its column (--caption_column); move the metadata file away to use "
                            "the caption files", len(beside), caption_files(sidecars, beside[0])[0])
         patterns, used, held = split_train_files(source, files, sidecars=False)  # (escaped: `[v2]` is no pattern)
+        expanded = next((f for f in files if os.path.expandvars(f) != f), None)
+        if expanded:  # datasets expands $NAME in every path: price$HOME.png was looked for as price/root.png
+            raise UserError(f"{expanded!r} has a $NAME in it, which datasets reads as an environment variable (it "
+                            f"looks for {os.path.expandvars(expanded)!r}): rename it without '$'")
         with old_pandas_strings():
             table = train_split(guarded_load(source, datasets.load_dataset, "imagefolder",
                                              data_files={"train": patterns}, cache_dir=cache_dir), source)

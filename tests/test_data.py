@@ -1018,6 +1018,19 @@ def test_captions_missing_in_metadata_are_counted_and_all_missing_is_an_error(tm
 LFS_POINTER = "version https://git-lfs.github.com/spec/v1\noid sha256:4d7a2146\nsize 12345\n"
 
 
+def test_a_dollar_name_in_an_imagefolder_is_named_not_looked_for_elsewhere(tmp_path, monkeypatch):
+    """datasets expands $NAME in an imagefolder's paths: price$HOME.png was looked for as price/<home>.png and the
+    whole dataset refused with "No such file". The file is named, with the fix."""
+    monkeypatch.setenv("HOME", "/root")
+    for name in ("a.png", "price$HOME.png"):
+        Image.new("RGB", (32, 32)).save(tmp_path / name)
+    (tmp_path / "metadata.jsonl").write_text("".join(json.dumps({"file_name": n, "text": n}) + "\n"
+                                                     for n in ("a.png", "price$HOME.png")))
+    with pytest.raises(T.UserError, match=r"price\$HOME.png' has a \$NAME in it, .* looks for '.*price/root.png'\): "
+                                          r"rename it without '\$'"):
+        T.load_table(T.parse_args(["--dataset", str(tmp_path)]))
+
+
 def test_a_metadata_csv_from_a_spreadsheet_loads_or_says_what_to_fix(tmp_path, caplog):
     """Excel's plain "CSV" is Windows-1252, its CSV is semicolon-separated where the decimal mark is a comma, and
     PowerShell writes UTF-16: one line each that says how to save it. A header typed with spaces after the commas
