@@ -2483,6 +2483,10 @@ def pick_column(columns, requested, candidates, kind):
     if kind == "caption" and "__key__" in columns:  # WebDataset: each member's extension is a column
         hint = (" (WebDataset shards need a caption beside each image, 000001.jpg + 000001.txt; a .tar of "
                 "something else is an archive: extract it first)")
+    dotted = [c for c in columns if "__key__" in columns and "." in str(c)]
+    if dotted:  # img.v2.0.png: key "img", field "v2.0.png"
+        hint = (f" (datasets splits each WebDataset member's name at its first dot, so {dotted[0]!r} is a field of "
+                "its own: rename the members with one dot, before the extension, e.g. 000001.png + 000001.txt)")
     if sum(os.path.splitext(str(c))[1].lower() in IMAGE_EXTS for c in columns) > len(columns) / 2:
         hint = (" (this file is one object mapping file names to captions: write it as JSON Lines, one "
                 "{\"file_name\": ..., \"text\": ...} object per line)")

@@ -1323,6 +1323,13 @@ def test_more_dataset_shapes_load_or_say_what_they_are(tmp_path, caplog):
             info.size = len(payload)
             tar.addfile(info, io.BytesIO(payload))
     assert list(load(tmp_path / "wds-caption" / "bom.tar")["text"]) == ["a red square"]
+    with tarfile.open(tmp_path / "wds-caption" / "dots.tar", "w") as tar:  # datasets' key ends at the first dot
+        for member, payload in (("img.v2.0.png", png.getvalue()), ("img.v2.0.txt", b"a caption")):
+            info = tarfile.TarInfo(member)
+            info.size = len(payload)
+            tar.addfile(info, io.BytesIO(payload))
+    with pytest.raises(T.UserError, match="splits each WebDataset member's name at its first dot, so 'v2.0.png'"):
+        load(tmp_path / "wds-caption" / "dots.tar")
     with pytest.raises(T.UserError, match="caption column 'caption' .* holds bytes that are not UTF-8 text"):
         load(tmp_path / "wds-caption" / "latin1.tar")
     os.rename(tmp_path / "wds" / "shard-000000.tar", tmp_path / "wds" / "00000.tar")  # img2dataset's layout: the
