@@ -1290,46 +1290,41 @@ def test_image_paths_resolve_beside_the_data_never_silently_elsewhere(tmp_path, 
     assert "caption column 'text' is used; the dataset also has 'caption': pass --caption_column" in caplog.text
 
 
+def shard(path, *members, mode="w"):
+    """A tar of (name, bytes) members, as WebDataset shards are written (mode "a" appends)."""
+    import tarfile
+
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with tarfile.open(path, mode) as tar:
+        for name, payload in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(payload)
+            tar.addfile(info, io.BytesIO(payload))
+
+
 def test_more_dataset_shapes_load_or_say_what_they_are(tmp_path, caplog):
     """WebDataset shards load; a ClassLabel caption trains on the class names; a list's null items are never
     drawn. What cannot train is said in one line: several images per row, true/false captions, a JSON object
     of file name -> caption, a save_to_disk dict without train, an archive, Git LFS pointers, a JSON Lines column
     of text and lists, parquet shards that disagree, and no message quotes a base64 "path" in full."""
     import datasets
-    import tarfile
 
     load = lambda *argv: T.load_table(T.parse_args(["--dataset", *map(str, argv)]))[0]
     png = io.BytesIO()
     Image.new("RGB", (32, 32)).save(png, format="PNG")
-    (tmp_path / "wds").mkdir()
-    with tarfile.open(tmp_path / "wds" / "shard-000000.tar", "w") as tar:
-        for key, name, payload in (("000", "png", png.getvalue()), ("000", "txt", b"a shard's caption")):
-            info = tarfile.TarInfo(f"{key}.{name}")
-            info.size = len(payload)
-            tar.addfile(info, io.BytesIO(payload))
+    shard(tmp_path / "wds" / "shard-000000.tar", ("000.png", png.getvalue()), ("000.txt", b"a shard's caption"))
     assert list(load(tmp_path / "wds")["text"]) == ["a shard's caption"]
     assert list(load(tmp_path / "wds" / "shard-000000.tar")["text"]) == ["a shard's caption"]
-    (tmp_path / "wds-caption").mkdir()  # .caption members: bytes to datasets (it decodes .txt only), read as text
+    # .caption members: bytes to datasets (it decodes .txt only), read as text
     for name, caption in (("utf8", "ein Quadrat, gr\u00fcn".encode()), ("latin1", "gr\u00fcn".encode("latin-1"))):
-        with tarfile.open(tmp_path / "wds-caption" / f"{name}.tar", "w") as tar:
-            for member, payload in (("000.png", png.getvalue()), ("000.caption", caption)):
-                info = tarfile.TarInfo(member)
-                info.size = len(payload)
-                tar.addfile(info, io.BytesIO(payload))
+        shard(tmp_path / "wds-caption" / f"{name}.tar", ("000.png", png.getvalue()), ("000.caption", caption))
     assert list(load(tmp_path / "wds-caption" / "utf8.tar")["text"]) == ["ein Quadrat, gr\u00fcn"]
-    with tarfile.open(tmp_path / "wds-caption" / "bom.tar", "w") as tar:  # saved by a Windows editor: no mark trains
-        for member, payload in (("000.png", png.getvalue()), ("000.txt", "\ufeffa red square".encode())):
-            info = tarfile.TarInfo(member)
-            info.size = len(payload)
-            tar.addfile(info, io.BytesIO(payload))
+    # Saved by a Windows editor: no byte-order mark trains.
+    shard(tmp_path / "wds-caption" / "bom.tar", ("000.png", png.getvalue()), ("000.txt", "\ufeffa red square".encode()))
     assert list(load(tmp_path / "wds-caption" / "bom.tar")["text"]) == ["a red square"]
-    with tarfile.open(tmp_path / "wds-caption" / "dots.tar", "w") as tar:  # datasets' key ends at the first dot
-        for member, payload in (("img.v2.0.png", png.getvalue()), ("img.v2.0.txt", b"a caption")):
-            info = tarfile.TarInfo(member)
-            info.size = len(payload)
-            tar.addfile(info, io.BytesIO(payload))
+    shard(tmp_path / "wds-caption" / "dots.tar", ("img.v2.0.png", png.getvalue()), ("img.v2.0.txt", b"a caption"))
     with pytest.raises(T.UserError, match="splits each WebDataset member's name at its first dot, so 'v2.0.png'"):
-        load(tmp_path / "wds-caption" / "dots.tar")
+        load(tmp_path / "wds-caption" / "dots.tar")  # (datasets' key ends at the first dot)
     with pytest.raises(T.UserError, match="caption column 'caption' .* holds bytes that are not UTF-8 text"):
         load(tmp_path / "wds-caption" / "latin1.tar")
     os.rename(tmp_path / "wds" / "shard-000000.tar", tmp_path / "wds" / "00000.tar")  # img2dataset's layout: the
@@ -1359,52 +1354,26 @@ def test_more_dataset_shapes_load_or_say_what_they_are(tmp_path, caplog):
         load(tmp_path / "paths.jsonl")  # ("'list' object has no attribute 'read'" for every row)
     with pytest.raises(T.UserError, match="'imagefolder' is the name of one of datasets' loaders, not a dataset"):
         load("imagefolder")  # datasets read every */train/ under the working folder
-    (tmp_path / "gap").mkdir()  # a shard whose second sample lost its image: that sample is named
-    with tarfile.open(tmp_path / "gap" / "shard.tar", "w") as tar:
-        for key, name, payload in (("000", "png", png.getvalue()), ("000", "txt", b"a"), ("001", "txt", b"b"),
-                                   ("002", "png", png.getvalue()), ("002", "txt", b"c")):
-            info = tarfile.TarInfo(f"{key}.{name}")
-            info.size = len(payload)
-            tar.addfile(info, io.BytesIO(payload))
+    shard(tmp_path / "gap" / "shard.tar", ("000.png", png.getvalue()), ("000.txt", b"a"), ("001.txt", b"b"),
+          ("002.png", png.getvalue()), ("002.txt", b"c"))  # its second sample lost its image: that sample is named
     with pytest.raises(T.UserError, match="shard.tar: sample '001' has txt where the others have png, txt"):
         load(tmp_path / "gap")
-    (tmp_path / "kinds").mkdir()  # one shard of PNGs, one of JPEGs: datasets dropped the second's images
-    for n, (ext, fmt) in enumerate((("png", "PNG"), ("jpg", "JPEG"))):
-        with tarfile.open(tmp_path / "kinds" / f"shard-{n}.tar", "w") as tar:
-            image = io.BytesIO()
-            Image.new("RGB", (32, 32)).save(image, format=fmt)
-            for name, payload in ((f"{n}.{ext}", image.getvalue()), (f"{n}.txt", b"a")):
-                info = tarfile.TarInfo(name)
-                info.size = len(payload)
-                tar.addfile(info, io.BytesIO(payload))
+    for n, (ext, fmt) in enumerate((("png", "PNG"), ("jpg", "JPEG"))):  # PNGs, then JPEGs: datasets dropped the
+        image = io.BytesIO()  # second shard's images
+        Image.new("RGB", (32, 32)).save(image, format=fmt)
+        shard(tmp_path / "kinds" / f"shard-{n}.tar", (f"{n}.{ext}", image.getvalue()), (f"{n}.txt", b"a"))
     with pytest.raises(T.UserError, match="shard-0.tar holds png, txt and .*shard-1.tar jpg, txt: datasets reads"):
         load(tmp_path / "kinds")
     os.rename(tmp_path / "kinds" / "shard-1.tar", tmp_path / "shard-1.tar")
-    with tarfile.open(tmp_path / "kinds" / "shard-1.tar", "w") as tar:  # .JPG beside .png: a column of its own
-        for name, payload in (("1.JPG", png.getvalue()), ("1.txt", b"a")):
-            info = tarfile.TarInfo(name)
-            info.size = len(payload)
-            tar.addfile(info, io.BytesIO(payload))
+    shard(tmp_path / "kinds" / "shard-1.tar", ("1.JPG", png.getvalue()), ("1.txt", b"a"))  # .JPG: a column of its own
     with pytest.raises(T.UserError, match="shard-1.tar JPG, txt"):
         load(tmp_path / "kinds")
-    (tmp_path / "mac").mkdir()  # a shard packed on a Mac: its ._ resource forks are skipped, by datasets and by us
-    with tarfile.open(tmp_path / "mac" / "shard.tar", "w") as tar:
-        for name, payload in (("000.png", png.getvalue()), ("._000.png", b"\0\5\x16\7"), ("000.txt", b"mac")):
-            info = tarfile.TarInfo(name)
-            info.size = len(payload)
-            tar.addfile(info, io.BytesIO(payload))
+    # A shard packed on a Mac: its ._ resource forks are skipped, by datasets and by us.
+    shard(tmp_path / "mac" / "shard.tar", ("000.png", png.getvalue()), ("._000.png", b"\0\5\x16\7"), ("000.txt", b"mac"))
     assert list(load(tmp_path / "mac")["text"]) == ["mac"]
-    for name, payload in (("__meta__.json", b"{}"), ("001.png", png.getvalue()), ("001.txt", b"more"),
-                          ("001.json", b"{}")):  # datasets skips __ members; a later shard's extra field is dropped
-        with tarfile.open(tmp_path / "mac" / "shard.tar", "a") as tar:
-            info = tarfile.TarInfo(name)
-            info.size = len(payload)
-            tar.addfile(info, io.BytesIO(payload))
-    with tarfile.open(tmp_path / "mac" / "shard-2.tar", "w") as tar:
-        for name, payload in (("002.png", png.getvalue()), ("002.txt", b"extra"), ("002.json", b"{}")):
-            info = tarfile.TarInfo(name)
-            info.size = len(payload)
-            tar.addfile(info, io.BytesIO(payload))
+    shard(tmp_path / "mac" / "shard.tar", ("__meta__.json", b"{}"), ("001.png", png.getvalue()), ("001.txt", b"more"),
+          ("001.json", b"{}"), mode="a")  # datasets skips __ members; a later shard's extra field is dropped
+    shard(tmp_path / "mac" / "shard-2.tar", ("002.png", png.getvalue()), ("002.txt", b"extra"), ("002.json", b"{}"))
     assert sorted(load(tmp_path / "mac")["text"]) == ["extra", "mac", "more"]
     labels = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=["cat", "dog"])})
     datasets.Dataset.from_dict({"image": [{"bytes": png.getvalue(), "path": None}] * 2, "label": [1, 0]},
@@ -1470,8 +1439,7 @@ def test_more_dataset_shapes_load_or_say_what_they_are(tmp_path, caplog):
         load(tmp_path / "meta")
     (tmp_path / "backup").mkdir()  # uncaptioned images beside a .tar backup: still "no captions", not a dataset
     Image.new("RGB", (32, 32)).save(tmp_path / "backup" / "a.png")
-    with tarfile.open(tmp_path / "backup" / "old.tar", "w") as tar:
-        tar.add(tmp_path / "backup" / "a.png", arcname="photos/a.png")
+    shard(tmp_path / "backup" / "old.tar", ("photos/a.png", (tmp_path / "backup" / "a.png").read_bytes()))
     with pytest.raises(T.UserError, match="has 1 images but no captions"):
         load(tmp_path / "backup")
     os.remove(tmp_path / "backup" / "a.png")
@@ -1479,8 +1447,8 @@ def test_more_dataset_shapes_load_or_say_what_they_are(tmp_path, caplog):
         load(tmp_path / "backup")
     (tmp_path / "shards").mkdir()
     for name, column in (("a", "text"), ("b", "caption")):
-        shard = datasets.Dataset.from_dict({"image": ["x.png"], column: ["a"]})
-        shard.to_parquet(str(tmp_path / "shards" / f"{name}.parquet"))
+        datasets.Dataset.from_dict({"image": ["x.png"], column: ["a"]}).to_parquet(
+            str(tmp_path / "shards" / f"{name}.parquet"))
     with pytest.raises(T.UserError, match="the data files disagree on their columns or types"):
         load(tmp_path / "shards")
     assert T.describe_image("iVBORw0KGgo" * 1000).endswith("(11000 characters of base64: store images as files "
