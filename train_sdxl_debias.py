@@ -1635,7 +1635,7 @@ def relative_to(source, quiet=False):
     nowhere is named beside the data (then as unreadable), never looked for elsewhere. `quiet`: nothing said."""
     bases = [source] if os.path.isdir(source) else [os.path.dirname(os.path.abspath(source))]
     listed = not os.path.isdir(source)  # a folder's data files are looked for at the first path not beside it
-    said, said_windows = [None] if quiet else [], [None] if quiet else []
+    said, said_windows = ([None], [None]) if quiet else ([], [])  # (not empty: said already)
 
     def more_bases():  # the folders of the data's files, once
         nonlocal listed
@@ -2282,7 +2282,8 @@ def utf8_name(name):
 
 def read_caption(path):
     """A caption file's text: UTF-8 (a byte-order mark dropped), UTF-16 with its mark (Notepad's "Unicode") or
-    without, UTF-32 with its mark, or else Windows-1252 (older Western editors), said in a warning, rather than garbled silently."""
+    without, UTF-32 with its mark, or else Windows-1252 (older Western editors), said in a warning, rather than
+    garbled silently."""
     try:
         with open(path, "rb") as f:
             data = f.read()
