@@ -95,6 +95,8 @@ def tiny_unet_config():
 
 def build_pipeline(tmp, seed=0):
     """The tiny pipeline, in memory; `tmp` is a scratch folder for the tokenizer files."""
+    import transformers
+    transformers.logging.set_verbosity_error()  # its "torchvision is not installed" notices, on every import
     from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
