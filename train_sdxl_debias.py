@@ -2152,7 +2152,8 @@ def guarded_load(name, fn, *a, **kw):
         if not os.path.exists(name) and os.path.isdir(name.split("/")[0]):
             hint = f" (nor is it a local folder: {name!r} does not exist)"
         if any(isinstance(x, UnicodeDecodeError) for x in (e, e.__cause__, e.__context__)):
-            hint = " (a metadata or data file is not UTF-8: save it as UTF-8, in Excel as 'CSV UTF-8')"
+            hint = non_utf8_member(name) or (" (a metadata or data file is not UTF-8: save it as UTF-8, in Excel "
+                                             "as 'CSV UTF-8')")
         if "Couldn't cast" in text:  # the rest of datasets' message is two schemas, many lines long
             hint = (" (the data files disagree on their columns or types: a column missing in one file, or images "
                     "stored as paths in one and as bytes in another; make them alike)")
@@ -2208,6 +2209,21 @@ def odd_webdataset_sample(name, within=True):
         (a, kind_a), (b, kind_b) = first, lacking
         return (f" ({a} holds {', '.join(sorted(kind_a))} and {b} {', '.join(sorted(kind_b))}: datasets "
                 "reads every shard with the first one's columns, so give every shard's samples the same file types)")
+    return ""
+
+
+def non_utf8_member(name):
+    """A hint naming the first .txt member of a WebDataset shard that is not UTF-8 (datasets decodes them and
+    stops on the first such byte without saying where); "" when there is none."""
+    for tar in [f for f in (list_files(name) if os.path.isdir(name) else [name]) if f.lower().endswith(".tar")]:
+        with suppress(OSError, tarfile.TarError), tarfile.open(tar) as t:
+            for m in t:
+                if m.isfile() and m.name.lower().endswith(".txt"):
+                    try:
+                        t.extractfile(m).read().decode("utf-8")
+                    except UnicodeDecodeError:
+                        return (f" ({m.name} in {tar} is not UTF-8: save the captions as UTF-8 and pack the "
+                                "shards again)")
     return ""
 
 

@@ -1327,6 +1327,10 @@ def test_more_dataset_shapes_load_or_say_what_they_are(tmp_path, caplog):
         load(tmp_path / "wds-caption" / "dots.tar")  # (datasets' key ends at the first dot)
     with pytest.raises(T.UserError, match="caption column 'caption' .* holds bytes that are not UTF-8 text"):
         load(tmp_path / "wds-caption" / "latin1.tar")
+    shard(tmp_path / "wds-latin1" / "00.tar", ("000.png", png.getvalue()), ("000.txt", b"a"),
+          ("001.png", png.getvalue()), ("001.txt", "gr\u00fcn".encode("latin-1")))  # .txt: datasets decodes it
+    with pytest.raises(T.UserError, match="001.txt in .*00.tar is not UTF-8: save the captions as UTF-8"):
+        load(tmp_path / "wds-latin1")
     os.rename(tmp_path / "wds" / "shard-000000.tar", tmp_path / "wds" / "00000.tar")  # img2dataset's layout: the
     datasets.Dataset.from_dict({"url": ["http://x/0.png"], "caption": ["from the web"], "key": ["000"],  # parquet
                                 "status": ["success"]}).to_parquet(str(tmp_path / "wds" / "00000.parquet"))  # lists
