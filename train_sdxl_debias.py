@@ -1539,8 +1539,9 @@ def load_table(args):
                             "text: pass --caption_column naming a text column, or save the captions as UTF-8") from None
         table = replace_column(table, "text", texts, datasets.Value("string"), "captions decoded")
     if getattr(table.features["text"], "dtype", "") in ("string", "large_string"):
-        import pyarrow.compute as pc  # a Windows editor's byte-order mark in WebDataset .txt members: a caption
-        texts = table.with_format("arrow")["text"]  # file beside an image has it dropped when read; so here
+        # A Windows editor's byte-order mark, as WebDataset .txt members keep it: dropped, as read_caption does.
+        import pyarrow.compute as pc
+        texts = table.with_format("arrow")["text"]
         if pc.any(pc.starts_with(texts, "\ufeff")).as_py():
             table = replace_column(table, "text", pc.replace_substring_regex(texts, "^\ufeff", ""),
                                    table.features["text"], "byte-order marks dropped")
@@ -1635,7 +1636,7 @@ def relative_to(source, quiet=False):
     nowhere is named beside the data (then as unreadable), never looked for elsewhere. `quiet`: nothing said."""
     bases = [source] if os.path.isdir(source) else [os.path.dirname(os.path.abspath(source))]
     listed = not os.path.isdir(source)  # a folder's data files are looked for at the first path not beside it
-    said, said_windows = ([None], [None]) if quiet else ([], [])  # (not empty: said already)
+    said, said_windows, say = [], [], (lambda *_: None) if quiet else logger.warning
 
     def more_bases():  # the folders of the data's files, once
         nonlocal listed
@@ -1656,15 +1657,15 @@ def relative_to(source, quiet=False):
             found = next((p for n in range(len(parts)) for base in bases  # under the data, set\cat\1.png first
                           if os.path.exists(p := trimmed(os.path.join(base, *parts[n:])))), None)
             if found and not said_windows:
-                said_windows.append(logger.warning("image paths of %s such as %r are Windows paths: read as the "
-                                                   "files under the data that end the same way", source, value))
+                said_windows.append(say("image paths of %s such as %r are Windows paths: read as the files under "
+                                        "the data that end the same way", source, value))
             return found or value  # (not found: named as written, when it fails to open)
         if os.sep == "/" and "\\" in value and not os.path.exists(value):
             value = value.replace("\\", "/")
         if os.path.isabs(value) or value.startswith(("http://", "https://")):
             return trimmed(value)
         for base in bases:
-            for path in (os.path.join(base, value), os.path.join(base, value.strip())):
+            for path in dict.fromkeys((os.path.join(base, value), os.path.join(base, value.strip()))):
                 if os.path.exists(path := trimmed(path)):
                     return path
         if not listed:
@@ -1672,8 +1673,8 @@ def relative_to(source, quiet=False):
             return resolve(value)
         if os.path.exists(here := trimmed(os.path.abspath(value))):
             if not said:
-                said.append(logger.warning("image paths of %s such as %r are found relative to the working "
-                                           "directory, not to the data", source, value))
+                said.append(say("image paths of %s such as %r are found relative to the working directory, not "
+                                "to the data", source, value))
             return here
         return os.path.join(bases[0], value)
 
@@ -1687,12 +1688,13 @@ def trimmed(path, strip=True):
     if os.path.exists(path):
         return path
     head, name = os.path.split(path)
-    if head and head != path and not os.path.isdir(head):
+    if not head.isascii() and head != path and not os.path.isdir(head):  # (ASCII has one form: no stat spent)
         head = trimmed(head, strip=False)
     stripped = name.strip() if strip else name
-    for form in (name, stripped, unicodedata.normalize("NFC", stripped), unicodedata.normalize("NFD", stripped)):
-        if os.path.exists(os.path.join(head, form)):
-            return os.path.join(head, form)
+    forms = (stripped, unicodedata.normalize("NFC", stripped), unicodedata.normalize("NFD", stripped))
+    for form in dict.fromkeys(forms):
+        if (candidate := os.path.join(head, form)) != path and os.path.exists(candidate):
+            return candidate
     return path
 
 
@@ -1805,10 +1807,11 @@ def load_folder(source, args):
                            "captions come from its column (--caption_column); move the metadata file away to use "
                            "the caption files", len(beside), caption_files(sidecars, beside[0])[0])
         patterns, used, held = split_train_files(source, files, sidecars=False)  # (escaped: `[v2]` is no pattern)
-        expanded = next((f for f in files if os.path.expandvars(f) != f), None)
+        read = used + [f for f in files if os.path.basename(f) in METADATA_FILES]  # (what datasets opens)
+        expanded = next((f for f in read if os.path.expandvars(f) != f), None)
         if expanded:  # datasets expands $NAME in every path: price$HOME.png was looked for as price/root.png
-            raise UserError(f"{expanded!r} has a $NAME in it, which datasets reads as an environment variable (it "
-                            f"looks for {os.path.expandvars(expanded)!r}): rename it without '$'")
+            raise UserError(f"{expanded!r} names an environment variable, which datasets expands (it looks for "
+                            f"{os.path.expandvars(expanded)!r}): rename it without '$' (or '%')")
         with old_pandas_strings():
             table = train_split(guarded_load(source, datasets.load_dataset, "imagefolder",
                                              data_files={"train": patterns}, cache_dir=cache_dir), source)
@@ -2057,7 +2060,8 @@ def check_metadata_file(path, metadata=True):
         if os.path.islink(path) and not os.path.exists(path):
             raise UserError(f"{path} is a link to {os.readlink(path)}, which does not exist: replace it with the file"
                             ) from None
-        raise UserError(f"cannot read {path}: {e.strerror}; fix its permissions") from None
+        fix = "fix its permissions" if e.errno in (errno.EACCES, errno.EPERM) else "check the file and the disk"
+        raise UserError(f"cannot read {path}: {e.strerror}; {fix}") from None
     if head.startswith(LFS_POINTER):
         raise UserError(f"{path} is a Git LFS pointer, not the data: run `git lfs pull` in the dataset's repository")
     if head.startswith(UTF16_BOMS):
@@ -2212,13 +2216,20 @@ def odd_webdataset_sample(name, within=True):
     return ""
 
 
-def non_utf8_member(name):
-    """A hint naming the first .txt member of a WebDataset shard that is not UTF-8 (datasets decodes them and
-    stops on the first such byte without saying where); "" when there is none."""
-    for tar in [f for f in (list_files(name) if os.path.isdir(name) else [name]) if f.lower().endswith(".tar")]:
+def non_utf8_member(name, budget=256 * 2**20):
+    """A hint naming the first text member (.txt, .json, .cls: datasets decodes those) of a WebDataset shard
+    that is not UTF-8, where datasets stops without saying where; "" when none is found in the first 16 shards
+    and `budget` bytes read, or when a metadata file is there to blame instead."""
+    files = list_files(name) if os.path.isdir(name) else [name]
+    if any(os.path.basename(f) in METADATA_FILES for f in files):
+        return ""
+    for tar in [f for f in files if f.lower().endswith(".tar")][:16]:
         with suppress(OSError, tarfile.TarError), tarfile.open(tar) as t:
             for m in t:
-                if m.isfile() and m.name.lower().endswith(".txt"):
+                if budget <= 0:
+                    return ""
+                if m.isfile() and os.path.splitext(m.name)[1].lower() in (".txt", ".json", ".cls"):
+                    budget -= m.size
                     try:
                         t.extractfile(m).read().decode("utf-8")
                     except UnicodeDecodeError:
@@ -2241,9 +2252,9 @@ def lfs_pointer(path):
 
 CAPTION_EXTS = (".txt", ".caption")
 # Synology's thumbnails (@eaDir/IMG_1.JPG/SYNOPHOTO_THUMB_XL.jpg: a copy of every photo, five sizes) and recycle
-# bins, QNAP's, Windows': images, but not the data.
-SYSTEM_FOLDERS = {"@eaDir", "#recycle", "#snapshot", "@Recycle", "@Recently-Snapshot", "$RECYCLE.BIN",
-                  "System Volume Information"}
+# bins, QNAP's, Windows': images, but not the data. In lower case: Windows writes $Recycle.Bin and $RECYCLE.BIN.
+SYSTEM_FOLDERS = {"@eadir", "#recycle", "#snapshot", "@recycle", "@recently-snapshot", "$recycle.bin",
+                  "system volume information"}
 
 
 def list_files(folder, exclude=None, outputs=None):
@@ -2253,7 +2264,7 @@ def list_files(folder, exclude=None, outputs=None):
     (.ipynb_checkpoints copies, macOS' ._ resource forks and __MACOSX, as datasets' imagefolder does), and the
     thumbnail and recycle folders NAS boxes and Windows put in shared folders (SYSTEM_FOLDERS)."""
     files, misnamed, special, seen, skip = [], [], [], set(), os.path.realpath(exclude) if exclude else None
-    hidden = lambda n: n.startswith((".", "__MACOSX")) or n in SYSTEM_FOLDERS
+    hidden = lambda n: n.startswith((".", "__MACOSX")) or n.lower() in SYSTEM_FOLDERS
 
     def unreadable(e):
         logger.warning("cannot read folder %s (%s): its images are not used", e.filename, e.strerror)
@@ -2305,10 +2316,13 @@ def read_caption(path):
             data = f.read()
     except OSError as e:
         raise UserError(f"cannot read caption file {path!r}: {e.strerror}; fix its permissions or remove it") from None
-    if data.startswith((b"\xff\xfe\x00\x00", b"\x00\x00\xfe\xff")):  # UTF-32's marks (the first begins as UTF-16's)
-        return data.decode("utf-32").strip()
-    if data.startswith(UTF16_BOMS):
-        return data.decode("utf-16").strip()
+    for marks, codec in (((b"\xff\xfe\x00\x00", b"\x00\x00\xfe\xff"), "utf-32"), (UTF16_BOMS, "utf-16")):
+        if data.startswith(marks):  # (UTF-32's little-endian mark begins as UTF-16's: it is tried first)
+            try:
+                return data.decode(codec).strip()
+            except UnicodeDecodeError:
+                raise UserError(f"caption file {path!r} starts with a {codec.upper()} mark but is not {codec.upper()} "
+                                "(cut short?): save it again, as UTF-8") from None
     odd, even = data[1::2].count(0), data[0::2].count(0)
     if max(odd, even) > len(data) / 6:  # UTF-16 without its mark: ASCII's zero bytes, a third of one parity or more
         codec = "utf-16-le" if odd > even else "utf-16-be"
@@ -2366,17 +2380,18 @@ def caption_index(files, extension=None):
     return captions
 
 
-def caption_files(captions, image):
-    """An image's caption files, the one it uses first: IMG_1.JPG.txt as some taggers name them (it names this
-    image alone, where IMG_1.txt may be shared with an IMG_1.png), then IMG_1.txt; .txt before .caption. One named
+def caption_files(captions, image, own_first=False):
+    """An image's caption files, the one it uses first: IMG_1.txt for IMG_1.JPG (as kohya reads it), then
+    IMG_1.JPG.txt as some taggers name them; .txt before .caption. `own_first`: another image shares the name
+    (IMG_1.png), so IMG_1.JPG.txt, which names this image alone, comes before the shared IMG_1.txt. One named
     exactly as the image wins over those that match only with case ignored: cat.png and Cat.png, each with its own
     caption, do not share one."""
     stem = os.path.splitext(image)[0]
     found = captions.get(name_key(stem), []) + captions.get(name_key(image), [])
     names = {unicodedata.normalize("NFC", stem), unicodedata.normalize("NFC", image)}
     exact = [f for f in found if unicodedata.normalize("NFC", os.path.splitext(f)[0]) in names]
-    return sorted(exact or found, key=lambda f: (name_key(os.path.splitext(f)[0]) != name_key(image),
-                                                 os.path.splitext(f)[1].lower() != ".txt"))
+    return sorted(exact or found, key=lambda f: (os.path.splitext(f)[1].lower() != ".txt",
+                                                 own_first and name_key(os.path.splitext(f)[0]) != name_key(image)))
 
 
 def kohya_near_miss(source, images, captions):
@@ -2432,8 +2447,9 @@ def find_captions(source, files, images, extension=None):
                            len(loose), ", ".join(os.path.basename(p) for p in loose[:10]))
             images = [path for path in images if os.sep in os.path.relpath(path, source)]
     paths, texts, differing, users = [], [], [], {}
+    stems = collections.Counter(name_key(os.path.splitext(p)[0]) for p in images)
     for path in images:
-        found = caption_files(captions, path)
+        found = caption_files(captions, path, own_first=stems[name_key(os.path.splitext(path)[0])] > 1)
         if found:
             users.setdefault(found[0], []).append(os.path.basename(path))
         repeats, words = kohya[os.path.relpath(path, source).split(os.sep)[0]] if kohya else (1, "")
@@ -2443,9 +2459,9 @@ def find_captions(source, files, images, extension=None):
         paths += [os.path.abspath(path)] * repeats
         texts += [text] * repeats
     if differing:  # a .txt of tags beside a .caption of sentences, say: which one trains is the user's choice
-        logger.warning("%d images have caption files that differ (e.g. %s): the first is used (IMG.jpg.txt before "
-                       "IMG.txt, .txt before .caption); pass --caption_extension to pick one kind", len(differing),
-                       " and ".join(differing[0]))
+        logger.warning("%d images have caption files that differ (e.g. %s): the first is used (.txt before .caption, "
+                       "IMG.txt before IMG.jpg.txt unless an IMG.png shares it); pass --caption_extension to pick one "
+                       "kind, or remove the file not meant", len(differing), " and ".join(differing[0]))
     shared = [(caption, names) for caption, names in users.items() if len(names) > 1]
     if shared:  # a.png converted to a.webp, the original kept: the same picture would train twice as often
         caption, names = shared[0]
@@ -2500,10 +2516,12 @@ def pick_column(columns, requested, candidates, kind):
     if kind == "caption" and "__key__" in columns:  # WebDataset: each member's extension is a column
         hint = (" (WebDataset shards need a caption beside each image, 000001.jpg + 000001.txt; a .tar of "
                 "something else is an archive: extract it first)")
-    dotted = [c for c in columns if "__key__" in columns and "." in str(c)]
+    media = lambda c: os.path.splitext(str(c))[1].lower() in (*IMAGE_EXTS, *CAPTION_EXTS)
+    dotted = [c for c in columns if "." in str(c) and media(c)] if "__key__" in columns else []
     if dotted:  # img.v2.0.png: key "img", field "v2.0.png"
         hint = (f" (datasets splits each WebDataset member's name at its first dot, so {dotted[0]!r} is a field of "
-                "its own: rename the members with one dot, before the extension, e.g. 000001.png + 000001.txt)")
+                "its own: rename the members with one dot, before the extension, e.g. 000001.png + 000001.txt; or, "
+                "if every sample's fields are named alike, pass them as --image_column and --caption_column)")
     if sum(os.path.splitext(str(c))[1].lower() in IMAGE_EXTS for c in columns) > len(columns) / 2:
         hint = (" (this file is one object mapping file names to captions: write it as JSON Lines, one "
                 "{\"file_name\": ..., \"text\": ...} object per line)")
@@ -3872,7 +3890,8 @@ def portable_pipeline(folder):
             continue
         with open(os.path.join(folder, name, "vocab.json"), "w", encoding="utf-8") as f:
             json.dump(model["vocab"], f, ensure_ascii=False)
-        with open(os.path.join(folder, name, "merges.txt"), "w", encoding="utf-8") as f:  # (CLIP skips line 1)
+        # transformers 4's CLIPTokenizer skips the first line of merges.txt: the header CLIP's own file has.
+        with open(os.path.join(folder, name, "merges.txt"), "w", encoding="utf-8") as f:
             f.write("#version: 0.2\n" + "".join((m if isinstance(m, str) else " ".join(m)) + "\n"
                                                  for m in model["merges"]))
 
@@ -4585,7 +4604,6 @@ def train(args):
     params, optimizer, lr_scheduler = make_optimization(args, m, accelerator, max_steps)
     torch.manual_seed(derive_seed(args.seed, "dropout", rank))  # distinct dropout per rank; restored on resume
     global_step = resume(accelerator, args, optimizer, lr_scheduler) if args.resume_from_checkpoint else 0
-    first_step = global_step
     if global_step > max_steps:
         raise UserError(f"the checkpoint is at step {global_step}, past this run's {max_steps} steps: raise "
                         "--max_train_steps (or --num_train_epochs) to train on, or resume an earlier checkpoint")
@@ -4613,7 +4631,7 @@ def train(args):
     first_epoch = num_epochs if global_step >= max_steps else global_step // steps_per_epoch  # already done
     # Closed however the run ends: the bar (so an error is the last line) and the loader's workers.
     with bar as progress, workers_stopped(loader):
-        nonfinite = NonFiniteGuard(args, accelerator, optimizer)
+        nonfinite, heap = NonFiniteGuard(args, accelerator, optimizer), HeapFreezer()
         if grid_missing(args, global_step, max_steps) and accelerator.is_main_process:
             run_validation(accelerator, args, m, global_step, accelerator.trackers)
         for model in trained:
@@ -4637,7 +4655,7 @@ def train(args):
                                                nonfinite, global_step)
                 global_step += 1
                 progress.update(1)
-                freeze_heap(global_step - first_step)
+                heap.after_step()
                 after_step(accelerator, args, m, metrics, nonfinite, progress, global_step, max_steps, epoch, lr,
                            grad_norm, lr_scheduler)
                 if global_step >= max_steps:
@@ -4694,16 +4712,26 @@ def update_weights(accelerator, args, m, params, optimizer, lr_scheduler, metric
 HEAP_FREEZE_STEPS = 3  # torch.compile compiles in a run's first step; CUDA graphs record in its second and third
 
 
-def freeze_heap(steps_run):
-    """After each of a run's first HEAP_FREEZE_STEPS steps: one garbage collection, then every object still alive
-    is left out of later ones (gc.freeze). Loading the models and compiling them leave ~600 k long-lived objects
-    (609 k with the tiny UNet compiled), and Python's full collection walks them all whenever enough new objects
-    have survived since the last one: 0.4-0.5 s on this project's CPU, a pause the GPU waits out with an empty
-    queue. Frozen, a full collection takes 0.04 ms. Objects freed by reference counting (almost all a step makes)
-    are freed as before."""
-    if steps_run <= HEAP_FREEZE_STEPS:
-        gc.collect()
-        gc.freeze()
+class HeapFreezer:
+    """After each of a run's first HEAP_FREEZE_STEPS steps, and after any later one that compiled new graphs (a
+    new bucket shape): one garbage collection, then every object still alive is left out of later ones
+    (gc.freeze). Loading the models and compiling them leave ~600 k long-lived objects (609 k with the tiny UNet
+    compiled), and Python's full collection walks them all whenever enough new objects have survived since the
+    last one: 0.4-0.5 s on this project's CPU, a pause the GPU waits out with an empty queue. Frozen, a full
+    collection takes 0.04 ms. Objects freed by reference counting (almost all a step makes) are freed as before;
+    main() unfreezes when the run ends."""
+
+    def __init__(self):
+        self.steps, self.graphs = 0, 0
+
+    def after_step(self):
+        self.steps += 1
+        dynamo = sys.modules.get("torch._dynamo.utils")  # (loaded by --compile)
+        graphs = dynamo.counters["stats"]["unique_graphs"] if dynamo else 0
+        if self.steps <= HEAP_FREEZE_STEPS or graphs > self.graphs:
+            gc.collect()
+            gc.freeze()
+        self.graphs = graphs
 
 
 class DataReport:
@@ -4825,7 +4853,7 @@ def main(argv=None):
         ending = True
         return report(e, args)
     finally:
-        gc.unfreeze()  # (freeze_heap's objects: a second run in this process may collect the first's)
+        gc.unfreeze()  # (HeapFreezer's objects: a second run in this process may collect the first's)
     return 0
 
 

@@ -29,7 +29,7 @@ Each configuration prints one JSON line: its settings and
   gc_ms_steps     the host's garbage-collection pauses in each of those steps (a full collection after a
                   compile can take a second)
   gc_full_ms      one full collection run after the timed steps: the pause a step takes whenever Python decides
-                  on one (the trainer's freeze_heap keeps the models' and compiler's objects out of it)
+                  on one (the trainer's HeapFreezer keeps the models' and compiler's objects out of it)
   img_per_s       batch size x accumulation / ms_per_step (`--gradient_accumulation_steps N`, passed through to the
                   trainer, makes a step N micro-batches, as the trainer does)
   peak_mem_gib    torch.cuda.max_memory_allocated on a GPU (weights, optimizer state, activations); on the CPU
@@ -303,7 +303,7 @@ class Trainer:
     precision, T.make_optimization (parameter groups, optimizer, lr schedule, accelerator.prepare, which also
     puts the trained models' forward under autocast), then per step T.training_step, accelerator.backward,
     MetricsLog.add and T.update_weights (clip, the non-finite guard, optimizer and EMA step, schedule, zero_grad),
-    and T.freeze_heap after the first steps. Left out: the data loader (the batch is already in pinned host
+    and T.HeapFreezer after each step. Left out: the data loader (the batch is already in pinned host
     memory), log rows, checkpoints."""
 
     def __init__(self, m, args, batch, device):
@@ -318,7 +318,7 @@ class Trainer:
         self.metrics = T.MetricsLog(os.devnull, m.noise_scheduler.config.num_train_timesteps)
         self.guard = T.NonFiniteGuard(args, self.accelerator, self.optimizer)
         self.generator = torch.Generator(device)
-        self.steps_run = 0
+        self.heap = T.HeapFreezer()
 
     def forward_backward(self, step, micro=0):
         accum = self.args.gradient_accumulation_steps
@@ -334,8 +334,7 @@ class Trainer:
             self.metrics.add(self.forward_backward(step, micro))
         T.update_weights(self.accelerator, self.args, self.m, self.params, self.optimizer, self.lr_scheduler,
                          self.metrics, self.guard, step)
-        self.steps_run += 1
-        T.freeze_heap(self.steps_run)
+        self.heap.after_step()
 
     def finish(self):
         """The last step's non-finite verdict, which the trainer reads before its next log row."""
@@ -582,7 +581,7 @@ def device_name(device):
 def free_memory(device, compiled):
     if compiled:
         torch._dynamo.reset()  # compiled graphs hold on to their modules
-    gc.unfreeze()  # (T.freeze_heap's: a model in a reference cycle would otherwise outlive its configuration)
+    gc.unfreeze()  # (T.HeapFreezer's: a model in a reference cycle would otherwise outlive its configuration)
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()

@@ -73,7 +73,7 @@ if [ "$PART" = open ] || [ "$PART" = all ]; then
   # The full fine-tune's target (batch 1, checkpointing) under CUDA graphs, transformers scope: 154.6 ms median
   # (6.47 img/s) on 2026-11-27, but the 10 steps' wall-clock mean was 253 ms. 30 steps, each one's time in the
   # JSON's ms_steps, say whether that was one slow step or a recurring one; gc_ms_steps and gc_full_ms whether
-  # the garbage collector is still in it now that freeze_heap keeps the compiler's objects out of collections.
+  # the garbage collector is still in it now that HeapFreezer keeps the compiler's objects out of collections.
   run --finetune full --batch_size 1 --gradient_checkpointing on --compile reduce-overhead --compile_scope transformers --steps 30
   # The MFU stretch goal (40 %): batch 8 ran 39.6 % (60 GiB), batch 4 35.7 %; the largest batch that fits 80 GB.
   run --finetune lora --batch_size 10 --compile reduce-overhead --compile_scope transformers

@@ -91,24 +91,32 @@ def test_garbage_collection_pauses_are_counted_per_step():
     assert not any(isinstance(cb, benchmark.GcPauses) for cb in gc.callbacks)
 
 
-def test_the_first_steps_leave_the_models_objects_out_of_later_collections():
-    """After a run's first steps (compiling, CUDA graph recording), what is alive is frozen, so a later full
-    collection does not walk the models' and compiler's objects; objects made later are collected as usual, and
-    main() unfreezes when the run ends."""
+def test_the_first_steps_and_new_graphs_leave_their_objects_out_of_later_collections():
+    """After a run's first steps (compiling, CUDA graph recording), and after a later step that compiled new graphs
+    (a new bucket shape), what is alive is frozen, so a later full collection does not walk the models' and
+    compiler's objects; objects made otherwise are collected as usual, and main() unfreezes when the run ends."""
     import gc
 
+    from torch._dynamo.utils import counters
+
     model = torch.nn.Sequential(*[torch.nn.Linear(1, 1) for _ in range(2000)])  # ~a model's worth of objects
+    heap, graphs = T.HeapFreezer(), counters["stats"]["unique_graphs"]
     try:
-        T.freeze_heap(1)
+        heap.after_step()
         assert gc.get_freeze_count() > 2000
         tracked = {id(o) for o in gc.get_objects()}
         assert not any(id(layer) in tracked for layer in model)
-        later = torch.nn.Linear(1, 1)
-        T.freeze_heap(T.HEAP_FREEZE_STEPS + 1)  # past the first steps: nothing more is frozen
+        for _ in range(T.HEAP_FREEZE_STEPS):  # the first steps, then one more: nothing new compiled
+            later = torch.nn.Linear(1, 1)
+            heap.after_step()
         assert any(o is later for o in gc.get_objects())
+        counters["stats"]["unique_graphs"] += 1  # a step that compiled a graph: what it left is frozen
+        heap.after_step()
+        assert not any(o is later for o in gc.get_objects())
         assert T.main(["--dataset"]) == 2  # (a flag without its value: one line, exit 2)
         assert gc.get_freeze_count() == 0 and any(o is model[0] for o in gc.get_objects())
     finally:
+        counters["stats"]["unique_graphs"] = graphs
         gc.unfreeze()
 
 

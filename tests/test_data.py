@@ -795,7 +795,12 @@ def test_caption_extension_picks_one_kind_and_differing_caption_files_are_named(
     for name, text in (("d.png.txt", "d png"), ("d.jpg.txt", "d jpg"), ("d.txt", "d shared")):
         (folder / name).write_text(text, encoding="utf-8")
     assert {k: v for k, v in read().items() if k.startswith("d.")} == {"d.png": "d png", "d.jpg": "d jpg"}
-    for name in ("d.png", "d.jpg", "d.png.txt", "d.jpg.txt", "d.txt"):
+    os.remove(folder / "d.png")  # one d image: d.txt, as kohya reads it, before d.jpg.txt
+    assert read()["d.jpg"] == "d shared"
+    os.remove(folder / "d.txt")  # and d.jpg.txt before a .caption
+    (folder / "d.caption").write_text("d sentence", encoding="utf-8")
+    assert read()["d.jpg"] == "d jpg"
+    for name in ("d.jpg", "d.png.txt", "d.jpg.txt", "d.caption"):
         os.remove(folder / name)
     caplog.clear()
     assert "captioned files" not in caplog.text  # c.png.txt is c.png's caption, not a file left out
@@ -1026,9 +1031,13 @@ def test_a_dollar_name_in_an_imagefolder_is_named_not_looked_for_elsewhere(tmp_p
         Image.new("RGB", (32, 32)).save(tmp_path / name)
     (tmp_path / "metadata.jsonl").write_text("".join(json.dumps({"file_name": n, "text": n}) + "\n"
                                                      for n in ("a.png", "price$HOME.png")))
-    with pytest.raises(T.UserError, match=r"price\$HOME.png' has a \$NAME in it, .* looks for '.*price/root.png'\): "
-                                          r"rename it without '\$'"):
+    (tmp_path / "notes$HOME.txt").write_text("not read by datasets: no matter")
+    with pytest.raises(T.UserError, match=r"price\$HOME.png' names an environment variable, which datasets expands "
+                                          r"\(it looks for '.*price/root.png'\): rename it without '\$'"):
         T.load_table(T.parse_args(["--dataset", str(tmp_path)]))
+    os.rename(tmp_path / "price$HOME.png", tmp_path / "price.png")
+    (tmp_path / "metadata.jsonl").write_text(json.dumps({"file_name": "price.png", "text": "p"}) + "\n")
+    assert T.load_table(T.parse_args(["--dataset", str(tmp_path)]))[0]["text"] == ["p"]
 
 
 def test_a_metadata_csv_from_a_spreadsheet_loads_or_says_what_to_fix(tmp_path, caplog):
@@ -1130,8 +1139,9 @@ def test_caption_encodings_hidden_files_and_odd_names(tmp_path, caplog):
     (folder / ".ipynb_checkpoints").mkdir(parents=True)
     (folder / "__MACOSX").mkdir()
     (folder / "@eaDir" / "photo.jfif").mkdir(parents=True)  # a Synology NAS's thumbnails of each photo
+    (folder / "$Recycle.Bin").mkdir()  # Windows' recycle bin, in the case it has on C:
     for name in ("latin", "notepad", "photo", ".ipynb_checkpoints/photo-checkpoint", "__MACOSX/._photo", "._photo",
-                 "@eaDir/photo.jfif/SYNOPHOTO_THUMB_M"):
+                 "@eaDir/photo.jfif/SYNOPHOTO_THUMB_M", "$Recycle.Bin/photo"):
         Image.new("RGB", (32, 32)).save(folder / f"{name}.png" if "photo" not in name else folder / f"{name}.jfif",
                                         format="PNG" if "photo" not in name else "JPEG")
         (folder / f"{name}.txt").write_text("a copy", encoding="utf-8")
@@ -1149,6 +1159,9 @@ def test_caption_encodings_hidden_files_and_odd_names(tmp_path, caplog):
     for mark, codec in ((codecs.BOM_UTF32_LE, "utf-32-le"), (codecs.BOM_UTF32_BE, "utf-32-be")):  # LE's mark begins
         (folder / "notepad.txt").write_bytes(mark + "a naïve ninja".encode(codec))  # as UTF-16's
         assert T.read_caption(str(folder / "notepad.txt")) == "a naïve ninja"
+        (folder / "notepad.txt").write_bytes(mark + "a naïve ninja".encode(codec)[:-1])  # cut short: named
+        with pytest.raises(T.UserError, match="notepad.txt' starts with a UTF-32 mark but is not UTF-32 .*save it"):
+            T.read_caption(str(folder / "notepad.txt"))
     for text in (b"a cat\x00\n", b"masterpiece, best quality\x00"):  # a stray NUL from a script: dropped
         (folder / "notepad.txt").write_bytes(text)
         assert T.read_caption(str(folder / "notepad.txt")) == text.decode().strip("\x00\n")
@@ -1325,6 +1338,10 @@ def test_more_dataset_shapes_load_or_say_what_they_are(tmp_path, caplog):
     shard(tmp_path / "wds-caption" / "dots.tar", ("img.v2.0.png", png.getvalue()), ("img.v2.0.txt", b"a caption"))
     with pytest.raises(T.UserError, match="splits each WebDataset member's name at its first dot, so 'v2.0.png'"):
         load(tmp_path / "wds-caption" / "dots.tar")  # (datasets' key ends at the first dot)
+    shard(tmp_path / "wds-caption" / "meta.tar", ("000.png", png.getvalue()), ("000.meta.json", b"{}"))
+    with pytest.raises(T.UserError, match="WebDataset shards need a caption beside each image") as caught:
+        load(tmp_path / "wds-caption" / "meta.tar")  # no caption at all: not a matter of dots
+    assert "first dot" not in str(caught.value)
     with pytest.raises(T.UserError, match="caption column 'caption' .* holds bytes that are not UTF-8 text"):
         load(tmp_path / "wds-caption" / "latin1.tar")
     shard(tmp_path / "wds-latin1" / "00.tar", ("000.png", png.getvalue()), ("000.txt", b"a"),
