@@ -1789,7 +1789,7 @@ def load_folder(source, args):
         return guarded_load(source, datasets.load_from_disk, source)
     outputs = [output_dir] if output_dir and inside(output_dir, source) else []  # (this run's, if not made yet)
     files = list_files(source, exclude=output_dir, outputs=outputs)  # (+ earlier runs')
-    metadata = any(os.path.basename(f) in METADATA_FILES for f in files)
+    metadata = [f for f in files if os.path.basename(f) in METADATA_FILES]
     images = [f for f in files if os.path.splitext(f)[1].lower() in IMAGE_EXTS]
     # Data files make a dataset; a lone .json or .tar beside images is more likely an info file or a backup.
     data_files = any(os.path.splitext(f)[1].lower() in DATA_FILES and not
@@ -1797,9 +1797,8 @@ def load_folder(source, args):
     if metadata:
         unused_flags(args, "an imagefolder (captions from its metadata file)", "dataset_config_name",
                      "caption_extension")
-        for f in files:
-            if os.path.basename(f) in METADATA_FILES:
-                check_metadata_file(f)
+        for f in metadata:
+            check_metadata_file(f)
         sidecars = caption_index(files)
         beside = [p for p in images if caption_files(sidecars, p)]
         if beside:  # two sources of captions: say which one trains
@@ -1807,8 +1806,7 @@ def load_folder(source, args):
                            "captions come from its column (--caption_column); move the metadata file away to use "
                            "the caption files", len(beside), caption_files(sidecars, beside[0])[0])
         patterns, used, held = split_train_files(source, files, sidecars=False)  # (escaped: `[v2]` is no pattern)
-        read = used + [f for f in files if os.path.basename(f) in METADATA_FILES]  # (what datasets opens)
-        expanded = next((f for f in read if os.path.expandvars(f) != f), None)
+        expanded = next((f for f in used + metadata if os.path.expandvars(f) != f), None)  # (what datasets opens)
         if expanded:  # datasets expands $NAME in every path: price$HOME.png was looked for as price/root.png
             raise UserError(f"{expanded!r} names an environment variable, which datasets expands (it looks for "
                             f"{os.path.expandvars(expanded)!r}): rename it without '$' (or '%')")
@@ -2170,8 +2168,7 @@ def guarded_load(name, fn, *a, **kw):
         if "Config name is missing" in text:
             configs = re.search(r"available configs: (\[.*?\])", text)
             hint = f" (pass --dataset_config_name, one of {configs.group(1) if configs else 'its configs'})"
-        pointers = [f for f in (list_files(name) if os.path.isdir(name) else [name] if os.path.isfile(name) else [])
-                    if os.path.splitext(f)[1].lower() in DATA_FILES and lfs_pointer(f)]
+        pointers = [f for f in local_files(name) if os.path.splitext(f)[1].lower() in DATA_FILES and lfs_pointer(f)]
         if pointers:
             hint = f" ({pointers[0]} is a Git LFS pointer, not the data: run `git lfs pull` in the dataset's repository)"
         raise UserError(f"cannot load dataset {name!r}: {reason}{hint}") from None
@@ -2185,9 +2182,8 @@ def odd_webdataset_sample(name, within=True):
     columns: the rows of a shard of .png where the first has .jpg lost their images), or with `within`, the first
     sample whose files differ from the others' in its shard (an image missing: datasets refuses the shard);
     "" when all are alike. Hidden members (macOS' ._ files) are skipped, as datasets skips them."""
-    tars = [f for f in (list_files(name) if os.path.isdir(name) else [name]) if f.lower().endswith(".tar")]
     usual_of = {}
-    for tar in tars[:16]:  # member names only, no data read: fast even on large shards
+    for tar in shards_of(local_files(name)):  # member names only, no data read: fast even on large shards
         try:
             with tarfile.open(tar) as t:
                 samples = {}
@@ -2216,14 +2212,25 @@ def odd_webdataset_sample(name, within=True):
     return ""
 
 
+def local_files(name):
+    """The files of local data: a folder's (list_files), a file itself, or none (a Hub id)."""
+    return list_files(name) if os.path.isdir(name) else [name] if os.path.isfile(name) else []
+
+
+def shards_of(files, most=16):
+    """The first `most` .tar files: what the WebDataset hints look into (enough to find an odd shard, without
+    reading a terabyte of them on an error path)."""
+    return [f for f in files if f.lower().endswith(".tar")][:most]
+
+
 def non_utf8_member(name, budget=256 * 2**20):
     """A hint naming the first text member (.txt, .json, .cls: datasets decodes those) of a WebDataset shard
     that is not UTF-8, where datasets stops without saying where; "" when none is found in the first 16 shards
     and `budget` bytes read, or when a metadata file is there to blame instead."""
-    files = list_files(name) if os.path.isdir(name) else [name]
+    files = local_files(name)
     if any(os.path.basename(f) in METADATA_FILES for f in files):
         return ""
-    for tar in [f for f in files if f.lower().endswith(".tar")][:16]:
+    for tar in shards_of(files):
         with suppress(OSError, tarfile.TarError), tarfile.open(tar) as t:
             for m in t:
                 if budget <= 0:
@@ -3870,16 +3877,17 @@ def portable_pipeline(folder):
     prefixed = lambda k: k if k.startswith("text_model.") else "text_model." + k
     with open(os.path.join(encoder, "config.json")) as f:
         clip_l = json.load(f).get("architectures") == ["CLIPTextModel"]  # (text_encoder_2 keeps its prefix)
-    for path in glob.glob(os.path.join(encoder, "*.safetensors")) if clip_l else ():
-        state = load_file(path)
-        if any(k != prefixed(k) for k in state):
-            save_file({prefixed(k): v for k, v in state.items()}, path, metadata={"format": "pt"})
-    for path in glob.glob(os.path.join(encoder, "*.safetensors.index.json")) if clip_l else ():  # sharded: the map
-        with open(path) as f:
-            index = json.load(f)
-        index["weight_map"] = {prefixed(k): v for k, v in index["weight_map"].items()}
-        with open(path, "w") as f:
-            json.dump(index, f, indent=2)
+    if clip_l:
+        for path in glob.glob(os.path.join(encoder, "*.safetensors")):
+            state = load_file(path)
+            if any(k != prefixed(k) for k in state):
+                save_file({prefixed(k): v for k, v in state.items()}, path, metadata={"format": "pt"})
+        for path in glob.glob(os.path.join(encoder, "*.safetensors.index.json")):  # sharded: its map too
+            with open(path) as f:
+                index = json.load(f)
+            index["weight_map"] = {prefixed(k): v for k, v in index["weight_map"].items()}
+            with open(path, "w") as f:
+                json.dump(index, f, indent=2)
     for name in ("tokenizer", "tokenizer_2"):
         path = os.path.join(folder, name, "tokenizer.json")
         if not os.path.exists(path) or os.path.exists(os.path.join(folder, name, "vocab.json")):
