@@ -70,14 +70,11 @@ run() {
 # configurations whose numbers benchmarks/RESULTS.md gives (device calls of 2026-11-26 and 27); `all` both.
 PART=${1:-open}
 if [ "$PART" = open ] || [ "$PART" = all ]; then
-  # The full fine-tune's target (batch 1, checkpointing) under CUDA graphs, transformers scope: 154.6 ms median
-  # (6.47 img/s) on 2026-11-27, but the 10 steps' wall-clock mean was 253 ms. 30 steps, each one's time in the
-  # JSON's ms_steps, say whether that was one slow step or a recurring one; gc_ms_steps and gc_full_ms whether
-  # the garbage collector is still in it now that HeapFreezer keeps the compiler's objects out of collections.
-  run --finetune full --batch_size 1 --gradient_checkpointing on --compile reduce-overhead --compile_scope transformers --steps 30
-  # The MFU stretch goal (40 %): batch 8 ran 39.6 % (60 GiB), batch 4 35.7 %; the largest batch that fits 80 GB.
-  run --finetune lora --batch_size 10 --compile reduce-overhead --compile_scope transformers
-  # The same full fine-tune with the default scope (a shorter compile), then the 10 GB LoRA under CUDA graphs.
+  # The MFU stretch goal (40 %): batch 8 ran 39.6 %, batch 10 39.3 %. Channels-last convolutions at batch 8: the
+  # batch-4 profile shows cuDNN's NCHW->NHWC transposes around every convolution. Its cold compile did not finish
+  # in 255 s on 2026-11-27 (third session): give it a call of its own, or a warm inductor cache.
+  run --finetune lora --batch_size 8 --compile reduce-overhead --compile_scope transformers --channels_last on --steps 8
+  # The same full fine-tune as in `measured` with the default scope (a shorter compile), then the 10 GB LoRA under CUDA graphs.
   run --finetune full --batch_size 1 --gradient_checkpointing on --compile reduce-overhead --profile 3
   run --finetune lora --batch_size 1 --gradient_checkpointing on --compile reduce-overhead --compile_scope transformers
   run --finetune lora --batch_size 1 --compile reduce-overhead --compile_scope stages
@@ -99,6 +96,10 @@ if [ "$PART" = measured ] || [ "$PART" = all ]; then
   run --finetune full --batch_size 1 --gradient_checkpointing on --compile reduce-overhead --compile_scope transformers --profile 3
   run --finetune lora --batch_size 4,8 --compile reduce-overhead --compile_scope transformers
   run --finetune lora --batch_size 8 --compile reduce-overhead --compile_scope transformers --cudnn_benchmark on
+  # 2026-11-27 (third): the full fine-tune's wall-clock rate over 30 steps (ms_steps, gc_ms_steps, gc_full_ms),
+  # and the largest LoRA batch that fits 80 GB.
+  run --finetune full --batch_size 1 --gradient_checkpointing on --compile reduce-overhead --compile_scope transformers --steps 30
+  run --finetune lora --batch_size 10 --compile reduce-overhead --compile_scope transformers
   # CUDA graphs with gradient accumulation: the later micro-batches add to gradients left in the graphs' pool.
   run --finetune lora --batch_size 1 --compile reduce-overhead --gradient_accumulation_steps 2 --steps 3 --warmup 2
 fi
