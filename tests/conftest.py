@@ -12,6 +12,10 @@ sys.path.insert(0, ROOT)
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# pytest -n 2 runs two test workers side by side on CI's 2 cores: each torch process then takes one thread, since
+# two processes each spinning two OpenMP threads on 2 cores ran several times slower than one thread each.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 def pytest_configure(config):
