@@ -131,8 +131,11 @@ def parse_args(argv=None):
       help="Hub dataset id, a local folder (imagefolder with metadata.jsonl/csv, images + same-name .txt, kohya's "
            "<repeats>_<words> folders, a downloaded or saved dataset) or one .parquet/.arrow/.jsonl/.csv file.")
     a("--dataset_config_name", default=None)
+    a("--dataset_split", default=None, help="The split to train on, of a Hub dataset, its downloaded files or a "
+      "save_to_disk folder. Default: train, or the only split there is.")
     a("--train_data_dir", default=None, help="Local folder of training images (same layouts as --dataset).")
-    a("--image_column", default=None, help=f"Default: the first of {', '.join(IMAGE_COLUMNS)}.")
+    a("--image_column", default=None, help=f"Default: the first of {', '.join(IMAGE_COLUMNS)}, else a column of "
+      "images.")
     a("--caption_column", default=None, help=f"Default: the first of {', '.join(CAPTION_COLUMNS)}.")
     a("--caption_extension", type=lambda ext: "." + ext.strip().lstrip("."), default=None,  # "txt" = ".txt"
       help="Folders of images + caption files: read only captions with this extension, e.g. .caption (kohya's "
@@ -1471,6 +1474,8 @@ def load_table(args):
     import datasets
 
     source = os.path.expanduser(args.train_data_dir or args.dataset)
+    if os.path.exists(source):  # data// or data/ (a shell's completion): datasets' imagefolder found no files
+        source = re.sub(r"(?<=.)/+$", "", re.sub(r"//+", "/", source))
     if os.path.isdir(source):
         table = load_folder(source, args)
     elif os.path.isfile(source):
@@ -1478,7 +1483,7 @@ def load_table(args):
         if builder is None:
             raise UserError(f"dataset file {source!r} is not one of {', '.join(DATA_FILES)}: pass a folder or "
                             "such a file")
-        unused_flags(args, "one data file", "dataset_config_name", "caption_extension")
+        unused_flags(args, "one data file", "dataset_config_name", "dataset_split", "caption_extension")
         check_metadata_file(source, metadata=False)
         table = guarded_load(source, datasets.load_dataset, builder, data_files=glob.escape(source),
                              cache_dir=args.cache_dir)
@@ -1491,14 +1496,16 @@ def load_table(args):
         unused_flags(args, "a Hub dataset", "caption_extension")
         table = guarded_load(source, datasets.load_dataset, source, args.dataset_config_name,
                              cache_dir=args.cache_dir)
-    table = train_split(table, source)
+    table = train_split(table, source, None if os.path.isfile(source) else args.dataset_split)
     if "__key__" in table.column_names and os.path.exists(source) and (odd := odd_webdataset_sample(source, False)):
         raise UserError(f"the WebDataset shards of {source!r} differ{odd}")
     if table.features and all(isinstance(f, dict) and {"caption", "tags"} & set(f) for f in table.features.values()):
         raise UserError(f"{source!r} is kohya's metadata JSON (image name -> caption/tags, for its --in_json), which "
                         "this trainer does not read: write each caption to a .txt file beside its image, or a "
                         "metadata.jsonl with file_name and text")
-    image_col = pick_column(table.column_names, args.image_column, IMAGE_COLUMNS, "image")
+    # Then any column of images by its type: a WebDataset's .jpeg or .tif members, a Hub dataset's `photo` column.
+    typed = tuple(c for c, f in (table.features or {}).items() if isinstance(f, datasets.Image) and c not in IMAGE_COLUMNS)
+    image_col = pick_column(table.column_names, args.image_column, IMAGE_COLUMNS + typed, "image")
     try:
         caption_col = pick_column(table.column_names, args.caption_column, CAPTION_COLUMNS, "caption")
     except UserError as e:  # images beside a captions.csv that datasets does not know to read as metadata
@@ -1726,21 +1733,24 @@ def drop_rows_without_image(table, column, source):
     return table
 
 
-def train_split(table, source):
-    """The 'train' split of a DatasetDict; its only split when it has one (a local folder named val/ or test/)."""
+def train_split(table, source, split=None):
+    """The split named `split` of a DatasetDict (--dataset_split); else its 'train' split, or its only split
+    (a local folder named val/ or test/)."""
     import datasets
 
     if not isinstance(table, datasets.DatasetDict):
         return table
+    if split is not None and split not in table:
+        raise UserError(f"dataset {source!r} has no split {split!r} (it has: {', '.join(table)}): pass one of them "
+                        "as --dataset_split")
+    if split is not None:
+        return table[split]
     if "train" not in table and len(table) == 1:
         logger.info("dataset %s has one split, %r: training on it", source, next(iter(table)))
         return next(iter(table.values()))
-    if "train" not in table and os.path.exists(os.path.join(source, "dataset_dict.json")):  # save_to_disk's
-        raise UserError(f"dataset {source!r} has no 'train' split (it has: {', '.join(table)}); pass the folder of "
-                        f"the split to train on, e.g. {os.path.join(source, next(iter(table)))!r}")
     if "train" not in table:
-        raise UserError(f"dataset {source!r} has no 'train' split (it has: {', '.join(table)}); name a folder "
-                        "train/, or pass the folder of the split you want")
+        raise UserError(f"dataset {source!r} has no 'train' split (it has: {', '.join(table)}): pass the one to "
+                        "train on as --dataset_split")
     return table["train"]
 
 
@@ -1796,9 +1806,8 @@ def load_folder(source, args):
                      (os.path.splitext(f)[1].lower() in (".json", ".tar") and images) for f in files)
     if metadata:
         unused_flags(args, "an imagefolder (captions from its metadata file)", "dataset_config_name",
-                     "caption_extension")
-        for f in metadata:
-            check_metadata_file(f)
+                     "dataset_split", "caption_extension")
+        columns = {f: check_metadata_file(f) for f in metadata}
         sidecars = caption_index(files)
         beside = [p for p in images if caption_files(sidecars, p)]
         if beside:  # two sources of captions: say which one trains
@@ -1806,6 +1815,8 @@ def load_folder(source, args):
                            "captions come from its column (--caption_column); move the metadata file away to use "
                            "the caption files", len(beside), caption_files(sidecars, beside[0])[0])
         patterns, used, held = split_train_files(source, files, sidecars=False)  # (escaped: `[v2]` is no pattern)
+        same_caption_column({f: c for f, c in columns.items() if not any(inside(f, d) for d in held)},
+                            args.caption_column, source)
         expanded = next((f for f in used + metadata if os.path.expandvars(f) != f), None)  # (what datasets opens)
         if expanded:  # datasets expands $NAME in every path: price$HOME.png was looked for as price/root.png
             raise UserError(f"{expanded!r} names an environment variable, which datasets expands (it looks for "
@@ -1821,7 +1832,7 @@ def load_folder(source, args):
         files = [f for f in files if not any(inside(f, d) for d in held)]
     captions = find_captions(source, files, images, args.caption_extension) if images else None
     if captions is not None:
-        unused_flags(args, "images with caption files", "dataset_config_name")
+        unused_flags(args, "images with caption files", "dataset_config_name", "dataset_split")
         return datasets.Dataset.from_dict(captions)
     if data_files:  # a downloaded Hub dataset; an image beside its parquet files is a preview, not data
         unused_flags(args, "a downloaded dataset's data files", "caption_extension")
@@ -2005,7 +2016,7 @@ def unnamed_images(table, images, source):
 
     import datasets
 
-    columns = [c for c, f in table.features.items() if isinstance(f, datasets.Image)]  # conditioning images too
+    columns = [c for c, f in (table.features or {}).items() if isinstance(f, datasets.Image)]  # conditioning images too
     if not columns:
         return
     resolve = relative_to(source, quiet=True)  # as load_table will (a Windows path in file_name, say)
@@ -2050,7 +2061,7 @@ def check_metadata_file(path, metadata=True):
     `metadata`: an imagefolder's metadata file, which also needs a file_name column."""
     kind = os.path.splitext(path)[1].lower()
     if kind not in (".csv", ".jsonl"):
-        return
+        return parquet_columns(path)
     try:
         with open(path, "rb") as f:
             head = f.read(4096)
@@ -2072,13 +2083,44 @@ def check_metadata_file(path, metadata=True):
         with open(path, encoding="utf-8-sig", newline="") as f:
             columns = csv_columns(path, f) if kind == ".csv" else jsonl_columns(path, f, metadata)
     except UnicodeDecodeError:
-        return  # guarded_load says: not UTF-8
+        return None  # guarded_load says: not UTF-8
     if columns is None:
         raise UserError(f"{path} has no rows: add a row per image")
     if metadata and not any(re.fullmatch(r"(.*_)?file_names?", c) for c in columns):  # as datasets reads them
         near = [c for c in columns if c.strip().lower().replace(" ", "_") in ("file_name", "filename", "file")]
         raise UserError(f"{path} has no file_name column (it has: {', '.join(columns)}): "
                         + (f"rename {near[0]!r} to file_name" if near else "add one naming each image's file"))
+    return columns
+
+
+def parquet_columns(path):
+    """A parquet file's column names (its schema only), None when it cannot be read (datasets then says why)."""
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.read_schema(path).names if path.lower().endswith(".parquet") else None
+    except Exception:
+        return None
+
+
+def same_caption_column(columns, requested, source):
+    """The metadata files of one imagefolder (metadata.jsonl at the top and in sub/) must name their captions
+    alike: datasets reads every file with the columns of one of them, in no fixed order, so a sub/ file's
+    `caption` beside a top file's `text` trained half the captions, a different half from run to run."""
+    picks = {}
+    for path, names in columns.items():
+        if names is not None:
+            try:
+                picks[path] = pick_column(names, requested, CAPTION_COLUMNS, "caption", quiet=True)
+            except UserError:
+                picks[path] = None
+    first = next(iter(picks.items()), (None, None))
+    other = next(((path, col) for path, col in picks.items() if col != first[1]), None)
+    if other:
+        say = lambda path, col: f"{os.path.relpath(path, source)} has {'no caption column' if col is None else repr(col)}"
+        raise UserError(f"the metadata files of {source!r} name their captions differently ({say(*first)}, "
+                        f"{say(*other)}), and datasets reads them all with the columns of one: give every metadata "
+                        "file the same caption column")
 
 
 def csv_columns(path, f):
@@ -2165,6 +2207,13 @@ def guarded_load(name, fn, *a, **kw):
         if "should be in WebDataset format" in text:
             hint = odd_webdataset_sample(name) or (" (a .tar here is an archive, not WebDataset shards of "
                                                    "000001.jpg + 000001.txt: extract it first)")
+        if "::" in name and os.path.exists(name):  # fsspec's chain separator: zip://a.png::data.zip
+            hint = " (datasets reads '::' in a path as a chain of file systems: rename it without '::')"
+        if "must be a relative path" in text:  # imagefolder refuses /abs/a.png and ../a.png in file_name
+            hint = (" (an imagefolder's metadata names its images relative to the metadata file's folder: write "
+                    "file_name so, or pass the metadata file itself as --dataset, which reads any path)")
+        if "metadata files with different extensions" in text:
+            hint = " (keep one metadata file per folder: metadata.jsonl, metadata.csv or metadata.parquet)"
         if "Config name is missing" in text:
             configs = re.search(r"available configs: (\[.*?\])", text)
             hint = f" (pass --dataset_config_name, one of {configs.group(1) if configs else 'its configs'})"
@@ -2498,9 +2547,9 @@ def warn_unsupported(source, files, captions, images):
                        "convert them to JPEG or PNG", len(left), source, ", ".join(kinds), left[0])
 
 
-def pick_column(columns, requested, candidates, kind):
+def pick_column(columns, requested, candidates, kind, quiet=False):
     """The column named `requested`, else the first of `candidates` present. Names match with stray spaces around
-    them, as a CSV header typed "file_name, text" has."""
+    them, as a CSV header typed "file_name, text" has. `quiet`: no warning when several are present."""
     names = {c.strip(): c for c in columns}
     if requested:
         if requested.strip() not in names:
@@ -2510,7 +2559,7 @@ def pick_column(columns, requested, candidates, kind):
     if not found:  # "Image,Caption" typed in a spreadsheet, IMG_1.PNG + IMG_1.TXT in a WebDataset shard
         lower = {c.strip().lower(): c for c in reversed(columns)}
         found = [lower[c] for c in candidates if c in lower]
-    if len(found) > 1:  # "text" and "caption" both there: which one trains is worth a look
+    if len(found) > 1 and not quiet:  # "text" and "caption" both there: which one trains is worth a look
         logger.warning("%s column %r is used; the dataset also has %s: pass --%s_column to use another", kind,
                        found[0], ", ".join(map(repr, found[1:])), kind)
     if found:

@@ -1424,8 +1424,13 @@ def test_more_dataset_shapes_load_or_say_what_they_are(tmp_path, caplog):
     datasets.DatasetDict({"validation": datasets.Dataset.from_dict({"image": ["x.png"], "text": ["a"]}),
                           "test": datasets.Dataset.from_dict({"image": ["x.png"], "text": ["a"]})}
                          ).save_to_disk(str(tmp_path / "dd"))
-    with pytest.raises(T.UserError, match="pass the folder of the split to train on, e.g. '.*dd/validation'"):
+    with pytest.raises(T.UserError, match=r"has no 'train' split \(it has: validation, test\): pass the one to train "
+                                          "on as --dataset_split"):
         load(tmp_path / "dd")
+    assert list(load(tmp_path / "dd", "--dataset_split", "test")["text"]) == ["a"]
+    with pytest.raises(T.UserError, match=r"has no split 'tset' \(it has: validation, test\): pass one of them as "
+                                          "--dataset_split"):
+        load(tmp_path / "dd", "--dataset_split", "tset")
     (tmp_path / "zipped").mkdir()
     (tmp_path / "zipped" / "images.zip").write_bytes(b"PK\x03\x04")
     with pytest.raises(T.UserError, match="images.zip is an archive: extract it first"):
@@ -1475,3 +1480,46 @@ def test_more_dataset_shapes_load_or_say_what_they_are(tmp_path, caplog):
     assert T.describe_image("iVBORw0KGgo" * 1000).endswith("(11000 characters of base64: store images as files "
                                                            "or bytes)")
     assert T.describe_image("/mnt/" + "deep_folder/" * 40 + "a.png").endswith("a.png")  # a long path is a path
+
+
+def test_nested_metadata_jpeg_members_typed_image_columns_and_odd_paths(tmp_path, caplog):
+    """Metadata files in sub-folders that name their captions differently are refused (datasets read all with
+    one's columns, whichever it met first: a different half of the captions from run to run). A WebDataset's
+    .jpeg members and a dataset's image column under another name (`photo`) are found by their type. `data//`
+    loads as `data`. An imagefolder whose metadata names absolute paths, and a path with '::' in it, say what
+    to do."""
+    load = lambda *argv: T.load_table(T.parse_args(["--dataset", *map(str, argv)]))[0]
+    for name in ("red.png", "sub/blue.png"):
+        (tmp_path / "nested" / name).parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (32, 32), name.split("/")[-1][:-4]).save(tmp_path / "nested" / name)
+    (tmp_path / "nested" / "metadata.jsonl").write_text('{"file_name": "red.png", "text": "top"}\n')
+    (tmp_path / "nested" / "sub" / "metadata.jsonl").write_text('{"file_name": "blue.png", "caption": "sub"}\n')
+    with pytest.raises(T.UserError, match=r"name their captions differently \(metadata.jsonl has 'text', "
+                                          r"sub/metadata.jsonl has 'caption'\).*same caption column"):
+        load(tmp_path / "nested")
+    (tmp_path / "nested" / "sub" / "metadata.jsonl").write_text('{"file_name": "blue.png", "text": "sub"}\n')
+    assert sorted(load(f"{tmp_path / 'nested'}//")["text"]) == ["sub", "top"]
+
+    jpeg = io.BytesIO()
+    Image.new("RGB", (32, 32)).save(jpeg, format="JPEG")
+    shard(tmp_path / "wds" / "000.tar", ("000.jpeg", jpeg.getvalue()), ("000.txt", b"a jpeg member"))
+    table = load(tmp_path / "wds" / "000.tar")
+    assert list(table["text"]) == ["a jpeg member"] and T.decode_image(table[0]["image"])[1] == (32, 32)
+    photos = datasets.Dataset.from_dict({"id": [7], "photo": [Image.new("RGB", (32, 32))], "text": ["a photo"]})
+    photos.cast_column("photo", datasets.Image()).to_parquet(str(tmp_path / "photos.parquet"))
+    table = load(tmp_path / "photos.parquet")
+    assert list(table["text"]) == ["a photo"] and T.decode_image(table[0]["image"])[1] == (32, 32)
+
+    (tmp_path / "abs").mkdir()
+    Image.new("RGB", (32, 32)).save(tmp_path / "abs" / "a.png")
+    (tmp_path / "abs" / "metadata.jsonl").write_text(json.dumps({"file_name": str(tmp_path / "abs" / "a.png"),
+                                                                 "text": "absolute"}) + "\n")
+    with pytest.raises(T.UserError, match="relative to the metadata file's folder: write file_name so, or pass the "
+                                          "metadata file itself as --dataset"):
+        load(tmp_path / "abs")
+    assert list(load(tmp_path / "abs" / "metadata.jsonl")["text"]) == ["absolute"]
+    (tmp_path / "a::b").mkdir()
+    shutil.copy(tmp_path / "photos.parquet", tmp_path / "a::b" / "photos.parquet")
+    for path in (tmp_path / "a::b", tmp_path / "a::b" / "photos.parquet"):
+        with pytest.raises(T.UserError, match="reads '::' in a path as a chain of file systems: rename it"):
+            load(path)
