@@ -4469,12 +4469,13 @@ def claim_output_dir(args, accelerator, global_step):
     --overwrite_output_dir removes the previous run's checkpoints and results; a run from step 0 the metrics of
     one killed before its first checkpoint (it would log the same steps again) and earlier validation grids; the
     run's config is written."""
-    global claimed
+    global claimed, removing
     if accelerator.is_main_process:
         if args.overwrite_output_dir and global_step:  # (a requeued job's script or a --config may pass both)
             logger.warning("--overwrite_output_dir is ignored: the run continues from step %d of "
                            "--resume_from_checkpoint", global_step)
         if args.overwrite_output_dir and not global_step:  # (`latest` with no checkpoint: a new run)
+            removing = True  # (a Ctrl-C from here on finds the previous results partly removed)
             for step, old in list_checkpoints(args.output_dir):
                 remove_checkpoint(args.output_dir, step, old)
             remove_outputs(args)
@@ -4866,6 +4867,7 @@ def push_to_hub(args, repo_id):
 interrupted_by = signal.SIGINT
 ending = False  # main() is saying how the run ended
 claimed = False  # claim_output_dir has run: --overwrite_output_dir has removed the previous run's results
+removing = False  # --overwrite_output_dir has begun removing them
 
 
 def on_stop(signum, frame):
@@ -4890,6 +4892,9 @@ def config_origin(message, args):
 
 def resume_hint(args):
     """What an interrupted run can be continued from: its latest checkpoint, the one it resumed from, or none."""
+    if args is not None and args.overwrite_output_dir and not claimed and removing:
+        return (" while --overwrite_output_dir was removing the previous run's results (some are gone): rerun the "
+                "same command to start afresh")
     if args is not None and args.overwrite_output_dir and not claimed:  # (its checkpoints are the previous run's)
         return " before it began, the previous run's results untouched: rerun the same command to start afresh"
     if args is not None and list_checkpoints(args.output_dir):
@@ -4900,8 +4905,8 @@ def resume_hint(args):
 
 
 def main(argv=None):
-    global ending, claimed
-    args, ending, claimed = None, False, False
+    global ending, claimed, removing
+    args, ending, claimed, removing = None, False, False, False
     try:
         args = parse_args(argv)
         validate(args)
@@ -4940,13 +4945,21 @@ def report(e, args):
         print(f"error: cannot access {e.filename} ({e.strerror}): give this user read and write access to {folder}; "
               "checkpoints are complete or absent: then rerun with --resume_from_checkpoint latest", file=sys.stderr)
         return 2
+    gone = args and isinstance(e, FileNotFoundError) and next(
+        (d for d in (args.output_dir, args.data_cache_dir or os.path.join(args.output_dir, "cache"))
+         if d in str(e) and not os.path.isdir(d)), None)  # removed in use: a shared cache cleaned, a mount lost
+    if gone:
+        again = ("rerun the same command to start afresh" if gone == args.output_dir else
+                 "rerun with --resume_from_checkpoint latest (the cache is built again)")
+        print(f"error: {gone} disappeared during the run ({first_line(e)}): {again}", file=sys.stderr)
+        return 2
     if not isinstance(e, Exception):  # SystemExit (--help), GeneratorExit
         raise
     if "DataLoader worker" in str(e) and "/torch_" in str(e):  # a worker's shared memory file: /dev/shm full
         what = (f"a data loader process ran out of shared memory ({first_line(e)})", "raise /dev/shm "
                 "(Docker: --shm-size 8g) or lower --dataloader_num_workers; then rerun")
     elif disk_full(e):
-        what = f"the disk is full or read-only ({first_line(e)})", "make room and rerun"
+        what = f"the disk is full or read-only ({first_line(e)}{free_space(e, args)})", "make room and rerun"
     elif re.search(r"DataLoader worker \(pids?\b.*(is killed by signal|exited unexpectedly)", str(e)):
         what = (f"a data loader process ended ({first_line(e)})", "if memory ran out, lower "
                 "--dataloader_num_workers (or --train_batch_size); then rerun")
@@ -4977,6 +4990,24 @@ def smaller_step(args):
 DISK_FULL = ("No space left on device", "Disk quota exceeded", "Read-only file system", "File too large",
              "os error 28)", "os error 122)", "os error 30)", "os error 27)",  # safetensors' (Rust's) wording
              "PytorchStreamWriter failed", "unexpected pos")  # torch.save's zip writer
+
+
+def free_space(e, args):
+    """Where a full disk is, to add to its message: the file that failed, when the error names it, and the room
+    left on the output and cache folders' disks (safetensors' and torch.save's errors name no file)."""
+    folders = [args.output_dir, args.data_cache_dir or os.path.join(args.output_dir, "cache")] if args else []
+    said, devices = [f"writing {e.filename}"] if getattr(e, "filename", None) else [], set()
+    for folder in map(os.path.abspath, folders):
+        while not os.path.isdir(folder) and os.path.dirname(folder) != folder:
+            folder = os.path.dirname(folder)  # (the cache folder not made yet: the disk it would be on)
+        try:
+            device, stat = os.stat(folder).st_dev, os.statvfs(folder)
+        except OSError:
+            continue
+        if device not in devices:
+            devices.add(device)
+            said.append(f"{stat.f_bavail * stat.f_frsize / 2**20:.0f} MB free for {folder}")
+    return "".join(f"; {x}" for x in said)
 
 
 def disk_full(e):

@@ -3,6 +3,7 @@ import argparse
 import json
 import os
 import random
+import re
 import shutil
 import subprocess
 import sys
@@ -103,6 +104,16 @@ def test_an_interruption_before_the_first_checkpoint_says_nothing_can_be_resumed
     assert T.main(args_for(tiny_model, shapes, str(out), "--overwrite_output_dir")) == 128 + signal.SIGINT
     assert capsys.readouterr().err.strip() == ("interrupted before it began, the previous run's results untouched: "
                                                "rerun the same command to start afresh")
+    # ...but stopped while it removes them (rmtree of real checkpoints takes seconds): some are gone, and it says so.
+    monkeypatch.setattr(T, "removing", False)
+    monkeypatch.setattr(T, "remove_checkpoint", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt))
+    args = T.parse_args(args_for(tiny_model, shapes, str(out), "--overwrite_output_dir"))
+    main_process = type("Accelerator", (), {"is_main_process": True, "wait_for_everyone": lambda self: None})()
+    with pytest.raises(KeyboardInterrupt):
+        T.claim_output_dir(args, main_process, 0)
+    assert T.report(KeyboardInterrupt(), args) == 128 + signal.SIGINT
+    assert capsys.readouterr().err.strip() == ("interrupted while --overwrite_output_dir was removing the previous "
+                                               "run's results (some are gone): rerun the same command to start afresh")
     # Resumed from a checkpoint elsewhere and stopped before a new one: the same command continues.
     again = tmp_path / "again"
     assert T.main(args_for(tiny_model, shapes, str(again), "--resume_from_checkpoint",
@@ -595,7 +606,7 @@ def test_a_crash_with_loader_workers_still_ends_the_process(tiny_model, shapes, 
     assert "--gradient_checkpointing" in last and "--resume_from_checkpoint latest" in last
 
 
-def test_a_full_disk_ends_in_one_line_that_says_how_to_go_on(monkeypatch, capsys):
+def test_a_full_disk_ends_in_one_line_that_says_how_to_go_on(monkeypatch, capsys, tmp_path):
     """A full disk (torch.save reports it as its zip writer's RuntimeError, safetensors as its own error) or a
     read-only one is named in one line with what to do; other errors keep their traceback."""
     import errno
@@ -605,10 +616,13 @@ def test_a_full_disk_ends_in_one_line_that_says_how_to_go_on(monkeypatch, capsys
                   RuntimeError("PytorchStreamWriter failed writing file data/3: file write failed"),
                   Exception("Error while serializing: I/O error: No space left on device (os error 28)")):
         monkeypatch.setattr(T, "train", lambda args, error=error: (_ for _ in ()).throw(error))
-        assert T.main(["--dataset", "x", "--output_dir", "out"]) == 2
+        assert T.main(["--dataset", "x", "--output_dir", str(tmp_path)]) == 2
         line = capsys.readouterr().err.strip()
         assert "\n" not in line and line.startswith("error: the disk is full or read-only")
         assert line.endswith("make room and rerun with --resume_from_checkpoint latest")
+        # Which disk: the file, when the error names one, and the room left where this run writes.
+        assert re.search(rf"; \d+ MB free for {re.escape(str(tmp_path))}\)", line), line
+        assert ("writing out/checkpoint-6/optimizer.bin; " in line) == isinstance(error, OSError)
     # An output folder made read-only under the run (chmod -w, a changed owner): named, with the same way on.
     denied = PermissionError(errno.EACCES, "Permission denied", os.path.join("out", ".tmp-checkpoint-10"))
     monkeypatch.setattr(T, "train", lambda args: (_ for _ in ()).throw(denied))
@@ -635,7 +649,17 @@ def test_a_full_disk_ends_in_one_line_that_says_how_to_go_on(monkeypatch, capsys
         assert T.main(["--dataset", "x", "--output_dir", "out"]) == 2
         line = capsys.readouterr().err.strip()
         assert "\n" not in line and line.startswith(start) and line.endswith("--resume_from_checkpoint latest")
+    # The output or cache folder removed during the run (a shared cache cleaned, a network mount lost).
+    for missing, again in (("run/metrics.jsonl", "rerun the same command to start afresh"),
+                           ("cache/text-r0-1.safetensors", "rerun with --resume_from_checkpoint latest")):
+        gone = FileNotFoundError(errno.ENOENT, "No such file or directory", str(tmp_path / missing))
+        monkeypatch.setattr(T, "train", lambda args, gone=gone: (_ for _ in ()).throw(gone))
+        assert T.main(["--dataset", "x", "--output_dir", str(tmp_path / "run"), "--data_cache_dir",
+                       str(tmp_path / "cache")]) == 2
+        line = capsys.readouterr().err.strip()
+        assert line.startswith(f"error: {tmp_path / missing.split('/')[0]} disappeared during the run") and again in line
     for bug in (RuntimeError("a bug"), OSError("a bug without an errno"),
+                FileNotFoundError(errno.ENOENT, "No such file or directory", "/etc/elsewhere/a bug"),
                 PermissionError(errno.EACCES, "Permission denied", "/etc/elsewhere")):  # not ours to write
         monkeypatch.setattr(T, "train", lambda args, bug=bug: (_ for _ in ()).throw(bug))
         with pytest.raises(type(bug), match="a bug|Permission denied"):
