@@ -1656,6 +1656,7 @@ def relative_to(source, quiet=False):
         if not isinstance(value, str) or not value.strip():  # (an empty cell: drop_rows_without_image's)
             return value
         value = value[len("file://"):] if value.startswith("file://") else value
+        value = os.path.expanduser(value) if value.startswith("~") else value  # (a shell's home, as typed)
         if os.sep == "/" and (inner := re.search(r"/([A-Za-z]:[\\/].*)$", value)) and not os.path.exists(value):
             value = inner.group(1)  # an imagefolder's metadata: datasets joined the folder and C:\… into one path
         if os.sep == "/" and WINDOWS_ABSOLUTE.match(value):  # C:\Users\me\set\cat\1.png: another
@@ -1771,7 +1772,7 @@ def check_captions(table, source, column):
     captions = list(table["text"])
     # (A JSON column of text in some rows and records in others is datasets 5's Json feature: by value.)
     record = next((c for c in captions if isinstance(c, dict) or isinstance(c, (list, tuple)) and
-                   any(isinstance(x, dict) for x in c)), None)
+                   any(isinstance(x, (dict, list, tuple)) for x in c)), None)  # (a list of lists: its repr)
     if record is not None or isinstance(kind, dict) or isinstance(inner, dict) or \
             getattr(inner, "dtype", "string") in ("binary", "large_binary"):
         example = record if record is not None else next((c for c in captions[:8] if c), None)

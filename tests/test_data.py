@@ -1008,7 +1008,7 @@ def test_captions_missing_in_metadata_are_counted_and_all_missing_is_an_error(tm
         T.load_table(T.parse_args(["--dataset", str(tmp_path)]))
     with pytest.raises(T.UserError, match="both 'text'"):
         T.load_table(T.parse_args(["--dataset", str(tmp_path), "--image_column", "text"]))
-    for records in ({"en": "a cat", "de": "eine Katze"}, [{"raw": "a cat"}]):  # would train on their repr
+    for records in ({"en": "a cat", "de": "eine Katze"}, [{"raw": "a cat"}], [["a cat"]]):  # would train on their repr
         (tmp_path / "metadata.jsonl").write_text("".join(json.dumps({"file_name": f"{i}.png", "text": records})
                                                          + "\n" for i in range(4)))
         with pytest.raises(T.UserError, match="caption column 'text' .* holds records, not text .*'a cat'"):
@@ -1482,12 +1482,12 @@ def test_more_dataset_shapes_load_or_say_what_they_are(tmp_path, caplog):
     assert T.describe_image("/mnt/" + "deep_folder/" * 40 + "a.png").endswith("a.png")  # a long path is a path
 
 
-def test_nested_metadata_jpeg_members_typed_image_columns_and_odd_paths(tmp_path, caplog):
+def test_nested_metadata_jpeg_members_typed_image_columns_and_odd_paths(tmp_path, monkeypatch):
     """Metadata files in sub-folders that name their captions differently are refused (datasets read all with
     one's columns, whichever it met first: a different half of the captions from run to run). A WebDataset's
     .jpeg members and a dataset's image column under another name (`photo`) are found by their type. `data//`
-    loads as `data`. An imagefolder whose metadata names absolute paths, and a path with '::' in it, say what
-    to do."""
+    loads as `data`; `~/a.png` in a data file is in the home folder. An imagefolder whose metadata names
+    absolute paths, and a path with '::' in it, say what to do."""
     load = lambda *argv: T.load_table(T.parse_args(["--dataset", *map(str, argv)]))[0]
     for name in ("red.png", "sub/blue.png"):
         (tmp_path / "nested" / name).parent.mkdir(parents=True, exist_ok=True)
@@ -1509,6 +1509,13 @@ def test_nested_metadata_jpeg_members_typed_image_columns_and_odd_paths(tmp_path
     photos.cast_column("photo", datasets.Image()).to_parquet(str(tmp_path / "photos.parquet"))
     table = load(tmp_path / "photos.parquet")
     assert list(table["text"]) == ["a photo"] and T.decode_image(table[0]["image"])[1] == (32, 32)
+
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    (tmp_path / "home").mkdir()
+    Image.new("RGB", (16, 16)).save(tmp_path / "home" / "a.png")
+    (tmp_path / "tilde.csv").write_text("image,text\n~/a.png,at home\n")
+    table = load(tmp_path / "tilde.csv")
+    assert table[0]["image"] == str(tmp_path / "home" / "a.png") and T.decode_image(table[0]["image"])[1] == (16, 16)
 
     (tmp_path / "abs").mkdir()
     Image.new("RGB", (32, 32)).save(tmp_path / "abs" / "a.png")
