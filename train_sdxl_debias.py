@@ -134,8 +134,8 @@ def parse_args(argv=None):
     a("--dataset_split", default=None, help="The split to train on, of a Hub dataset, its downloaded files or a "
       "save_to_disk folder. Default: train, or the only split there is.")
     a("--train_data_dir", default=None, help="Local folder of training images (same layouts as --dataset).")
-    a("--image_column", default=None, help=f"Default: the first of {', '.join(IMAGE_COLUMNS)}, else a column of "
-      "images.")
+    a("--image_column", default=None, help=f"Default: the first of {', '.join(IMAGE_COLUMNS)}, else the one column "
+      "of images.")
     a("--caption_column", default=None, help=f"Default: the first of {', '.join(CAPTION_COLUMNS)}.")
     a("--caption_extension", type=lambda ext: "." + ext.strip().lstrip("."), default=None,  # "txt" = ".txt"
       help="Folders of images + caption files: read only captions with this extension, e.g. .caption (kohya's "
@@ -1474,7 +1474,7 @@ def load_table(args):
     import datasets
 
     source = os.path.expanduser(args.train_data_dir or args.dataset)
-    if os.path.exists(source):  # data// or data/ (a shell's completion): datasets' imagefolder found no files
+    if os.sep == "/" and os.path.exists(source):  # data// or data/ (a shell's completion): imagefolder found none
         source = re.sub(r"(?<=.)/+$", "", re.sub(r"//+", "/", source))
     if os.path.isdir(source):
         table = load_folder(source, args)
@@ -1503,9 +1503,14 @@ def load_table(args):
         raise UserError(f"{source!r} is kohya's metadata JSON (image name -> caption/tags, for its --in_json), which "
                         "this trainer does not read: write each caption to a .txt file beside its image, or a "
                         "metadata.jsonl with file_name and text")
-    # Then any column of images by its type: a WebDataset's .jpeg or .tif members, a Hub dataset's `photo` column.
-    typed = tuple(c for c, f in (table.features or {}).items() if isinstance(f, datasets.Image) and c not in IMAGE_COLUMNS)
-    image_col = pick_column(table.column_names, args.image_column, IMAGE_COLUMNS + typed, "image")
+    try:
+        image_col = pick_column(table.column_names, args.image_column, IMAGE_COLUMNS, "image")
+    except UserError:  # else the one column of images by its type: a WebDataset's .jpeg members, a `photo` column
+        typed = [c for c, f in (table.features or {}).items() if isinstance(f, datasets.Image)]
+        if args.image_column or len(typed) != 1:  # (two, say input_image and edited_image: which is the data?)
+            raise
+        image_col = typed[0]
+        logger.info("dataset %s: images from its column %r, the one column of images", source, image_col)
     try:
         caption_col = pick_column(table.column_names, args.caption_column, CAPTION_COLUMNS, "caption")
     except UserError as e:  # images beside a captions.csv that datasets does not know to read as metadata
@@ -1656,7 +1661,7 @@ def relative_to(source, quiet=False):
         if not isinstance(value, str) or not value.strip():  # (an empty cell: drop_rows_without_image's)
             return value
         value = value[len("file://"):] if value.startswith("file://") else value
-        value = os.path.expanduser(value) if value.startswith("~") else value  # (a shell's home, as typed)
+        value = os.path.expanduser(value) if value == "~" or value.startswith("~/") else value  # (as typed)
         if os.sep == "/" and (inner := re.search(r"/([A-Za-z]:[\\/].*)$", value)) and not os.path.exists(value):
             value = inner.group(1)  # an imagefolder's metadata: datasets joined the folder and C:\… into one path
         if os.sep == "/" and WINDOWS_ABSOLUTE.match(value):  # C:\Users\me\set\cat\1.png: another
@@ -1796,7 +1801,8 @@ def load_folder(source, args):
 
     output_dir, cache_dir, config = args.output_dir, args.cache_dir, args.dataset_config_name
     if any(os.path.exists(os.path.join(source, f)) for f in ("state.json", "dataset_dict.json")):
-        unused_flags(args, "a folder saved with save_to_disk", "dataset_config_name", "caption_extension")
+        unused_flags(args, "a folder saved with save_to_disk", "dataset_config_name", "caption_extension",
+                     *(("dataset_split",) if os.path.exists(os.path.join(source, "state.json")) else ()))
         return guarded_load(source, datasets.load_from_disk, source)
     outputs = [output_dir] if output_dir and inside(output_dir, source) else []  # (this run's, if not made yet)
     files = list_files(source, exclude=output_dir, outputs=outputs)  # (+ earlier runs')
@@ -1807,7 +1813,7 @@ def load_folder(source, args):
                      (os.path.splitext(f)[1].lower() in (".json", ".tar") and images) for f in files)
     if metadata:
         unused_flags(args, "an imagefolder (captions from its metadata file)", "dataset_config_name",
-                     "dataset_split", "caption_extension")
+                     "caption_extension")
         columns = {f: check_metadata_file(f) for f in metadata}
         sidecars = caption_index(files)
         beside = [p for p in images if caption_files(sidecars, p)]
@@ -1815,9 +1821,10 @@ def load_folder(source, args):
             logger.warning("%d images have caption files (e.g. %s) that are not read: with a metadata file the "
                            "captions come from its column (--caption_column); move the metadata file away to use "
                            "the caption files", len(beside), caption_files(sidecars, beside[0])[0])
-        patterns, used, held = split_train_files(source, files, sidecars=False)  # (escaped: `[v2]` is no pattern)
-        same_caption_column({f: c for f, c in columns.items() if not any(inside(f, d) for d in held)},
-                            args.caption_column, source)
+        patterns, used, held = split_train_files(source, files, sidecars=False, split=args.dataset_split)  # (escaped)
+        read = lambda f: any(glob.escape(f) == p or p.endswith("/**") and glob.escape(f).startswith(p[:-2])
+                             for p in patterns)  # (the metadata files datasets is given, not those of test/)
+        same_caption_column({f: c for f, c in columns.items() if read(f)}, args.caption_column, source)
         expanded = next((f for f in used + metadata if os.path.expandvars(f) != f), None)  # (what datasets opens)
         if expanded:  # datasets expands $NAME in every path: price$HOME.png was looked for as price/root.png
             raise UserError(f"{expanded!r} names an environment variable, which datasets expands (it looks for "
@@ -1829,11 +1836,11 @@ def load_folder(source, args):
         unnamed_images(table, used, source)
         return table
     if images and not data_files:  # image + caption files: train/ trains, a test/ or val/ is held out, as above
-        _, images, held = split_train_files(source, files, args.caption_extension)
+        _, images, held = split_train_files(source, files, args.caption_extension, split=args.dataset_split)
         files = [f for f in files if not any(inside(f, d) for d in held)]
     captions = find_captions(source, files, images, args.caption_extension) if images else None
     if captions is not None:
-        unused_flags(args, "images with caption files", "dataset_config_name", "dataset_split")
+        unused_flags(args, "images with caption files", "dataset_config_name")
         return datasets.Dataset.from_dict(captions)
     if data_files:  # a downloaded Hub dataset; an image beside its parquet files is a preview, not data
         unused_flags(args, "a downloaded dataset's data files", "caption_extension")
@@ -1845,7 +1852,7 @@ def load_folder(source, args):
         if glob.has_magic(source):  # datasets would read the path as a pattern and find no files
             raise UserError(f"dataset folder {source!r}: datasets cannot read a downloaded dataset in a folder "
                             "whose path has [ ] or * in it: rename the folder")
-        named = split_named_files(source, files) if config is None else {}
+        named = split_named_files(source, files) if config is None and args.dataset_split in (None, "train") else {}
         here = os.path.abspath(source)  # (datasets takes "." for no path: "dataset_name should be specified")
         if named.get(None) and "train" not in named and len(named) > 1:  # datasets would train on the val file
             train, rest = named.pop(None), sorted(f for fs in named.values() for f in fs)
@@ -1938,15 +1945,16 @@ SPLIT_FOLDERS = {"train": "train", "training": "train", "validation": "validatio
                  "evaluation": "test"}
 
 
-def split_train_files(source, files, extension=None, sidecars=True):
+def split_train_files(source, files, extension=None, sidecars=True, split=None):
     """The data files of a folder's training data, as datasets' patterns, and the images among them: all
     of it, or its train/ folders. Given the folder alone, datasets also reads split names out of file names and
     other folder names: `dog_test_04.png` or a `test_shots/` folder became a test split, and the run trained on
     the rest without a word. Here only a folder named exactly as a split is one (`train/`, `data/train/`), as in
     datasets' documented layout, and only if it holds images or metadata. Images outside the split folders train
     when there is no train/ and they have captions of their own (a metadata file; with `sidecars`, caption files
-    or a kohya folder): a test/ or val/ beside them is held out. Beside train/ they are named as unused. Returns
-    (patterns, the images, the held-out split folders)."""
+    or a kohya folder): a test/ or val/ beside them is held out. Beside train/ they are named as unused. `split`
+    (--dataset_split) names another split folder to train on. Returns (patterns, the images, the held-out split
+    folders)."""
     data = [f for f in files if os.path.splitext(f)[1].lower() in IMAGE_EXTS or os.path.basename(f) in METADATA_FILES]
     images = lambda paths: [f for f in paths if os.path.splitext(f)[1].lower() in IMAGE_EXTS]
     splits, loose, folder_of = {}, [], {}
@@ -1958,7 +1966,10 @@ def split_train_files(source, files, extension=None, sidecars=True):
         else:
             folder_of[f] = os.path.join(source, *parts[:depth + 1])
             splits.setdefault(SPLIT_FOLDERS[parts[depth]], set()).add(folder_of[f])
+    split = SPLIT_FOLDERS.get(split, split)  # (--dataset_split val: the validation split, as its folder says)
     if not splits:
+        if split:
+            logger.warning("--dataset_split %r is not used: dataset %s has no split folders", split, source)
         return [os.path.join(glob.escape(source), "**")], images(data), []
     held_out = ", ".join(os.path.relpath(d, source) for ds in splits.values() for d in sorted(ds))
     captions = caption_index(files, extension)
@@ -1969,15 +1980,18 @@ def split_train_files(source, files, extension=None, sidecars=True):
 
     own = bool(images(loose)) and (any(os.path.basename(f) in METADATA_FILES for f in loose)
                                    or sidecars and any(map(captioned, images(loose))))
-    if "train" not in splits and own:  # the images, and a test/ or val/ folder kept apart from them
+    if split and split not in splits:
+        raise UserError(f"dataset {source!r} has no {split} split folder (it has: {held_out}): pass one of theirs "
+                        "as --dataset_split")
+    if not split and "train" not in splits and own:  # the images, and a test/ or val/ folder kept apart from them
         logger.warning("dataset %s: training on its %d images outside its split folders; %s is left out",
                        source, len(images(loose)), held_out)
         return [glob.escape(f) for f in loose], images(loose), sorted(d for ds in splits.values() for d in ds)
-    name = "train" if "train" in splits else next(iter(splits))
-    if name != "train" and len(splits) > 1:
+    name = split or ("train" if "train" in splits else next(iter(splits)))
+    if name != "train" and len(splits) > 1 and not split:
         raise UserError(f"dataset {source!r} has no train/ folder (it has split folders: {held_out}); name one "
                         "train/, or pass the folder of the split you want")
-    if name != "train":
+    if name != "train" and not split:
         logger.info("dataset %s has one split folder, %s: training on it", source, held_out)
     chosen = sorted(splits[name])
     held = sorted(d for ds in splits.values() for d in ds if d not in chosen)
@@ -2087,7 +2101,7 @@ def check_metadata_file(path, metadata=True):
         return None  # guarded_load says: not UTF-8
     if columns is None:
         raise UserError(f"{path} has no rows: add a row per image")
-    if metadata and not any(re.fullmatch(r"(.*_)?file_names?", c) for c in columns):  # as datasets reads them
+    if metadata and not any(re.fullmatch(r"(.*_)?file_names?", c.strip()) for c in columns):  # as datasets does
         near = [c for c in columns if c.strip().lower().replace(" ", "_") in ("file_name", "filename", "file")]
         raise UserError(f"{path} has no file_name column (it has: {', '.join(columns)}): "
                         + (f"rename {near[0]!r} to file_name" if near else "add one naming each image's file"))
@@ -2125,7 +2139,7 @@ def same_caption_column(columns, requested, source):
 
 
 def csv_columns(path, f):
-    """A CSV's header, None without rows; a row with more fields than the header is named (pandas would read the
+    """A CSV's header (its names as written), None without rows; a row with more fields than the header is named (pandas would read the
     first as an index; fewer is a row with empty cells, read as such)."""
     rows = csv.reader(f)
     header = next(rows, None)
@@ -2136,7 +2150,7 @@ def csv_columns(path, f):
         if len(row) > len(header):
             raise UserError(f"{path}: line {rows.line_num} has {len(row)} fields, the header {len(header)}: a caption "
                             "with a comma in it must be in double quotes (spreadsheets and pandas' to_csv write so)")
-    return [c.strip() for c in header] if header and count else None
+    return header if header and count else None  # (as written: datasets keeps " text" as " text")
 
 
 def jsonl_columns(path, f, metadata=True):
@@ -3399,7 +3413,8 @@ RUN_SHAPE = ("finetune", "rank", "lora_alpha", "lora_target_modules", "use_dora"
              "use_ema")
 # What a resume may change but should say it changed: the schedule, the data and its order, and the objective.
 RUN_SETTINGS = ("lr_scheduler", "lr_warmup_steps", "lr_num_cycles", "lr_power", "max_train_steps", "num_train_epochs",
-                "train_batch_size", "gradient_accumulation_steps", "dataset", "train_data_dir", "max_train_samples",
+                "train_batch_size", "gradient_accumulation_steps", "dataset", "dataset_config_name", "dataset_split",
+                "train_data_dir", "max_train_samples",
                 "resolution",
                 "aspect_ratio_bucketing", "seed", "pretrained_model_name_or_path", "single_file_config",
                 "loss_weighting", "snr_gamma",
@@ -4476,8 +4491,9 @@ def claim_output_dir(args, accelerator, global_step):
             logger.warning("--overwrite_output_dir is ignored: the run continues from step %d of "
                            "--resume_from_checkpoint", global_step)
         if args.overwrite_output_dir and not global_step:  # (`latest` with no checkpoint: a new run)
-            removing = True  # (a Ctrl-C from here on finds the previous results partly removed)
-            for step, old in list_checkpoints(args.output_dir):
+            checkpoints = list_checkpoints(args.output_dir)
+            removing = bool(checkpoints)  # (a Ctrl-C from here on finds the previous results partly removed)
+            for step, old in checkpoints:
                 remove_checkpoint(args.output_dir, step, old)
             remove_outputs(args)
         elif global_step:
@@ -4946,9 +4962,11 @@ def report(e, args):
         print(f"error: cannot access {e.filename} ({e.strerror}): give this user read and write access to {folder}; "
               "checkpoints are complete or absent: then rerun with --resume_from_checkpoint latest", file=sys.stderr)
         return 2
-    gone = args and isinstance(e, FileNotFoundError) and next(
+    missing = isinstance(e, FileNotFoundError) and (e.filename or  # (a loader worker's: in its message)
+                                                     next(iter(re.findall(r"No such file or directory: '?([^'\n]+)", str(e))), None))
+    gone = claimed and missing and next(  # removed in use: a shared cache cleaned, a network mount lost
         (d for d in (args.output_dir, args.data_cache_dir or os.path.join(args.output_dir, "cache"))
-         if d in str(e) and not os.path.isdir(d)), None)  # removed in use: a shared cache cleaned, a mount lost
+         if inside(missing, d) and not os.path.isdir(d)), None)
     if gone:
         again = ("rerun the same command to start afresh" if gone == args.output_dir else
                  "rerun with --resume_from_checkpoint latest (the cache is built again)")

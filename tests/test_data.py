@@ -1499,6 +1499,24 @@ def test_nested_metadata_jpeg_members_typed_image_columns_and_odd_paths(tmp_path
         load(tmp_path / "nested")
     (tmp_path / "nested" / "sub" / "metadata.jsonl").write_text('{"file_name": "blue.png", "text": "sub"}\n')
     assert sorted(load(f"{tmp_path / 'nested'}//")["text"]) == ["sub", "top"]
+    # A header " text" is another column to datasets; metadata files it is not given (beside train/) don't count.
+    (tmp_path / "nested" / "sub" / "metadata.jsonl").unlink()
+    (tmp_path / "nested" / "sub" / "metadata.csv").write_text("file_name, text\nblue.png,sub\n")
+    (tmp_path / "nested" / "metadata.jsonl").rename(tmp_path / "nested" / "metadata.csv")
+    (tmp_path / "nested" / "metadata.csv").write_text("file_name,text\nred.png,top\n")
+    with pytest.raises(T.UserError, match=r"metadata.csv has 'text', sub/metadata.csv has ' text'"):
+        load(tmp_path / "nested")
+    (tmp_path / "nested" / "sub").rename(tmp_path / "nested" / "train")
+    (tmp_path / "nested" / "train" / "metadata.csv").write_text("file_name,caption\nblue.png,in train\n")
+    assert list(load(tmp_path / "nested")["text"]) == ["in train"]
+    # --dataset_split picks a split folder (val/ is the validation split), or says which there are.
+    (tmp_path / "nested" / "val").mkdir()
+    Image.new("RGB", (32, 32)).save(tmp_path / "nested" / "val" / "v.png")
+    (tmp_path / "nested" / "val" / "metadata.csv").write_text("file_name,caption\nv.png,held out\n")
+    assert list(load(tmp_path / "nested")["text"]) == ["in train"]
+    assert list(load(tmp_path / "nested", "--dataset_split", "validation")["text"]) == ["held out"]
+    with pytest.raises(T.UserError, match=r"has no test split folder \(it has: train, val\): pass one of theirs"):
+        load(tmp_path / "nested", "--dataset_split", "test")
 
     jpeg = io.BytesIO()
     Image.new("RGB", (32, 32)).save(jpeg, format="JPEG")
@@ -1509,6 +1527,13 @@ def test_nested_metadata_jpeg_members_typed_image_columns_and_odd_paths(tmp_path
     photos.cast_column("photo", datasets.Image()).to_parquet(str(tmp_path / "photos.parquet"))
     table = load(tmp_path / "photos.parquet")
     assert list(table["text"]) == ["a photo"] and T.decode_image(table[0]["image"])[1] == (32, 32)
+    # Two columns of images and neither named as such (input_image, edited_image): which one is the data is asked.
+    pairs = datasets.Dataset.from_dict({"input_image": [Image.new("RGB", (8, 8))], "edited_image": [Image.new(
+        "RGB", (8, 8))], "text": ["edit"]}).cast_column("input_image", datasets.Image()).cast_column(
+        "edited_image", datasets.Image())
+    pairs.to_parquet(str(tmp_path / "pairs.parquet"))
+    with pytest.raises(T.UserError, match="no image column found among: input_image, edited_image, text"):
+        load(tmp_path / "pairs.parquet")
 
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     (tmp_path / "home").mkdir()

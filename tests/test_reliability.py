@@ -652,8 +652,14 @@ def test_a_full_disk_ends_in_one_line_that_says_how_to_go_on(monkeypatch, capsys
     # The output or cache folder removed during the run (a shared cache cleaned, a network mount lost).
     for missing, again in (("run/metrics.jsonl", "rerun the same command to start afresh"),
                            ("cache/text-r0-1.safetensors", "rerun with --resume_from_checkpoint latest")):
-        gone = FileNotFoundError(errno.ENOENT, "No such file or directory", str(tmp_path / missing))
-        monkeypatch.setattr(T, "train", lambda args, gone=gone: (_ for _ in ()).throw(gone))
+        gone = (FileNotFoundError(errno.ENOENT, "No such file or directory", str(tmp_path / missing)) if "run" in
+                missing else FileNotFoundError("Caught FileNotFoundError in DataLoader worker process 0.\nOriginal "
+                                               "Traceback...\nFileNotFoundError: No such file or directory: "
+                                               f"{tmp_path / missing}\n"))  # (a loader worker's, as torch re-raises it)
+        def train(args, gone=gone):  # (once training began: before, a missing file is no folder removed)
+            monkeypatch.setattr(T, "claimed", True)
+            raise gone
+        monkeypatch.setattr(T, "train", train)
         assert T.main(["--dataset", "x", "--output_dir", str(tmp_path / "run"), "--data_cache_dir",
                        str(tmp_path / "cache")]) == 2
         line = capsys.readouterr().err.strip()
