@@ -1746,6 +1746,9 @@ def train_split(table, source, split=None):
 
     if not isinstance(table, datasets.DatasetDict):
         return table
+    split = None if split == "train" else split  # (as without the flag: a lone split trains, whatever its name)
+    if split is not None and split not in table and SPLIT_FOLDERS.get(split) in table:
+        split = SPLIT_FOLDERS[split]  # (val: validation, as datasets names the split of val.parquet)
     if split is not None and split not in table:
         raise UserError(f"dataset {source!r} has no split {split!r} (it has: {', '.join(table)}): pass one of them "
                         "as --dataset_split")
@@ -1840,7 +1843,8 @@ def load_folder(source, args):
         files = [f for f in files if not any(inside(f, d) for d in held)]
     captions = find_captions(source, files, images, args.caption_extension) if images else None
     if captions is not None:
-        unused_flags(args, "images with caption files", "dataset_config_name")
+        unused_flags(args, "images with caption files", "dataset_config_name",
+                     *(("dataset_split",) if data_files else ()))  # (split folders are read without data files)
         return datasets.Dataset.from_dict(captions)
     if data_files:  # a downloaded Hub dataset; an image beside its parquet files is a preview, not data
         unused_flags(args, "a downloaded dataset's data files", "caption_extension")
@@ -1967,6 +1971,7 @@ def split_train_files(source, files, extension=None, sidecars=True, split=None):
             folder_of[f] = os.path.join(source, *parts[:depth + 1])
             splits.setdefault(SPLIT_FOLDERS[parts[depth]], set()).add(folder_of[f])
     split = SPLIT_FOLDERS.get(split, split)  # (--dataset_split val: the validation split, as its folder says)
+    split = None if split == "train" else split  # (as without the flag: images beside a test/ folder train too)
     if not splits:
         if split:
             logger.warning("--dataset_split %r is not used: dataset %s has no split folders", split, source)
@@ -1999,7 +2004,10 @@ def split_train_files(source, files, extension=None, sidecars=True, split=None):
     patterns = [os.path.join(glob.escape(d), "**") for d in chosen]
     above = [f for f in loose if os.path.basename(f) in METADATA_FILES]
     if above and not any(os.path.basename(f) in METADATA_FILES for f in inside):
-        # A metadata file above the split folders (file_name: train/a.png) is theirs: what it names trains.
+        # A metadata file above the split folders (file_name: train/a.png) is theirs: what it names trains. With
+        # another split named, the images beside the split folders are held out too (they train by default).
+        if split:
+            return patterns + [glob.escape(f) for f in above], images(inside), held + images(loose)
         return patterns + [glob.escape(f) for f in above], images(inside) + images(loose), held
     if images(loose):
         logger.warning("%d images of dataset %s are outside its %s folder and are not used (e.g. %s): move them "
@@ -2103,7 +2111,7 @@ def check_metadata_file(path, metadata=True):
         raise UserError(f"{path} has no rows: add a row per image")
     if metadata and not any(re.fullmatch(r"(.*_)?file_names?", c.strip()) for c in columns):  # as datasets does
         near = [c for c in columns if c.strip().lower().replace(" ", "_") in ("file_name", "filename", "file")]
-        raise UserError(f"{path} has no file_name column (it has: {', '.join(columns)}): "
+        raise UserError(f"{path} has no file_name column (it has: {', '.join(c.strip() for c in columns)}): "
                         + (f"rename {near[0]!r} to file_name" if near else "add one naming each image's file"))
     return columns
 
@@ -4492,7 +4500,9 @@ def claim_output_dir(args, accelerator, global_step):
                            "--resume_from_checkpoint", global_step)
         if args.overwrite_output_dir and not global_step:  # (`latest` with no checkpoint: a new run)
             checkpoints = list_checkpoints(args.output_dir)
-            removing = bool(checkpoints)  # (a Ctrl-C from here on finds the previous results partly removed)
+            removing = bool(checkpoints) or any(  # (a Ctrl-C from here on finds the previous results partly removed)
+                os.path.exists(os.path.join(args.output_dir, f)) for f in ("pytorch_lora_weights.safetensors",
+                                                                           "model_index.json", "README.md"))
             for step, old in checkpoints:
                 remove_checkpoint(args.output_dir, step, old)
             remove_outputs(args)
@@ -4962,15 +4972,17 @@ def report(e, args):
         print(f"error: cannot access {e.filename} ({e.strerror}): give this user read and write access to {folder}; "
               "checkpoints are complete or absent: then rerun with --resume_from_checkpoint latest", file=sys.stderr)
         return 2
+    named = re.search(r"No such file or directory: (?:'([^'\n]+)'|\"([^\"\n]+)\"|(\S[^\n]*))", str(e))
     missing = isinstance(e, FileNotFoundError) and (e.filename or  # (a loader worker's: in its message)
-                                                     next(iter(re.findall(r"No such file or directory: '?([^'\n]+)", str(e))), None))
-    gone = claimed and missing and next(  # removed in use: a shared cache cleaned, a network mount lost
-        (d for d in (args.output_dir, args.data_cache_dir or os.path.join(args.output_dir, "cache"))
-         if inside(missing, d) and not os.path.isdir(d)), None)
+                                                     next((g for g in (named.groups() if named else ()) if g), None))
+    cache = args and (args.data_cache_dir or os.path.join(args.output_dir, "cache"))
+    gone = missing and next(  # removed in use: a shared cache cleaned, a network mount lost
+        (d for d in (args.output_dir, cache) if inside(missing, d) and not os.path.isdir(d) and (claimed or d == cache)),
+        None)  # (the output folder before training began: a missing file there is no folder removed)
     if gone:
         again = ("rerun the same command to start afresh" if gone == args.output_dir else
                  "rerun with --resume_from_checkpoint latest (the cache is built again)")
-        print(f"error: {gone} disappeared during the run ({first_line(e)}): {again}", file=sys.stderr)
+        print(f"error: {gone} disappeared during the run ({missing} is missing): {again}", file=sys.stderr)
         return 2
     if not isinstance(e, Exception):  # SystemExit (--help), GeneratorExit
         raise

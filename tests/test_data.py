@@ -1428,6 +1428,7 @@ def test_more_dataset_shapes_load_or_say_what_they_are(tmp_path, caplog):
                                           "on as --dataset_split"):
         load(tmp_path / "dd")
     assert list(load(tmp_path / "dd", "--dataset_split", "test")["text"]) == ["a"]
+    assert len(load(tmp_path / "dd", "--dataset_split", "val")) == 1  # (val: the validation split)
     with pytest.raises(T.UserError, match=r"has no split 'tset' \(it has: validation, test\): pass one of them as "
                                           "--dataset_split"):
         load(tmp_path / "dd", "--dataset_split", "tset")
@@ -1517,6 +1518,16 @@ def test_nested_metadata_jpeg_members_typed_image_columns_and_odd_paths(tmp_path
     assert list(load(tmp_path / "nested", "--dataset_split", "validation")["text"]) == ["held out"]
     with pytest.raises(T.UserError, match=r"has no test split folder \(it has: train, val\): pass one of theirs"):
         load(tmp_path / "nested", "--dataset_split", "test")
+    # Images beside a test/ folder train, and test/ is held out: so with --dataset_split train as without it. A
+    # metadata file above the folders (file_name: test/b.png) with --dataset_split test: test/'s rows alone.
+    (tmp_path / "loose" / "test").mkdir(parents=True)
+    for name in ("a.png", "test/b.png"):
+        Image.new("RGB", (32, 32)).save(tmp_path / "loose" / name)
+    (tmp_path / "loose" / "metadata.jsonl").write_text('{"file_name": "a.png", "text": "loose"}\n'
+                                                       '{"file_name": "test/b.png", "text": "test"}\n')
+    for flags in ([], ["--dataset_split", "train"]):
+        assert list(load(tmp_path / "loose", *flags)["text"]) == ["loose"]
+    assert list(load(tmp_path / "loose", "--dataset_split", "test")["text"]) == ["test"]
 
     jpeg = io.BytesIO()
     Image.new("RGB", (32, 32)).save(jpeg, format="JPEG")

@@ -114,6 +114,15 @@ def test_an_interruption_before_the_first_checkpoint_says_nothing_can_be_resumed
     assert T.report(KeyboardInterrupt(), args) == 128 + signal.SIGINT
     assert capsys.readouterr().err.strip() == ("interrupted while --overwrite_output_dir was removing the previous "
                                                "run's results (some are gone): rerun the same command to start afresh")
+    # (Results without checkpoints: the same.)
+    (tmp_path / "results").mkdir()
+    (tmp_path / "results" / "pytorch_lora_weights.safetensors").write_bytes(b"")
+    results = T.parse_args(args_for(tiny_model, shapes, str(tmp_path / "results"), "--overwrite_output_dir"))
+    monkeypatch.setattr(T, "removing", False)
+    monkeypatch.setattr(T, "remove_outputs", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt))
+    with pytest.raises(KeyboardInterrupt):
+        T.claim_output_dir(results, main_process, 0)
+    assert "(some are gone)" in T.resume_hint(results)
     # Resumed from a checkpoint elsewhere and stopped before a new one: the same command continues.
     again = tmp_path / "again"
     assert T.main(args_for(tiny_model, shapes, str(again), "--resume_from_checkpoint",
