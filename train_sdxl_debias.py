@@ -131,8 +131,8 @@ def parse_args(argv=None):
       help="Hub dataset id, a local folder (imagefolder with metadata.jsonl/csv, images + same-name .txt, kohya's "
            "<repeats>_<words> folders, a downloaded or saved dataset) or one .parquet/.arrow/.jsonl/.csv file.")
     a("--dataset_config_name", default=None)
-    a("--dataset_split", default=None, help="The split to train on, of a Hub dataset, its downloaded files or a "
-      "save_to_disk folder. Default: train, or the only split there is.")
+    a("--dataset_split", default=None, help="The split to train on: of a Hub dataset, its downloaded files, a "
+      "save_to_disk folder, or a folder's split folders (val/ is validation). Default: train, or the only split.")
     a("--train_data_dir", default=None, help="Local folder of training images (same layouts as --dataset).")
     a("--image_column", default=None, help=f"Default: the first of {', '.join(IMAGE_COLUMNS)}, else the one column "
       "of images.")
@@ -2140,15 +2140,16 @@ def same_caption_column(columns, requested, source):
     first = next(iter(picks.items()), (None, None))
     other = next(((path, col) for path, col in picks.items() if col != first[1]), None)
     if other:
-        say = lambda path, col: f"{os.path.relpath(path, source)} has {'no caption column' if col is None else repr(col)}"
+        say = lambda path, col: f"{os.path.relpath(path, source)} has " + ("no caption column" if col is None
+                                                                         else repr(col))
         raise UserError(f"the metadata files of {source!r} name their captions differently ({say(*first)}, "
                         f"{say(*other)}), and datasets reads them all with the columns of one: give every metadata "
                         "file the same caption column")
 
 
 def csv_columns(path, f):
-    """A CSV's header (its names as written), None without rows; a row with more fields than the header is named (pandas would read the
-    first as an index; fewer is a row with empty cells, read as such)."""
+    """A CSV's header (its names as written), None without rows; a row with more fields than the header is named
+    (pandas would read the first as an index; fewer is a row with empty cells, read as such)."""
     rows = csv.reader(f)
     header = next(rows, None)
     if header and header[0].startswith("sep="):  # Excel's separator hint, which pandas reads as the header
@@ -4976,9 +4977,10 @@ def report(e, args):
     missing = isinstance(e, FileNotFoundError) and (e.filename or  # (a loader worker's: in its message)
                                                      next((g for g in (named.groups() if named else ()) if g), None))
     cache = args and (args.data_cache_dir or os.path.join(args.output_dir, "cache"))
-    gone = missing and next(  # removed in use: a shared cache cleaned, a network mount lost
-        (d for d in (args.output_dir, cache) if inside(missing, d) and not os.path.isdir(d) and (claimed or d == cache)),
-        None)  # (the output folder before training began: a missing file there is no folder removed)
+    # Removed in use: a shared cache cleaned, a network mount lost. (The output folder only once training began:
+    # before, a file missing there is no folder removed.)
+    gone = missing and next((d for d in (args.output_dir, cache)
+                             if inside(missing, d) and not os.path.isdir(d) and (claimed or d == cache)), None)
     if gone:
         again = ("rerun the same command to start afresh" if gone == args.output_dir else
                  "rerun with --resume_from_checkpoint latest (the cache is built again)")

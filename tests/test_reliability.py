@@ -672,7 +672,8 @@ def test_a_full_disk_ends_in_one_line_that_says_how_to_go_on(monkeypatch, capsys
         assert T.main(["--dataset", "x", "--output_dir", str(tmp_path / "run"), "--data_cache_dir",
                        str(tmp_path / "cache")]) == 2
         line = capsys.readouterr().err.strip()
-        assert line.startswith(f"error: {tmp_path / missing.split('/')[0]} disappeared during the run") and again in line
+        assert line.startswith(f"error: {tmp_path / missing.split('/')[0]} disappeared during the run")
+        assert again in line
     for bug in (RuntimeError("a bug"), OSError("a bug without an errno"),
                 FileNotFoundError(errno.ENOENT, "No such file or directory", "/etc/elsewhere/a bug"),
                 PermissionError(errno.EACCES, "Permission denied", "/etc/elsewhere")):  # not ours to write
