@@ -3326,11 +3326,16 @@ def tqdm_range(n, step, desc, accelerator):
     return tqdm(range(0, n, step), desc=desc, disable=not accelerator.is_local_main_process)
 
 
+def cache_folder(args):
+    """Where the text and latent caches live: --data_cache_dir, else output_dir/cache."""
+    return args.data_cache_dir or os.path.join(args.output_dir, "cache")
+
+
 def build_caches(args, m, table, plan, accelerator):
     """Fill the caches this run uses, then move the frozen models it no longer needs off the accelerator."""
     text_ns, latent_ns = cache_namespaces(args, m.weight_dtype)
     plan.text_ns, plan.latent_ns = text_ns, latent_ns
-    folder = args.data_cache_dir or os.path.join(args.output_dir, "cache")
+    folder = cache_folder(args)
     start = time.perf_counter()
     plan.text_cache = TensorCache(folder, "text") if caches_text(args) else None
     plan.latent_cache = TensorCache(folder, "latents") if args.cache_latents else None
@@ -4500,13 +4505,11 @@ def claim_output_dir(args, accelerator, global_step):
             logger.warning("--overwrite_output_dir is ignored: the run continues from step %d of "
                            "--resume_from_checkpoint", global_step)
         if args.overwrite_output_dir and not global_step:  # (`latest` with no checkpoint: a new run)
-            checkpoints = list_checkpoints(args.output_dir)
-            removing = bool(checkpoints) or any(  # (a Ctrl-C from here on finds the previous results partly removed)
-                os.path.exists(os.path.join(args.output_dir, f)) for f in ("pytorch_lora_weights.safetensors",
-                                                                           "model_index.json", "README.md"))
+            checkpoints, results = list_checkpoints(args.output_dir), previous_results(args)
+            removing = bool(checkpoints or results)  # (a Ctrl-C from here on finds them partly removed)
             for step, old in checkpoints:
                 remove_checkpoint(args.output_dir, step, old)
-            remove_outputs(args)
+            remove_outputs(results)
         elif global_step:
             prune_checkpoints(args)  # a run killed between saving a checkpoint and pruning the oldest
         for name in ("metrics.jsonl", "metrics.jsonl.tmp") if global_step == 0 else ("metrics.jsonl.tmp",):
@@ -4524,27 +4527,33 @@ def claim_output_dir(args, accelerator, global_step):
 PIPELINE_FOLDERS = ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler")
 
 
-def remove_outputs(args):
-    """--overwrite_output_dir: the previous run's results, by the names this trainer writes them under, so that
-    none is left beside the new run's (a LoRA's kohya file beside a DoRA, LoRA files beside a full pipeline).
-    Other files stay, and all of them where output_dir and what this run reads overlap (a full fine-tune
-    continued in place: its pipeline is the base model this run loaded)."""
+def previous_results(args):
+    """--overwrite_output_dir: the previous run's results in output_dir (the paths there), by the names this
+    trainer writes them under, so that none is left beside the new run's (a LoRA's kohya file beside a DoRA, LoRA
+    files beside a full pipeline). Other files stay, and all of them where output_dir and what this run reads
+    overlap (a full fine-tune continued in place: its pipeline is the base model this run loaded)."""
     out = args.output_dir
     inputs = [p for p in (args.pretrained_model_name_or_path, args.pretrained_vae_model_name_or_path,
                           args.train_data_dir or args.dataset, args.network_weights) if p and os.path.exists(p)]
     if any(inside(p, out) or inside(out, p) for p in inputs):
         logger.info("--overwrite_output_dir: %s holds or is inside what this run reads (model, VAE or data): only "
                     "its checkpoints are removed", out)
-        return
-    files = ["pytorch_lora_weights.safetensors", kohya_name(out), "README.md", "loss.png",
+        return []
+    names = ["pytorch_lora_weights.safetensors", kohya_name(out), "README.md", "loss.png",
              run_name(out) + "_unet.safetensors"]  # (earlier versions' --save_single_file)
-    if os.path.exists(os.path.join(out, "model_index.json")):
-        files.append("model_index.json")
-        for folder in PIPELINE_FOLDERS:
-            shutil.rmtree(os.path.join(out, folder), ignore_errors=True)
-    for f in files:
-        with suppress(FileNotFoundError):
-            os.remove(os.path.join(out, f))
+    if os.path.exists(os.path.join(out, "model_index.json")):  # a pipeline: its folders, then its index
+        names = [*PIPELINE_FOLDERS, *names, "model_index.json"]
+    return [path for path in (os.path.join(out, n) for n in names) if os.path.lexists(path)]
+
+
+def remove_outputs(paths):
+    """Remove previous_results' files and folders."""
+    for path in paths:
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            with suppress(FileNotFoundError):
+                os.remove(path)
 
 
 def inside(path, folder):
@@ -4976,7 +4985,7 @@ def report(e, args):
     named = re.search(r"No such file or directory: (?:'([^'\n]+)'|\"([^\"\n]+)\"|(\S[^\n]*))", str(e))
     missing = isinstance(e, FileNotFoundError) and (e.filename or  # (a loader worker's: in its message)
                                                      next((g for g in (named.groups() if named else ()) if g), None))
-    cache = args and (args.data_cache_dir or os.path.join(args.output_dir, "cache"))
+    cache = args and cache_folder(args)
     # Removed in use: a shared cache cleaned, a network mount lost. (The output folder only once training began:
     # before, a file missing there is no folder removed.)
     gone = missing and next((d for d in (args.output_dir, cache)
@@ -5028,7 +5037,7 @@ DISK_FULL = ("No space left on device", "Disk quota exceeded", "Read-only file s
 def free_space(e, args):
     """Where a full disk is, to add to its message: the file that failed, when the error names it, and the room
     left on the output and cache folders' disks (safetensors' and torch.save's errors name no file)."""
-    folders = [args.output_dir, args.data_cache_dir or os.path.join(args.output_dir, "cache")] if args else []
+    folders = [args.output_dir, cache_folder(args)] if args else []
     said, devices = [f"writing {e.filename}"] if getattr(e, "filename", None) else [], set()
     for folder in map(os.path.abspath, folders):
         while not os.path.isdir(folder) and os.path.dirname(folder) != folder:

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import signal
 import time
+import types
 
 import numpy as np
 import pytest
@@ -108,7 +109,7 @@ def test_an_interruption_before_the_first_checkpoint_says_nothing_can_be_resumed
     monkeypatch.setattr(T, "removing", False)
     monkeypatch.setattr(T, "remove_checkpoint", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt))
     args = T.parse_args(args_for(tiny_model, shapes, str(out), "--overwrite_output_dir"))
-    main_process = type("Accelerator", (), {"is_main_process": True, "wait_for_everyone": lambda self: None})()
+    main_process = types.SimpleNamespace(is_main_process=True, wait_for_everyone=lambda: None)
     with pytest.raises(KeyboardInterrupt):
         T.claim_output_dir(args, main_process, 0)
     assert T.report(KeyboardInterrupt(), args) == 128 + signal.SIGINT

@@ -479,7 +479,7 @@ def test_the_base_models_folder_takes_no_outputs_unless_it_is_an_earlier_output(
 
 def test_overwrite_keeps_a_pipeline_this_run_loads(tmp_path):
     """--overwrite_output_dir where the output folder and the base model's overlap (validate refuses them equal;
-    remove_outputs guards any overlap): the pipeline there is this run's input, not a previous result to remove."""
+    previous_results guards any overlap): the pipeline there is this run's input, not a previous result to remove."""
     import train_sdxl_debias as T
 
     out = tmp_path / "model"
@@ -487,10 +487,10 @@ def test_overwrite_keeps_a_pipeline_this_run_loads(tmp_path):
     for name in ("model_index.json", "README.md", "unet/config.json"):
         (out / name).write_text("{}")
     args = T.parse_args(["--dataset", "x", "--output_dir", str(out), "--pretrained_model_name_or_path", str(out)])
-    T.remove_outputs(args)
+    T.remove_outputs(T.previous_results(args))
     assert sorted(os.listdir(out)) == ["README.md", "model_index.json", "unet"]
     args.pretrained_model_name_or_path = str(tmp_path / "elsewhere")
-    T.remove_outputs(args)  # another base model: this folder's pipeline is a previous run's result
+    T.remove_outputs(T.previous_results(args))  # another base model: this pipeline is a previous run's result
     assert os.listdir(out) == []
 
 
